@@ -1,0 +1,8 @@
+"""fedmd_ray: FedMD (heterogeneous federated learning via model distillation) on Ray."""
+
+from fedmd_ray.config import Config, from_dict
+from fedmd_ray.errors import FedMDError
+from fedmd_ray.fedmd import RunResult, run
+
+__all__ = ["Config", "FedMDError", "RunResult", "from_dict", "run"]
+__version__ = "0.1.0"

@@ -1,0 +1,260 @@
+"""How participants run: `local` (sequentially, in this process) or `ray` (one actor each).
+
+This is the only module that knows about Ray. Both backends expose the same calls, one per
+FedMD step, each applied to every participant; scores and the consensus are opaque handles
+(arrays for `local`, object refs for `ray`) so the driver never copies them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fedmd_ray.config import Config
+from fedmd_ray.consensus import aggregate
+from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
+from fedmd_ray.participant import Participant, ParticipantSpec
+from fedmd_ray.tasks import Task
+
+
+def _participant_args(task: Task, index: int) -> tuple:
+    part = task.private_parts[index]
+    return ((task.public_val.x, task.public_val.y), (part.x, part.y),
+            (task.private_test.x, task.private_test.y))
+
+
+class LocalBackend:
+    """Every participant in this process, one after another: for debugging, and the
+    reference the benchmarks compare against."""
+
+    name = "local"
+
+    def __init__(self, config: Config, task: Task, specs: Sequence[ParticipantSpec]):
+        threads = config.resources.torch_threads or os.cpu_count() or 1
+        self.names = [s.name for s in specs]
+        self.participants = []
+        for spec in specs:
+            spec.torch_threads = threads
+            self.participants.append(self._guard(spec.name, "setup", lambda s=spec: Participant(
+                s, task.public_train.x, task.public_train.y, *_participant_args(task, s.index))))
+
+    @staticmethod
+    def _guard(name: str, phase: str, fn):
+        try:
+            return fn()
+        except Exception as exc:  # any participant failure stops the run with its name
+            raise ParticipantError(name, phase, f"{type(exc).__name__}: {exc}") from exc
+
+    def _each(self, phase: str, method: str, *args) -> list:
+        return [self._guard(p.name, phase, lambda p=p: getattr(p, method)(*args))
+                for p in self.participants]
+
+    def describe(self) -> list[dict]:
+        return self._each("setup", "describe")
+
+    def transfer(self) -> list[dict]:
+        return self._each("transfer", "transfer")
+
+    def logits(self, indices: np.ndarray, round_: int, dtype: str) -> list[np.ndarray]:
+        return self._each("communicate", "logits", indices, round_, dtype)
+
+    def aggregate(self, scores: list[np.ndarray], method: str, weights: list[float] | None) -> np.ndarray:
+        return aggregate(scores, method, weights, self.names)
+
+    def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> list[dict]:
+        return self._each("digest", "digest", consensus, indices, round_)
+
+    def revisit(self, round_: int) -> list[dict]:
+        return self._each("revisit", "revisit", round_)
+
+    def evaluate(self) -> list[dict]:
+        return self._each("evaluate", "evaluate")
+
+    def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> list[dict]:
+        return self._each("upper bound", "upper_bound", pooled_x, pooled_y)
+
+    def wait(self, handles: Any) -> None:
+        """Handles are already values here."""
+
+    def shutdown(self) -> None:
+        self.participants = []
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Join `address` ('auto', 'ray://...') or start a local Ray, unless one is running."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, log_to_driver=True, **kwargs)
+    except ConnectionError as exc:
+        raise ResourceError(f"Could not reach the Ray cluster at '{address}': {exc}. Start it with "
+                            "`ray start --head` or `ray up cluster.yaml`, or drop --address to run "
+                            "locally.") from None
+
+
+def plan_resources(config: Config, cluster: dict[str, float]) -> tuple[float, float, int]:
+    """CPUs, GPUs and torch threads for each participant actor, checked against the cluster."""
+    n = config.num_participants
+    total_cpus = float(cluster.get("CPU", 0))
+    total_gpus = float(cluster.get("GPU", 0))
+    gpus = config.resources.num_gpus
+    if gpus * n > total_gpus + 1e-9:
+        raise ResourceError(
+            f"{n} participants x {gpus} GPU need {gpus * n:g} GPUs; the Ray cluster has "
+            f"{total_gpus:g}. Lower resources.num_gpus (e.g. {math.floor(total_gpus / n * 100) / 100 or 0:g}) "
+            "or add GPU nodes.")
+    cpus = config.resources.num_cpus
+    if cpus is None:
+        # An even share of the cluster, in hundredths (Ray's resolution for fractions).
+        cpus = max(0.01, math.floor(total_cpus / n * 100) / 100)
+    elif cpus * n > total_cpus + 1e-9:
+        raise ResourceError(
+            f"{n} participants x {cpus} CPU need {cpus * n:g} CPUs; the Ray cluster has "
+            f"{total_cpus:g}. Lower resources.num_cpus or leave it unset to share evenly.")
+    threads = config.resources.torch_threads or max(1, int(cpus))
+    return cpus, gpus, threads
+
+
+def _aggregate_task(method: str, weights, names: list[str], wrapped: list) -> tuple[dict, Any]:
+    """Runs next to the data: reads every participant's scores and forms the consensus.
+
+    The refs come wrapped in a list so this task, not Ray, reads them and can name a
+    participant whose scores failed. Returns (status, consensus): the driver reads only the
+    small status; the consensus stays in the object store for the participants."""
+    ray = _ray()
+    scores = []
+    for name, ref in zip(names, wrapped):
+        try:
+            scores.append(ray.get(ref))
+        except Exception as exc:  # the participant's own failure, re-raised by Ray
+            return {"participant": name, "phase": "communicate",
+                    "error": _describe_ray_error(exc)}, None
+    try:
+        consensus = aggregate(scores, method, weights, names)
+    except ConsensusError as exc:
+        return {"consensus_error": str(exc)}, None
+    return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
+
+
+class RayBackend:
+    """One stateful actor per participant, holding its model and data for the whole run."""
+
+    name = "ray"
+
+    def __init__(self, config: Config, task: Task, specs: Sequence[ParticipantSpec]):
+        ray = self.ray = _ray()
+        init_ray(config.resources.address)
+        cpus, gpus, threads = plan_resources(config, ray.cluster_resources())
+        self.names = [s.name for s in specs]
+        # The public data enters the object store once; actors map it read-only.
+        public_x, public_y = ray.put(task.public_train.x), ray.put(task.public_train.y)
+        val = ray.put((task.public_val.x, task.public_val.y))
+        test = ray.put((task.private_test.x, task.private_test.y))
+        actor_cls = ray.remote(Participant)
+        # num_cpus=0: the actors may hold every CPU, and this short task must still run.
+        self._aggregate = ray.remote(_aggregate_task).options(num_cpus=0, num_returns=2)
+        tag = uuid.uuid4().hex[:6]
+        self.actors = []
+        for spec in specs:
+            spec.torch_threads = threads
+            part = task.private_parts[spec.index]
+            actor = actor_cls.options(
+                name=f"fedmd-{tag}/{spec.name}", num_cpus=cpus, num_gpus=gpus or None,
+                max_restarts=0,
+            ).remote(spec, public_x, public_y, val, (part.x, part.y), test)
+            self.actors.append(actor)
+        self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads}
+
+    def _get(self, refs: list, phase: str) -> list:
+        """Wait for one ref per participant; the first failure stops the run, named."""
+        ray = self.ray
+        index_of = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as exc:  # RayTaskError wraps the participant's own exception
+                name = self.names[index_of[done[0]]]
+                raise ParticipantError(name, phase, _describe_ray_error(exc)) from None
+        return ray.get(list(refs))
+
+    def _each(self, phase: str, method: str, *args) -> list:
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], phase)
+
+    def describe(self) -> list[dict]:
+        return self._each("setup", "describe")
+
+    def transfer(self) -> list[dict]:
+        return self._each("transfer", "transfer")
+
+    def logits(self, indices: np.ndarray, round_: int, dtype: str) -> list:
+        ref = self.ray.put(indices)
+        self._indices = ref
+        return [a.logits.remote(ref, round_, dtype) for a in self.actors]
+
+    def wait(self, handles: Any) -> None:
+        """Block until handles are computed, without fetching them to the driver."""
+        refs = handles if isinstance(handles, list) else [handles]
+        self.ray.wait(refs, num_returns=len(refs), fetch_local=False)
+
+    def aggregate(self, scores: list, method: str, weights: list[float] | None):
+        status_ref, consensus_ref = self._aggregate.remote(method, weights, self.names, scores)
+        status = self.ray.get(status_ref)
+        if "consensus_error" in status:
+            raise ConsensusError(status["consensus_error"])
+        if "participant" in status:
+            raise ParticipantError(status["participant"], status["phase"], status["error"])
+        return consensus_ref
+
+    def digest(self, consensus, indices: np.ndarray, round_: int) -> list[dict]:
+        return self._each("digest", "digest", consensus, self._indices, round_)
+
+    def revisit(self, round_: int) -> list[dict]:
+        return self._each("revisit", "revisit", round_)
+
+    def evaluate(self) -> list[dict]:
+        return self._each("evaluate", "evaluate")
+
+    def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> list[dict]:
+        x, y = self.ray.put(pooled_x), self.ray.put(pooled_y)
+        return self._each("upper bound", "upper_bound", x, y)
+
+    def shutdown(self) -> None:
+        for actor in getattr(self, "actors", []):
+            self.ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+def _describe_ray_error(exc: Exception) -> str:
+    """The participant's own error, not Ray's wrapping of it."""
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(exc).strip().splitlines()
+    kind = type(exc).__name__
+    if "ActorDied" in kind or "ActorError" in kind or "ActorUnavailable" in kind:
+        return ("its actor process died (killed, out of memory, or crashed). "
+                f"Ray said: {text[0] if text else kind}")
+    return f"{kind}: {text[-1] if text else ''}"
+
+
+def make_backend(config: Config, task: Task, specs: Sequence[ParticipantSpec]):
+    if config.resources.backend == "local":
+        return LocalBackend(config, task, specs)
+    return RayBackend(config, task, specs)

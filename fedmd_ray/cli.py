@@ -1,0 +1,119 @@
+"""`fedmd-ray`: run a FedMD simulation from a preset or a config file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedmd_ray import config as config_lib
+from fedmd_ray.errors import FedMDError
+from fedmd_ray.presets import PRESETS, get_preset
+
+
+def resolve_config(preset: str | None, config_file: str | None, overrides: list[str],
+                   data_dir: str | None = None, download: bool = False,
+                   backend: str | None = None, address: str | None = None) -> config_lib.Config:
+    """Defaults <- preset <- config file <- command-line flags <- --set pairs."""
+    values: dict = get_preset(preset) if preset else {}
+    if config_file:
+        values = config_lib.merge(values, config_lib.load_file(config_file))
+    flags: dict = {}
+    if data_dir:
+        flags.setdefault("data", {})["data_dir"] = data_dir
+    if download:
+        flags.setdefault("data", {})["download"] = True
+    if backend:
+        flags.setdefault("resources", {})["backend"] = backend
+    if address:
+        flags.setdefault("resources", {})["address"] = address
+    values = config_lib.merge(values, flags)
+    values = config_lib.merge(values, config_lib.parse_overrides(overrides))
+    return config_lib.from_dict(values)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedmd_ray.fedmd import run
+
+    config = resolve_config(args.preset or (None if args.config else "smoke"), args.config,
+                            args.set, args.data_dir, args.download, args.backend, args.address)
+    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
+    say(f"fedmd-ray: run '{config.name}' -> {out}")
+    try:
+        result = run(config, out, progress=say)
+    except KeyboardInterrupt:
+        print(f"interrupted; results so far are in {out}/", file=sys.stderr)
+        return 130
+    except FedMDError as exc:
+        print(f"error: {exc}\nResults written so far are in {out}/", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print((out / "summary.md").read_text())
+    del result
+    return 0
+
+
+def _list(kind: str) -> int:
+    if kind == "presets":
+        for name, values in PRESETS.items():
+            print(f"{name:18s} {values['data']['public']} -> {values['data']['private']}, "
+                  f"{len(values['models'])} participants")
+    elif kind == "models":
+        from fedmd_ray.models import KNOWN_MODELS, PAPER_MODELS
+
+        for name in KNOWN_MODELS:
+            extra = f"  (default {','.join(map(str, PAPER_MODELS[name]))})" if name in PAPER_MODELS else ""
+            print(f"{name}{extra}")
+    else:
+        from fedmd_ray.data import DATASETS
+
+        print("\n".join(DATASETS))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmd-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_p = sub.add_parser("run", help="run a FedMD simulation")
+    run_p.add_argument("--preset", help=f"named configuration ({', '.join(PRESETS)}); default smoke")
+    run_p.add_argument("--config", help="JSON or TOML config file (merged over the preset)")
+    run_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key, e.g. train.rounds=5 or resources.num_gpus=0.1")
+    run_p.add_argument("--out", help="results folder (default runs/NAME-TIMESTAMP)")
+    run_p.add_argument("--data-dir", help="datasets in torchvision's layouts (or FEDMD_DATA_DIR)")
+    run_p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    run_p.add_argument("--backend", choices=config_lib.BACKENDS, help="ray (default) or local")
+    run_p.add_argument("--address", help="join a Ray cluster: 'auto' or 'ray://HOST:10001'")
+    run_p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    show = sub.add_parser("config", help="print the resolved config as JSON")
+    show.add_argument("--preset")
+    show.add_argument("--config")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    for kind in ("presets", "models", "datasets"):
+        sub.add_parser(kind, help=f"list the known {kind}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "config":
+            config = resolve_config(args.preset, args.config, args.set)
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        return _list(args.command)
+    except FedMDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The configuration of one FedMD run: plain dataclasses, loading, overrides, validation.
+
+Every key a user can set lives here, with its default. Errors name the key and say how to
+fix it, so a typo in `--set train.round=5` is caught before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from fedmd_ray.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "DataConfig", "PartitionConfig", "ResourcesConfig", "TrainConfig"]
+
+
+@dataclass
+class DataConfig:
+    public: str = "synthetic"
+    """Dataset the participants share (see `fedmd-ray datasets`)."""
+    public_classes: list[int] | None = None
+    """Classes of the public dataset to use; None means all."""
+    private: str = "synthetic"
+    """Dataset the private tasks are drawn from."""
+    private_classes: list[int] | None = None
+    """Classes of the private dataset; None means all. Labels follow the public ones."""
+    private_label: str = "fine"
+    """'fine' or 'coarse' (CIFAR-100 superclasses)."""
+    data_dir: str | None = None
+    """Where datasets live in torchvision's layouts; FEDMD_DATA_DIR when unset."""
+    download: bool = False
+    """Let torchvision download missing datasets (needs internet)."""
+    public_train_size: int | None = None
+    """Cap on public training samples (seeded subset), to shrink runs."""
+    test_size: int | None = None
+    """Cap on test samples per task (seeded subset), to shrink evaluation."""
+    synthetic_image_size: int = 16
+    synthetic_train_per_class: int = 300
+    synthetic_test_per_class: int = 60
+
+
+@dataclass
+class PartitionConfig:
+    kind: str = "per_class"
+    """'per_class' (the paper's: N samples of each private class per participant),
+    'iid', or 'dirichlet' (label skew with concentration `alpha`)."""
+    samples_per_class: int = 3
+    samples_per_participant: int = 60
+    """Used by 'iid' and 'dirichlet'."""
+    alpha: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    public_epochs: int = 20
+    public_batch_size: int = 128
+    patience: int = 3
+    """Early stopping on the public validation split: epochs without improvement."""
+    min_delta: float = 0.001
+    private_epochs: int = 25
+    private_batch_size: int = 32
+    rounds: int = 20
+    public_subset_size: int = 5000
+    """Public samples drawn afresh each round for the consensus ('alignment')."""
+    digest_epochs: int = 1
+    digest_batch_size: int = 256
+    digest_loss: str = "mae"
+    """'mae' on logits (the paper's), 'mse' on logits, or 'kl' on softened scores."""
+    temperature: float = 1.0
+    revisit_epochs: int = 4
+    revisit_batch_size: int = 5
+    consensus: str = "mean"
+    upper_bound: bool = True
+    """Train each architecture on all private data pooled (the paper's upper bound)."""
+    upper_bound_epochs: int = 25
+
+
+@dataclass
+class ResourcesConfig:
+    backend: str = "ray"
+    """'ray' (one actor per participant) or 'local' (sequential, in-process)."""
+    address: str | None = None
+    """Ray cluster to join ('auto', 'ray://host:10001'); None starts a local Ray."""
+    num_cpus: float | None = None
+    """CPUs per participant; None shares the cluster's CPUs evenly."""
+    num_gpus: float = 0.0
+    """GPU fraction per participant, 0 < x <= 1 or a whole number of GPUs."""
+    device: str = "auto"
+    """'auto' (CUDA when the participant was given a GPU), 'cpu' or 'cuda'."""
+    torch_threads: int | None = None
+    """Torch threads per participant; None derives it from its CPU share."""
+
+
+@dataclass
+class Config:
+    name: str = "fedmd"
+    seed: int = 0
+    models: list[str] = field(default_factory=lambda: ["cnn2:16,32,0.2", "cnn3:16,32,32,0.2"])
+    """One model per participant, in order (see `fedmd-ray models`)."""
+    participants: int | None = None
+    """Number of participants; None means one per entry of `models` (cycled otherwise)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @property
+    def num_participants(self) -> int:
+        return self.participants if self.participants is not None else len(self.models)
+
+    def model_of(self, index: int) -> str:
+        return self.models[index % len(self.models)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Known keys: {', '.join(sorted(known))}."
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn `value` (from JSON or a --set string) into type `tp`, or say why not."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a section (a mapping), got {value!r}.")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if origin is list:
+        if isinstance(value, str):
+            value = _parse_text(value)
+            if not isinstance(value, list):
+                value = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}.")
+        return [_coerce(v, args[0], key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}.") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+        return int(as_float)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}.") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _parse_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    types = _field_types(cls)
+    unknown = [k for k in values if k not in types]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(f"Unknown config key '{prefix}{key}'." + _suggest(key, list(types)))
+    kwargs = {k: _coerce(v, types[k], f"{prefix}{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts (defaults fill what is missing), then validate it."""
+    config = _from_dict(Config, values)
+    validate(config)
+    return config
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `override` into a copy of `base`."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ['train.rounds=5', 'models=["cnn2",...]'] into a nested dict."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"Override '{pair}' must look like key=value, e.g. train.rounds=5.")
+        key, text = pair.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_text(text.strip())
+    return nested
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"Config file '{path}' could not be parsed: {exc}") from None
+
+
+# ---------------------------------------------------------------- validation
+
+BACKENDS = ("ray", "local")
+DEVICES = ("auto", "cpu", "cuda")
+PARTITIONS = ("per_class", "iid", "dirichlet")
+DIGEST_LOSSES = ("mae", "mse", "kl")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'{key}' is '{value}'; it must be one of {', '.join(choices)}.{hint}")
+
+
+def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        need = "zero or more" if allow_zero else "greater than zero"
+        raise ConfigError(f"'{key}' is {value}; it must be {need}.")
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError for the first value that cannot work, naming its key."""
+    # Local imports keep config free of torch at import time.
+    from fedmd_ray.consensus import AGGREGATORS
+    from fedmd_ray.data import check_dataset_name
+    from fedmd_ray.models import check_model_name
+
+    if not config.models:
+        raise ConfigError("'models' is empty; name at least one model, e.g. models=[\"cnn2\"].")
+    for name in config.models:
+        check_model_name(name)
+    if config.participants is not None and config.participants < 1:
+        raise ConfigError(f"'participants' is {config.participants}; it must be at least 1.")
+    check_dataset_name(config.data.public)
+    check_dataset_name(config.data.private)
+    if config.data.private_label not in ("fine", "coarse"):
+        raise ConfigError(f"'data.private_label' is '{config.data.private_label}'; use fine or coarse.")
+    for key in ("public_train_size", "test_size", "synthetic_image_size",
+                "synthetic_train_per_class", "synthetic_test_per_class"):
+        _check_positive(f"data.{key}", getattr(config.data, key))
+
+    _check_choice("partition.kind", config.partition.kind, PARTITIONS)
+    _check_positive("partition.samples_per_class", config.partition.samples_per_class)
+    _check_positive("partition.samples_per_participant", config.partition.samples_per_participant)
+    _check_positive("partition.alpha", config.partition.alpha)
+
+    t = config.train
+    _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _check_choice("train.digest_loss", t.digest_loss, DIGEST_LOSSES)
+    _check_choice("train.consensus", t.consensus, tuple(AGGREGATORS))
+    _check_positive("train.lr", t.lr)
+    _check_positive("train.temperature", t.temperature)
+    _check_positive("train.min_delta", t.min_delta, allow_zero=True)
+    for key in ("public_batch_size", "private_batch_size", "public_subset_size",
+                "digest_batch_size", "revisit_batch_size", "patience"):
+        _check_positive(f"train.{key}", getattr(t, key))
+    for key in ("public_epochs", "private_epochs", "rounds", "digest_epochs",
+                "revisit_epochs", "upper_bound_epochs"):
+        _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
+
+    r = config.resources
+    _check_choice("resources.backend", r.backend, BACKENDS)
+    _check_choice("resources.device", r.device, DEVICES)
+    _check_positive("resources.num_cpus", r.num_cpus)
+    _check_positive("resources.num_gpus", r.num_gpus, allow_zero=True)
+    _check_positive("resources.torch_threads", r.torch_threads)
+    if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
+        raise ConfigError(
+            f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "
+            "(Ray cannot give an actor 1.5 GPUs). Use a fraction in (0, 1] or 2, 3, ..."
+        )

@@ -1,0 +1,71 @@
+"""Forming the consensus from the participants' class scores on the public subset.
+
+Each aggregator takes scores stacked as (participants, samples, classes) and returns
+(samples, classes) float32. FedMD's own is `mean`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fedmd_ray.errors import ConsensusError
+
+
+def mean(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """FedMD: the plain average of everyone's logits."""
+    return scores.mean(axis=0)
+
+
+def weighted(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Average weighted per participant (e.g. by private data size); equal weights = mean."""
+    if weights is None:
+        return mean(scores)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (scores.shape[0],) or np.any(w < 0) or w.sum() <= 0:
+        raise ConsensusError(f"weights must be {scores.shape[0]} non-negative numbers, not all 0.")
+    return np.tensordot(w / w.sum(), scores, axes=1)
+
+
+def median(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Coordinate-wise median: robust to a minority of arbitrary scores."""
+    return np.median(scores, axis=0)
+
+
+def trimmed_mean(scores: np.ndarray, weights: np.ndarray | None = None,
+                 trim: float = 0.2) -> np.ndarray:
+    """Coordinate-wise mean after dropping the `trim` fraction of highest and lowest values."""
+    k = int(np.floor(trim * scores.shape[0]))
+    if 2 * k >= scores.shape[0]:
+        k = (scores.shape[0] - 1) // 2
+    ordered = np.sort(scores, axis=0)
+    return ordered[k: scores.shape[0] - k].mean(axis=0)
+
+
+AGGREGATORS: dict[str, Callable[..., np.ndarray]] = {
+    "mean": mean,
+    "weighted": weighted,
+    "median": median,
+    "trimmed_mean": trimmed_mean,
+}
+
+
+def aggregate(scores: Sequence[np.ndarray], method: str = "mean",
+              weights: Sequence[float] | None = None, names: Sequence[str] | None = None) -> np.ndarray:
+    """Check the participants' scores and combine them with `method`."""
+    if method not in AGGREGATORS:
+        raise ConsensusError(f"Unknown consensus '{method}'; known: {', '.join(AGGREGATORS)}.")
+    if len(scores) == 0:
+        raise ConsensusError("No scores to aggregate: no participant answered.")
+    names = list(names) if names is not None else [f"participant {i}" for i in range(len(scores))]
+    shape = np.shape(scores[0])
+    for name, s in zip(names, scores):
+        if np.shape(s) != shape:
+            raise ConsensusError(f"{name} sent scores of shape {np.shape(s)}, others {shape}.")
+        if not np.all(np.isfinite(s)):
+            raise ConsensusError(f"{name} sent NaN or infinite scores; its training diverged "
+                                 "(try a lower train.lr).")
+    stacked = np.stack([np.asarray(s, dtype=np.float32) for s in scores])
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    return np.asarray(AGGREGATORS[method](stacked, w), dtype=np.float32)

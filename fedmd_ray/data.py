@@ -1,0 +1,213 @@
+"""Datasets as plain numpy arrays: torchvision's files on disk, or synthetic ones made in memory.
+
+Images stay uint8 (N, C, H, W) until a participant normalises a batch, so the public set
+is small in the object store and read there without copies.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmd_ray.errors import ConfigError, DatasetError
+
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# name -> (torchvision folder, file prefix for idx files, number of classes)
+_IDX_DATASETS = {
+    "mnist": ("MNIST", "", 10),
+    "fashion_mnist": ("FashionMNIST", "", 10),
+    "emnist_letters": ("EMNIST", "emnist-letters-", 26),
+}
+_CIFAR = {"cifar10": 10, "cifar100": 100}
+DATASETS = ("synthetic", *_IDX_DATASETS, *_CIFAR)
+_ALIASES = {"fashion": "fashion_mnist", "fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist",
+            "emnist": "emnist_letters", "emnist-letters": "emnist_letters",
+            "cifar-10": "cifar10", "cifar-100": "cifar100"}
+
+
+@dataclass
+class ArrayDataset:
+    x: np.ndarray  # uint8, (N, C, H, W)
+    y: np.ndarray  # int64, (N,)
+    coarse_y: np.ndarray | None = None  # CIFAR-100 superclasses
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray) -> ArrayDataset:
+        coarse = None if self.coarse_y is None else self.coarse_y[index]
+        return ArrayDataset(self.x[index], self.y[index], coarse)
+
+
+def canonical_name(name: str) -> str:
+    key = name.lower().strip()
+    return _ALIASES.get(key, key)
+
+
+def check_dataset_name(name: str) -> None:
+    if canonical_name(name) not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), [*DATASETS, *_ALIASES], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown dataset '{name}'.{hint} Known datasets: {', '.join(DATASETS)}.")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("FEDMD_DATA_DIR") or "data").expanduser()
+
+
+def load_dataset(name: str, train: bool, data_dir: str | Path | None = None,
+                 download: bool = False, synthetic: dict | None = None) -> ArrayDataset:
+    """Load one split of a dataset by name as uint8 NCHW arrays."""
+    name = canonical_name(name)
+    check_dataset_name(name)
+    if name == "synthetic":
+        return make_synthetic(train=train, **(synthetic or {}))
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if name in _IDX_DATASETS:
+        return _load_idx(name, train, root, download)
+    return _load_cifar(name, train, root, download)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def make_synthetic(train: bool, num_classes: int = 16, image_size: int = 16,
+                   train_per_class: int = 300, test_per_class: int = 60,
+                   seed: int = 1234) -> ArrayDataset:
+    """Class-structured grey images: each class is a smooth random prototype; samples are
+    shifted, contrast-jittered, noisy copies. Learnable, but not from three samples alone."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.normal(size=(num_classes, 4, 4))
+    reps = int(np.ceil(image_size / 4))
+    protos = np.kron(coarse, np.ones((reps, reps)))[:, :image_size, :image_size]
+    # The two splits draw from different streams of the same prototypes.
+    split_rng = np.random.default_rng(seed + (1 if train else 2))
+    per_class = train_per_class if train else test_per_class
+    labels = np.repeat(np.arange(num_classes), per_class)
+    split_rng.shuffle(labels)
+    shifts = split_rng.integers(-2, 3, size=(len(labels), 2))
+    contrast = split_rng.uniform(0.6, 1.4, size=(len(labels), 1, 1))
+    images = protos[labels] * contrast
+    images = np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, shifts)])
+    images = images + split_rng.normal(scale=1.1, size=images.shape)
+    pixels = np.clip(128 + 40 * images, 0, 255).astype(np.uint8)
+    return ArrayDataset(pixels[:, None], labels.astype(np.int64))
+
+
+# ---------------------------------------------------------------- MNIST family (idx files)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _idx_candidates(name: str, root: Path) -> list[Path]:
+    folder = _IDX_DATASETS[name][0]
+    dirs = [root / folder / "raw", root / folder, root / name, root]
+    if name == "fashion_mnist":
+        dirs.append(DEBIAN_FASHION_DIR)
+    return dirs
+
+
+def _find_idx(name: str, train: bool, root: Path) -> tuple[Path, Path] | None:
+    prefix = _IDX_DATASETS[name][1]
+    split = "train" if train else "test" if prefix else "t10k"
+    for d in _idx_candidates(name, root):
+        for ext in ("", ".gz"):
+            images = d / f"{prefix}{split}-images-idx3-ubyte{ext}"
+            labels = d / f"{prefix}{split}-labels-idx1-ubyte{ext}"
+            if images.is_file() and labels.is_file():
+                return images, labels
+    return None
+
+
+def _load_idx(name: str, train: bool, root: Path, download: bool) -> ArrayDataset:
+    found = _find_idx(name, train, root)
+    if found is None and download:
+        _torchvision_download(name, root)
+        found = _find_idx(name, train, root)
+    if found is None:
+        looked = "\n  ".join(str(d) for d in _idx_candidates(name, root))
+        extra = ("\nOn Debian, `apt-get install dataset-fashion-mnist` provides these files."
+                 if name == "fashion_mnist" else "")
+        raise DatasetError(
+            f"Dataset '{name}' ({'train' if train else 'test'} split) not found. Looked in:\n  "
+            f"{looked}\nPoint --data-dir (or FEDMD_DATA_DIR) at a folder in torchvision's layout "
+            f"({_IDX_DATASETS[name][0]}/raw/...), or pass --download to fetch it.{extra}"
+        )
+    images, labels = (_read_idx(p) for p in found)
+    y = labels.astype(np.int64)
+    if name == "emnist_letters":
+        # EMNIST is stored transposed, and letters are labelled 1..26.
+        images = images.transpose(0, 2, 1)
+        y = y - 1
+    return ArrayDataset(np.ascontiguousarray(images[:, None]), y)
+
+
+def _torchvision_download(name: str, root: Path) -> None:
+    import torchvision.datasets as tvd
+
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        for train in (True, False):
+            if name == "mnist":
+                tvd.MNIST(str(root), train=train, download=True)
+            elif name == "fashion_mnist":
+                tvd.FashionMNIST(str(root), train=train, download=True)
+            elif name == "emnist_letters":
+                tvd.EMNIST(str(root), split="letters", train=train, download=True)
+            elif name == "cifar10":
+                tvd.CIFAR10(str(root), train=train, download=True)
+            elif name == "cifar100":
+                tvd.CIFAR100(str(root), train=train, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise DatasetError(f"Downloading '{name}' into {root} failed: {exc}") from None
+
+
+# ---------------------------------------------------------------- CIFAR (python pickles)
+
+
+def _cifar_files(name: str, root: Path, train: bool) -> list[Path]:
+    if name == "cifar10":
+        base = root / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    else:
+        base = root / "cifar-100-python"
+        names = ["train" if train else "test"]
+    return [base / n for n in names]
+
+
+def _load_cifar(name: str, train: bool, root: Path, download: bool) -> ArrayDataset:
+    files = _cifar_files(name, root, train)
+    if not all(f.is_file() for f in files) and download:
+        _torchvision_download(name, root)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DatasetError(
+            f"Dataset '{name}' not found: missing {missing[0]}. Point --data-dir (or "
+            f"FEDMD_DATA_DIR) at the folder holding {files[0].parent.name}/ (torchvision's "
+            "layout), or pass --download to fetch it."
+        )
+    xs, ys, coarse = [], [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            batch = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
+        if "coarse_labels" in batch:
+            coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64))
+    return ArrayDataset(np.concatenate(xs), np.concatenate(ys),
+                        np.concatenate(coarse) if coarse else None)

@@ -1,0 +1,34 @@
+"""The errors fedmd_ray raises on purpose. Each message says what is wrong and how to fix it;
+the CLI prints it without a traceback."""
+
+
+class FedMDError(Exception):
+    """Base of every error a user can act on."""
+
+
+class ConfigError(FedMDError, ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+class DatasetError(FedMDError, FileNotFoundError):
+    """An unknown dataset, or one whose files are missing."""
+
+
+class PartitionError(FedMDError, ValueError):
+    """A partition the private data cannot fill."""
+
+
+class ConsensusError(FedMDError, ValueError):
+    """Scores that cannot be aggregated (shape mismatch, NaN or inf)."""
+
+
+class ParticipantError(FedMDError, RuntimeError):
+    """A participant raised or died; the run stops with its name and its error."""
+
+    def __init__(self, participant: str, phase: str, message: str):
+        self.participant, self.phase = participant, phase
+        super().__init__(f"Participant '{participant}' failed during {phase}: {message}")
+
+
+class ResourceError(FedMDError, RuntimeError):
+    """A request for more CPUs or GPUs than the Ray cluster has."""

@@ -1,0 +1,112 @@
+"""FedMD (Li & Wang, 2019): transfer learning, then rounds of communicate -> aggregate ->
+digest -> revisit -> evaluate, with the lower and upper bounds it is measured against.
+
+This module is the algorithm; `backends` decides where participants run, `results` what is
+written. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmd_ray.backends import make_backend
+from fedmd_ray.config import Config, validate
+from fedmd_ray.participant import ParticipantSpec
+from fedmd_ray.results import Recorder
+from fedmd_ray.tasks import Task, build_task, participant_names
+
+
+@dataclass
+class RunResult:
+    out_dir: Path | None
+    summary: list[dict]
+    """One row per participant: lower bound, final, upper bound, gain."""
+    metrics: object
+    """The metrics as a pyarrow Table (one row per round x participant x phase)."""
+
+    @property
+    def mean_gain(self) -> float:
+        return float(np.mean([r["gain"] for r in self.summary]))
+
+
+def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
+    return [
+        ParticipantSpec(index=i, name=name, model=config.model_of(i), seed=config.seed,
+                        num_classes=task.num_classes, image_shape=task.image_shape,
+                        train=config.train, device=config.resources.device,
+                        torch_threads=config.resources.torch_threads)
+        for i, name in enumerate(participant_names(config))
+    ]
+
+
+def public_subset(rng: np.random.Generator, public_size: int, subset_size: int) -> np.ndarray:
+    """The round's fresh draw of public samples ('alignment data'), sorted for locality."""
+    size = min(subset_size, public_size)
+    return np.sort(rng.choice(public_size, size=size, replace=False))
+
+
+def run(config: Config, out_dir: str | Path | None = None,
+        progress: Callable[[str], None] | None = print, task: Task | None = None,
+        on_round: Callable[[int, list[dict]], None] | None = None) -> RunResult:
+    """Run one FedMD simulation; write results to `out_dir` as it goes (when given)."""
+    validate(config)
+    say = progress or (lambda _msg: None)
+    task = task or build_task(config)
+    specs = participant_specs(config, task)
+    recorder = Recorder(out_dir, config, task, say)
+    t = config.train
+    backend = make_backend(config, task, specs)
+    try:
+        recorder.participants(backend.describe())
+        say(f"{len(specs)} participants on the '{backend.name}' backend; "
+            f"{len(task.public_train)} public samples, {task.num_classes} classes")
+
+        # 1. Transfer learning: public data, then private data. This is the lower bound.
+        start = time.perf_counter()
+        recorder.phase(0, "transfer", backend.transfer(), time.perf_counter() - start)
+
+        # 3. Upper bound: each architecture trained on all private data pooled.
+        if t.upper_bound:
+            pooled = task.pooled_private()
+            start = time.perf_counter()
+            recorder.phase(0, "upper_bound", backend.upper_bound(pooled.x, pooled.y),
+                           time.perf_counter() - start)
+
+        # 2. Collaboration rounds.
+        rng = np.random.default_rng(config.seed + 1_000_003)
+        weights = [float(len(p)) for p in task.private_parts] if t.consensus == "weighted" else None
+        for round_ in range(1, t.rounds + 1):
+            indices = public_subset(rng, len(task.public_train), t.public_subset_size)
+
+            start = time.perf_counter()
+            scores = backend.logits(indices, round_, "float32")  # communicate
+            backend.wait(scores)
+            recorder.timing(round_, "communicate", time.perf_counter() - start)
+
+            start = time.perf_counter()
+            consensus = backend.aggregate(scores, t.consensus, weights)  # aggregate
+            recorder.timing(round_, "aggregate", time.perf_counter() - start)
+
+            start = time.perf_counter()
+            recorder.phase(round_, "digest", backend.digest(consensus, indices, round_),
+                           time.perf_counter() - start)
+            start = time.perf_counter()
+            recorder.phase(round_, "revisit", backend.revisit(round_), time.perf_counter() - start)
+            start = time.perf_counter()
+            evaluated = backend.evaluate()
+            recorder.phase(round_, "evaluate", evaluated, time.perf_counter() - start)
+            recorder.end_round(round_, t.rounds)
+            if on_round is not None:
+                on_round(round_, evaluated)
+        recorder.finish(complete=True)
+    except BaseException:
+        recorder.finish(complete=False)
+        raise
+    finally:
+        backend.shutdown()
+    return RunResult(recorder.out_dir, recorder.summary(), recorder.table())

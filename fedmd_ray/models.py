@@ -1,0 +1,134 @@
+"""Models by name: the paper's small CNNs, and torchvision classifiers adapted to small images.
+
+Names:
+  cnn2[:n1,n2,dropout]        2-layer CNN of the FedMD paper (default 128,256,0.2)
+  cnn3[:n1,n2,n3,dropout]     3-layer CNN of the FedMD paper (default 128,192,256,0.2)
+  resnet18, mobilenet_v3_small, shufflenet_v2_x0_5, ...  torchvision, trained from scratch
+
+The paper's CNNs follow the authors' network definitions: each block is conv -> batch norm ->
+ReLU -> dropout -> average pooling, and the head is a bias-free dense layer with L2 1e-3.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from fedmd_ray.errors import ConfigError
+
+TORCHVISION_MODELS = (
+    "resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "regnet_y_400mf",
+)
+PAPER_MODELS = {"cnn2": (128, 256, 0.2), "cnn3": (128, 192, 256, 0.2)}
+KNOWN_MODELS = (*PAPER_MODELS, *TORCHVISION_MODELS)
+
+# Keras' L2(1e-3) adds 1e-3 * sum(w^2) to the loss, i.e. 2e-3 * w to the gradient.
+HEAD_WEIGHT_DECAY = 2e-3
+
+
+def parse_model_name(name: str) -> tuple[str, tuple]:
+    """Split 'cnn2:128,384,0.2' into ('cnn2', (128, 384, 0.2)); check it is known."""
+    base, _, params = name.strip().partition(":")
+    if base not in KNOWN_MODELS:
+        close = difflib.get_close_matches(base, KNOWN_MODELS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown model '{name}'.{hint} Known models: {', '.join(KNOWN_MODELS)} "
+                          "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2).")
+    if base not in PAPER_MODELS:
+        if params:
+            raise ConfigError(f"Model '{base}' takes no parameters (got '{name}').")
+        return base, ()
+    if not params:
+        return base, PAPER_MODELS[base]
+    want = len(PAPER_MODELS[base])
+    try:
+        values = [float(v) for v in params.split(",")]
+    except ValueError:
+        values = []
+    filters, dropout = values[:-1], values[-1:] or [-1.0]
+    if (len(values) != want or any(f < 1 or f != int(f) for f in filters)
+            or not 0 <= dropout[0] < 1):
+        example = ",".join(str(v) for v in PAPER_MODELS[base])
+        raise ConfigError(f"Model '{name}': {base} takes {want - 1} filter counts and a dropout "
+                          f"in [0, 1), e.g. {base}:{example}.")
+    return base, (*(int(f) for f in filters), dropout[0])
+
+
+def check_model_name(name: str) -> None:
+    parse_model_name(name)
+
+
+def _block(c_in: int, c_out: int, kernel: int, stride: int, same: bool, dropout: float) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2 if same else 0),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+    ]
+
+
+def _same_avgpool() -> nn.Module:
+    # Keras' 2x2 average pool with stride 1 and 'same' padding keeps the size and pads
+    # only the bottom/right edge, averaging real pixels there: replicate-pad then pool.
+    return nn.Sequential(nn.ReplicationPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
+
+
+class PaperCNN(nn.Module):
+    """The FedMD paper's 2- or 3-layer CNN."""
+
+    head_weight_decay = HEAD_WEIGHT_DECAY
+
+    def __init__(self, filters: tuple[int, ...], dropout: float, in_shape: tuple[int, int, int],
+                 num_classes: int):
+        super().__init__()
+        c = in_shape[0]
+        layers = [*_block(c, filters[0], 3, 1, True, dropout), _same_avgpool()]
+        if len(filters) == 2:
+            layers += _block(filters[0], filters[1], 3, 2, False, dropout)
+        else:
+            layers += _block(filters[0], filters[1], 2, 2, False, dropout)
+            layers.append(nn.AvgPool2d(2, stride=2))
+            layers += _block(filters[1], filters[2], 3, 2, False, dropout)
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            width = self.features.eval()(torch.zeros(1, *in_shape)).shape[1]
+        self.head = nn.Linear(width, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _adapt_torchvision(model: nn.Module, in_channels: int) -> nn.Module:
+    """Small images: the first conv keeps resolution (3x3, stride 1) and takes `in_channels`;
+    the stem's max pool goes, or 28x28 inputs would shrink to nothing."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, child_name, nn.Conv2d(
+                    in_channels, child.out_channels, 3, stride=1, padding=1,
+                    bias=child.bias is not None))
+                break
+        else:
+            continue
+        break
+    if isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A fresh model (weights from torch's current RNG) for images of `in_shape` (C, H, W)."""
+    base, params = parse_model_name(name)
+    if base in PAPER_MODELS:
+        return PaperCNN(params[:-1], params[-1], in_shape, num_classes)
+    import torchvision
+
+    model = torchvision.models.get_model(base, weights=None, num_classes=num_classes)
+    return _adapt_torchvision(model, in_shape[0])
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,236 @@
+"""One FedMD participant: its own model, private data and optimizers.
+
+This class knows nothing of Ray: the `local` backend calls it directly, the `ray` backend
+wraps it in an actor. Every method seeds torch and numpy from (run seed, participant,
+phase, round), so a participant computes the same numbers in any process.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmd_ray.config import TrainConfig
+from fedmd_ray.models import build_model, parameter_count
+
+EVAL_BATCH_SIZE = 1024
+
+
+@dataclass
+class ParticipantSpec:
+    index: int
+    name: str
+    model: str
+    seed: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    train: TrainConfig
+    device: str = "auto"
+    torch_threads: int | None = None
+
+
+def _normalise(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(x, device=device)
+    return (t.float() / 127.5) - 1.0
+
+
+def digest_loss(outputs: torch.Tensor, target: torch.Tensor, kind: str,
+                temperature: float = 1.0) -> torch.Tensor:
+    """How far a participant's scores are from the consensus."""
+    if kind == "mae":
+        return F.l1_loss(outputs, target)
+    if kind == "mse":
+        return F.mse_loss(outputs, target)
+    # Hinton's distillation: KL between softened distributions, scaled by T^2 so gradients
+    # keep their size as T changes.
+    t = temperature
+    return F.kl_div(F.log_softmax(outputs / t, dim=1), F.softmax(target / t, dim=1),
+                    reduction="batchmean") * t * t
+
+
+class Participant:
+    def __init__(self, spec: ParticipantSpec, public_x: np.ndarray, public_y: np.ndarray,
+                 public_val: tuple[np.ndarray, np.ndarray], private: tuple[np.ndarray, np.ndarray],
+                 test: tuple[np.ndarray, np.ndarray]):
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.name = spec.name
+        self.cfg = spec.train
+        use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        # The public arrays arrive read-only from the object store; they are never copied whole.
+        self.public_x, self.public_y = public_x, public_y
+        self.public_val = public_val
+        self.private_x = _normalise(private[0], self.device)
+        self.private_y = torch.as_tensor(private[1], device=self.device)
+        self.test_x, self.test_y = test
+        self._seed(phase="init")
+        self.model = build_model(spec.model, spec.image_shape, spec.num_classes).to(self.device)
+        self.public_state: dict | None = None
+        self.digest_opt = self._optimizer(self.model)
+        self.private_opt = self._optimizer(self.model)
+        self._sent_bytes = 0
+
+    # ------------------------------------------------------------ helpers
+
+    def _seed(self, phase: str, round_: int = 0) -> np.random.Generator:
+        key = f"{self.spec.seed}/{self.spec.index}/{phase}/{round_}".encode()
+        seed = zlib.crc32(key)
+        torch.manual_seed(seed)
+        return np.random.default_rng(seed)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        decay = getattr(model, "head_weight_decay", 0.0)
+        head = [p for n, p in model.named_parameters() if n.startswith("head.")] if decay else []
+        head_ids = {id(p) for p in head}
+        body = [p for p in model.parameters() if id(p) not in head_ids]
+        groups = [{"params": body, "weight_decay": 0.0}]
+        if head:
+            groups.append({"params": head, "weight_decay": decay})
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=0.9)
+        return torch.optim.Adam(groups, lr=self.cfg.lr)
+
+    def _fit(self, model: nn.Module, opt: torch.optim.Optimizer, x: np.ndarray | torch.Tensor,
+             targets: torch.Tensor | np.ndarray, batch_size: int, rng: np.random.Generator,
+             loss_fn) -> float:
+        """One epoch over (x, targets); returns the mean loss."""
+        model.train()
+        n = len(targets)
+        order = rng.permutation(n)
+        total, count = 0.0, 0
+        targets = torch.as_tensor(targets, device=self.device)
+        on_device = isinstance(x, torch.Tensor)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) < 2 and n >= 2:
+                # BatchNorm cannot train on one sample; fold it into the previous batch's epoch.
+                continue
+            xb = x[torch.as_tensor(idx, device=self.device)] if on_device else _normalise(x[np.sort(idx)], self.device)
+            yb = targets[torch.as_tensor(idx if on_device else np.sort(idx), device=self.device)]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def _scores(self, model: nn.Module, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        model.eval()
+        outs = []
+        for start in range(0, len(x), EVAL_BATCH_SIZE):
+            chunk = x[start:start + EVAL_BATCH_SIZE]
+            xb = chunk if isinstance(chunk, torch.Tensor) else _normalise(chunk, self.device)
+            outs.append(model(xb))
+        return torch.cat(outs)
+
+    def _accuracy(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        scores = self._scores(model, x)
+        target = torch.as_tensor(y, device=self.device)
+        loss = float(F.cross_entropy(scores, target))
+        return float((scores.argmax(1) == target).float().mean()), loss
+
+    # ------------------------------------------------------------ the FedMD steps
+
+    def describe(self) -> dict:
+        return {"participant": self.name, "model": self.spec.model,
+                "parameters": parameter_count(self.model), "device": str(self.device),
+                "private_samples": int(len(self.private_y)), "threads": torch.get_num_threads()}
+
+    def transfer(self) -> dict:
+        """Transfer learning: the public data (early stopping on its validation split), then
+        the private data. The test accuracy after this is the participant's lower bound."""
+        start = time.perf_counter()
+        cfg = self.cfg
+        rng = self._seed("transfer")
+        opt = self._optimizer(self.model)
+        best, stale, public_epochs, public_acc = -1.0, 0, 0, float("nan")
+        val_x, val_y = self.public_val
+        for _ in range(cfg.public_epochs):
+            self._fit(self.model, opt, self.public_x, self.public_y, cfg.public_batch_size, rng,
+                      F.cross_entropy)
+            public_epochs += 1
+            public_acc, _ = self._accuracy(self.model, val_x, val_y)
+            if public_acc > best + cfg.min_delta:
+                best, stale = public_acc, 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+        self.public_state = copy.deepcopy(self.model.state_dict())
+        loss = float("nan")
+        private_opt = self._optimizer(self.model)
+        for _ in range(cfg.private_epochs):
+            loss = self._fit(self.model, private_opt, self.private_x, self.private_y,
+                             cfg.private_batch_size, rng, F.cross_entropy)
+        accuracy, test_loss = self._accuracy(self.model, self.test_x, self.test_y)
+        return {"accuracy": accuracy, "loss": test_loss, "train_loss": loss,
+                "public_accuracy": public_acc, "public_epochs": public_epochs,
+                "seconds": time.perf_counter() - start}
+
+    def logits(self, indices: np.ndarray, round_: int, dtype: str = "float32") -> np.ndarray:
+        """Communicate: class scores on the round's public subset."""
+        self._seed("logits", round_)
+        scores = self._scores(self.model, self.public_x[indices]).cpu().numpy().astype(dtype)
+        self._sent_bytes = int(scores.nbytes)
+        return scores
+
+    def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> dict:
+        """Digest: train towards the consensus on the public subset."""
+        start = time.perf_counter()
+        rng = self._seed("digest", round_)
+        x = _normalise(self.public_x[indices], self.device)
+        target = torch.as_tensor(np.asarray(consensus, dtype=np.float32), device=self.device)
+        cfg = self.cfg
+        loss = float("nan")
+        for _ in range(cfg.digest_epochs):
+            loss = self._fit(self.model, self.digest_opt, x, target, cfg.digest_batch_size, rng,
+                             lambda out, tgt: digest_loss(out, tgt, cfg.digest_loss, cfg.temperature))
+        return {"loss": loss, "seconds": time.perf_counter() - start,
+                "bytes_received": int(consensus.nbytes),
+                "bytes_sent": self._sent_bytes}
+
+    def revisit(self, round_: int) -> dict:
+        """Revisit: a few epochs on the private data."""
+        start = time.perf_counter()
+        rng = self._seed("revisit", round_)
+        loss = float("nan")
+        for _ in range(self.cfg.revisit_epochs):
+            loss = self._fit(self.model, self.private_opt, self.private_x, self.private_y,
+                             self.cfg.revisit_batch_size, rng, F.cross_entropy)
+        return {"loss": loss, "seconds": time.perf_counter() - start}
+
+    def evaluate(self) -> dict:
+        start = time.perf_counter()
+        accuracy, loss = self._accuracy(self.model, self.test_x, self.test_y)
+        return {"accuracy": accuracy, "loss": loss, "seconds": time.perf_counter() - start}
+
+    def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> dict:
+        """The paper's upper bound: this architecture, from its public-pretrained weights,
+        trained on every participant's private data pooled. Leaves the FedMD model untouched."""
+        start = time.perf_counter()
+        if self.public_state is None:
+            raise RuntimeError("upper_bound() needs transfer() first")
+        rng = self._seed("upper_bound")
+        model = build_model(self.spec.model, self.spec.image_shape, self.spec.num_classes)
+        model.load_state_dict(self.public_state)
+        model.to(self.device)
+        opt = self._optimizer(model)
+        x = _normalise(pooled_x, self.device)
+        y = torch.as_tensor(pooled_y, device=self.device)
+        loss = float("nan")
+        for _ in range(self.cfg.upper_bound_epochs):
+            loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy)
+        accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y)
+        return {"accuracy": accuracy, "loss": test_loss, "train_loss": loss,
+                "seconds": time.perf_counter() - start}

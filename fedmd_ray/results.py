@@ -1,0 +1,243 @@
+"""What a run leaves behind: metrics as Parquet (rewritten after every round, so a crash
+keeps what was done), the resolved config, the partition report, a summary table and plot,
+and the progress lines a person watches."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fedmd_ray.config import Config
+
+SCHEMA = pa.schema([
+    ("round", pa.int32()),
+    ("participant", pa.string()),
+    ("model", pa.string()),
+    ("phase", pa.string()),
+    ("accuracy", pa.float64()),
+    ("loss", pa.float64()),
+    ("seconds", pa.float64()),
+    ("wall_seconds", pa.float64()),
+    ("bytes_sent", pa.int64()),
+    ("bytes_received", pa.int64()),
+])
+ALL = "*"  # the participant column of rows that time a whole phase
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+class Recorder:
+    def __init__(self, out_dir: str | Path | None, config: Config, task, say: Callable[[str], None]):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.config = config
+        self.say = say
+        self.rows: list[dict] = []
+        self.models = {r["participant"]: None for r in task.partition_report}
+        self.info: list[dict] = []
+        self.complete = False
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._write_json("config.json", config.to_dict())
+            self._write_json("partition.json", task.partition_report)
+
+    def _write_json(self, name: str, data: Any) -> None:
+        assert self.out_dir is not None
+        _atomic_write(self.out_dir / name, lambda p: p.write_text(
+            json.dumps(data, indent=2, default=_json_default) + "\n"))
+
+    # ------------------------------------------------------------ recording
+
+    def participants(self, info: list[dict]) -> None:
+        self.info = info
+        self.models = {d["participant"]: d["model"] for d in info}
+        if self.out_dir is not None:
+            self._write_json("participants.json", info)
+
+    def phase(self, round_: int, phase: str, results: list[dict], wall_seconds: float) -> None:
+        for name, res in zip(self.models, results):
+            self.rows.append({
+                "round": round_, "participant": name, "model": self.models[name], "phase": phase,
+                "accuracy": res.get("accuracy"), "loss": res.get("loss"),
+                "seconds": res.get("seconds"), "wall_seconds": wall_seconds,
+                "bytes_sent": res.get("bytes_sent", 0), "bytes_received": res.get("bytes_received", 0),
+            })
+        if phase in ("transfer", "upper_bound"):
+            label = "lower bound (transfer learning)" if phase == "transfer" else "upper bound (pooled)"
+            self.say(f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  "
+                     f"[{wall_seconds:.1f}s]")
+            self.flush()
+
+    def timing(self, round_: int, phase: str, wall_seconds: float) -> None:
+        self.rows.append({"round": round_, "participant": ALL, "model": None, "phase": phase,
+                          "accuracy": None, "loss": None, "seconds": None,
+                          "wall_seconds": wall_seconds, "bytes_sent": 0, "bytes_received": 0})
+
+    def end_round(self, round_: int, rounds: int) -> None:
+        now = [r for r in self.rows if r["round"] == round_]
+        acc = [r["accuracy"] for r in now if r["phase"] == "evaluate"]
+        lower = self._accuracies("transfer")
+        gain = np.mean(acc) - np.mean(list(lower.values())) if lower else float("nan")
+        walls = {r["phase"]: r["wall_seconds"] for r in now}
+        phases = " ".join(f"{p} {walls[p]:.1f}s" for p in
+                          ("communicate", "aggregate", "digest", "revisit", "evaluate") if p in walls)
+        self.say(f"round {round_:>3}/{rounds}: {_describe_accuracy(acc)}  gain {gain:+.3f}  [{phases}]")
+        self.flush()
+
+    # ------------------------------------------------------------ reading back
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows, schema=SCHEMA)
+
+    def _accuracies(self, phase: str, round_: int | None = None) -> dict[str, float]:
+        out = {}
+        for r in self.rows:
+            if r["phase"] == phase and r["participant"] != ALL and (round_ is None or r["round"] == round_):
+                out[r["participant"]] = r["accuracy"]
+        return out
+
+    def summary(self) -> list[dict]:
+        """Per participant: lower bound, FedMD final and best, upper bound, gain."""
+        lower = self._accuracies("transfer")
+        upper = self._accuracies("upper_bound")
+        final = self._accuracies("evaluate")  # the last round wins
+        best: dict[str, float] = {}
+        for r in self.rows:
+            if r["phase"] == "evaluate":
+                best[r["participant"]] = max(best.get(r["participant"], 0.0), r["accuracy"])
+        params = {d["participant"]: d.get("parameters") for d in self.info}
+        rows = []
+        for name in self.models:
+            lo = lower.get(name, float("nan"))
+            fin = final.get(name, lo)
+            rows.append({
+                "participant": name, "model": self.models[name], "parameters": params.get(name),
+                "lower_bound": lo, "fedmd_final": fin, "fedmd_best": best.get(name, lo),
+                "upper_bound": upper.get(name, float("nan")), "gain": fin - lo,
+            })
+        return rows
+
+    # ------------------------------------------------------------ writing
+
+    def flush(self) -> None:
+        if self.out_dir is not None:
+            table = self.table()
+            _atomic_write(self.out_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+
+    def finish(self, complete: bool) -> None:
+        self.complete = complete
+        self.flush()
+        if self.out_dir is None or not self._accuracies("transfer"):
+            return
+        summary = self.summary()
+        self._write_json("summary.json", {"complete": complete, "participants": summary,
+                                          "mean": _mean_row(summary)})
+        (self.out_dir / "summary.md").write_text(render_summary(summary, self.config, complete))
+        try:
+            plot_accuracy(self.table(), summary, self.out_dir / "accuracy.png", self.config.name)
+        except Exception as exc:  # a plotting problem must not lose the run's results
+            self.say(f"(plot skipped: {exc})")
+        self.say(f"results in {self.out_dir}/ (metrics.parquet, summary.md, accuracy.png)")
+
+
+def _describe_accuracy(values: list[float]) -> str:
+    if not values:
+        return "no accuracy"
+    return f"accuracy mean {np.mean(values):.3f} (min {np.min(values):.3f}, max {np.max(values):.3f})"
+
+
+def _mean_row(summary: list[dict]) -> dict:
+    keys = ("lower_bound", "fedmd_final", "fedmd_best", "upper_bound", "gain")
+    return {k: float(np.nanmean([r[k] for r in summary])) if summary else float("nan") for k in keys}
+
+
+def render_summary(summary: list[dict], config: Config, complete: bool = True) -> str:
+    """The paper's comparison as a Markdown table."""
+    def pct(x: float) -> str:
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+    lines = [f"# FedMD run `{config.name}`", ""]
+    if not complete:
+        lines += ["**Incomplete run**: it stopped early; the table shows the last round reached.", ""]
+    t = config.train
+    lines += [
+        f"{len(summary)} participants, {t.rounds} rounds, public subset {t.public_subset_size}, "
+        f"consensus `{t.consensus}`, digest loss `{t.digest_loss}`, backend `{config.resources.backend}`, "
+        f"seed {config.seed}.", "",
+        "Test accuracy (%) on the private task:", "",
+        "| participant | model | params | lower bound | FedMD final | FedMD best | upper bound | gain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        lines.append(f"| {r['participant']} | `{r['model']}` | {r['parameters'] or '–'} | "
+                     f"{pct(r['lower_bound'])} | {pct(r['fedmd_final'])} | {pct(r['fedmd_best'])} | "
+                     f"{pct(r['upper_bound'])} | {100 * r['gain']:+.1f} |")
+    m = _mean_row(summary)
+    lines.append(f"| **mean** | | | {pct(m['lower_bound'])} | {pct(m['fedmd_final'])} | "
+                 f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) -> None:
+    """Left: the paper's figure (every participant per round, upper bounds dashed).
+    Right: one small panel per participant with its lower and upper bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.to_pylist()
+    curves: dict[str, list[tuple[int, float]]] = {r["participant"]: [(0, r["lower_bound"])] for r in summary}
+    for r in rows:
+        if r["phase"] == "evaluate":
+            curves[r["participant"]].append((r["round"], r["accuracy"]))
+    shown = summary[:20]
+    cols = min(5, max(1, len(shown)))
+    grid_rows = math.ceil(len(shown) / cols)
+    fig = plt.figure(figsize=(5 + 2.4 * cols, max(4.0, 2.1 * grid_rows)), constrained_layout=True)
+    sub = fig.subfigures(1, 2, width_ratios=[5, 2.4 * cols])
+    ax = sub[0].subplots()
+    colors = plt.get_cmap("tab10" if len(summary) <= 10 else "tab20")
+    for i, r in enumerate(summary):
+        xs, ys = zip(*curves[r["participant"]])
+        color = colors(i % colors.N)
+        ax.plot(xs, ys, "-o", ms=2.5, color=color, label=r["participant"])
+        if not math.isnan(r["upper_bound"]):
+            ax.axhline(r["upper_bound"], color=color, ls="--", lw=0.9, alpha=0.7)
+    ax.set(xlabel="round (0 = after transfer learning)", ylabel="test accuracy",
+           title=f"{title}: FedMD per participant (dashed: upper bound)")
+    ax.grid(alpha=0.3)
+    if len(summary) <= 12:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    axes = np.atleast_1d(sub[1].subplots(grid_rows, cols, sharex=True, sharey=True)).ravel()
+    for a, r, i in zip(axes, shown, range(len(shown))):
+        xs, ys = zip(*curves[r["participant"]])
+        a.plot(xs, ys, "-", color=colors(i % colors.N), lw=1.5)
+        a.axhline(r["lower_bound"], color="grey", ls=":", lw=1)
+        if not math.isnan(r["upper_bound"]):
+            a.axhline(r["upper_bound"], color="black", ls="--", lw=1)
+        a.set_title(f"{r['participant']}  {100 * r['gain']:+.1f} pts", fontsize=8)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+    for a in axes[len(shown):]:
+        a.axis("off")
+    sub[1].suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

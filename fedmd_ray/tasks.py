@@ -1,0 +1,128 @@
+"""The FedMD task: public data, each participant's private data and the private test set,
+in one label space (public classes first, private classes after them, as in the paper's
+digits 0-9 followed by letters 10-15)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmd_ray import partition as partition_lib
+from fedmd_ray.config import Config, ConfigError
+from fedmd_ray.data import ArrayDataset, canonical_name, load_dataset
+
+
+@dataclass
+class Task:
+    public_train: ArrayDataset
+    public_val: ArrayDataset
+    private_parts: list[ArrayDataset]
+    private_test: ArrayDataset
+    num_classes: int
+    public_classes: list[int]
+    private_classes: list[int]
+    partition_report: list[dict]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.public_train.x.shape[1:])  # type: ignore[return-value]
+
+    def pooled_private(self) -> ArrayDataset:
+        """All participants' private data together: what the upper bound trains on."""
+        return ArrayDataset(np.concatenate([p.x for p in self.private_parts]),
+                            np.concatenate([p.y for p in self.private_parts]))
+
+
+def _select(ds: ArrayDataset, classes: list[int], offset: int, coarse: bool = False) -> ArrayDataset:
+    """Keep samples of `classes` and relabel them offset, offset+1, ... in class order."""
+    keep = np.flatnonzero(np.isin(ds.y, classes))
+    sub = ds.subset(keep)
+    if coarse:
+        if sub.coarse_y is None:
+            raise ConfigError("data.private_label='coarse' needs a dataset with superclasses (cifar100).")
+        superclasses = sorted(np.unique(sub.coarse_y).tolist())
+        lookup = {c: offset + i for i, c in enumerate(superclasses)}
+        return ArrayDataset(sub.x, np.array([lookup[c] for c in sub.coarse_y], dtype=np.int64))
+    lookup = {c: offset + i for i, c in enumerate(sorted(classes))}
+    return ArrayDataset(sub.x, np.array([lookup[int(c)] for c in sub.y], dtype=np.int64))
+
+
+def _cap(ds: ArrayDataset, size: int | None, seed: int) -> ArrayDataset:
+    if size is None or size >= len(ds):
+        return ds
+    index = np.sort(np.random.default_rng(seed).choice(len(ds), size=size, replace=False))
+    return ds.subset(index)
+
+
+def _classes_of(ds: ArrayDataset, chosen: list[int] | None, key: str, name: str) -> list[int]:
+    present = sorted(int(c) for c in np.unique(ds.y))
+    if chosen is None:
+        return present
+    missing = sorted(set(chosen) - set(present))
+    if missing:
+        raise ConfigError(f"'{key}' names classes {missing} that '{name}' does not have "
+                          f"(it has {present[0]}..{present[-1]}).")
+    return sorted(set(chosen))
+
+
+def build_task(config: Config) -> Task:
+    """Load, relabel, cap and partition the data a run needs."""
+    d = config.data
+    synth = {"image_size": d.synthetic_image_size, "train_per_class": d.synthetic_train_per_class,
+             "test_per_class": d.synthetic_test_per_class}
+
+    def load(name: str, train: bool) -> ArrayDataset:
+        return load_dataset(name, train, d.data_dir, d.download, synth)
+
+    pub_train, pub_test = load(d.public, True), load(d.public, False)
+    same = canonical_name(d.public) == canonical_name(d.private)
+    priv_train, priv_test = (pub_train, pub_test) if same else (load(d.private, True), load(d.private, False))
+
+    public_classes = _classes_of(pub_train, d.public_classes, "data.public_classes", d.public)
+    private_classes = _classes_of(priv_train, d.private_classes, "data.private_classes", d.private)
+    if same and set(public_classes) & set(private_classes):
+        raise ConfigError(
+            f"Public and private data both come from '{d.public}' and share classes "
+            f"{sorted(set(public_classes) & set(private_classes))}; FedMD's private tasks use "
+            "classes the public data lacks. Set data.public_classes and data.private_classes apart."
+        )
+    if pub_train.x.shape[1:] != priv_train.x.shape[1:]:
+        raise ConfigError(f"Public images {pub_train.x.shape[1:]} and private images "
+                          f"{priv_train.x.shape[1:]} differ in shape; pick datasets of one modality.")
+
+    offset = len(public_classes)
+    coarse = d.private_label == "coarse"
+    public_train = _cap(_select(pub_train, public_classes, 0), d.public_train_size, config.seed)
+    public_val = _cap(_select(pub_test, public_classes, 0), d.test_size, config.seed + 1)
+    private_pool = _select(priv_train, private_classes, offset, coarse)
+    private_test = _cap(_select(priv_test, private_classes, offset, coarse), d.test_size, config.seed + 2)
+    num_private = len(np.unique(private_pool.y))
+
+    p = config.partition
+    n = config.num_participants
+    seed = config.seed + 17
+    if p.kind == "per_class":
+        parts = partition_lib.per_class(private_pool.y, n, p.samples_per_class, seed)
+    elif p.kind == "iid":
+        parts = partition_lib.iid(private_pool.y, n, p.samples_per_participant, seed)
+    else:
+        parts = partition_lib.dirichlet(private_pool.y, n, p.samples_per_participant, p.alpha, seed)
+    names = participant_names(config)
+    report = partition_lib.report(private_pool.y, parts, names)
+    return Task(
+        public_train=public_train,
+        public_val=public_val,
+        private_parts=[private_pool.subset(ix) for ix in parts],
+        private_test=private_test,
+        num_classes=offset + num_private,
+        public_classes=public_classes,
+        private_classes=private_classes,
+        partition_report=report,
+    )
+
+
+def participant_names(config: Config) -> list[str]:
+    """Stable, readable names: 'p03-cnn2' (also the Ray actor names on the dashboard)."""
+    width = max(2, len(str(config.num_participants - 1)))
+    return [f"p{i:0{width}d}-{config.model_of(i).split(':')[0]}" for i in range(config.num_participants)]
