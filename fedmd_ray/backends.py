@@ -72,8 +72,8 @@ class LocalBackend:
     def revisit(self, round_: int) -> list[dict]:
         return self._each("revisit", "revisit", round_)
 
-    def evaluate(self) -> list[dict]:
-        return self._each("evaluate", "evaluate")
+    def evaluate(self, round_: int) -> list[dict]:
+        return self._each("evaluate", "evaluate", round_)
 
     def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> list[dict]:
         return self._each("upper bound", "upper_bound", pooled_x, pooled_y)
@@ -130,25 +130,28 @@ def plan_resources(config: Config, cluster: dict[str, float]) -> tuple[float, fl
     return cpus, gpus, threads
 
 
-def _aggregate_task(method: str, weights, names: list[str], wrapped: list) -> tuple[dict, Any]:
-    """Runs next to the data: reads every participant's scores and forms the consensus.
+class Aggregator:
+    """Forms the consensus next to the data, as a long-lived actor (a plain task's worker
+    would be reaped between rounds and cost a process start each time).
 
-    The refs come wrapped in a list so this task, not Ray, reads them and can name a
+    The score refs come wrapped in a list so this actor, not Ray, reads them and can name a
     participant whose scores failed. Returns (status, consensus): the driver reads only the
     small status; the consensus stays in the object store for the participants."""
-    ray = _ray()
-    scores = []
-    for name, ref in zip(names, wrapped):
+
+    def aggregate(self, method: str, weights, names: list[str], wrapped: list) -> tuple[dict, Any]:
+        ray = _ray()
+        scores = []
+        for name, ref in zip(names, wrapped):
+            try:
+                scores.append(ray.get(ref))
+            except Exception as exc:  # the participant's own failure, re-raised by Ray
+                return {"participant": name, "phase": "communicate",
+                        "error": _describe_ray_error(exc)}, None
         try:
-            scores.append(ray.get(ref))
-        except Exception as exc:  # the participant's own failure, re-raised by Ray
-            return {"participant": name, "phase": "communicate",
-                    "error": _describe_ray_error(exc)}, None
-    try:
-        consensus = aggregate(scores, method, weights, names)
-    except ConsensusError as exc:
-        return {"consensus_error": str(exc)}, None
-    return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
+            consensus = aggregate(scores, method, weights, names)
+        except ConsensusError as exc:
+            return {"consensus_error": str(exc)}, None
+        return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
 
 
 class RayBackend:
@@ -166,9 +169,9 @@ class RayBackend:
         val = ray.put((task.public_val.x, task.public_val.y))
         test = ray.put((task.private_test.x, task.private_test.y))
         actor_cls = ray.remote(Participant)
-        # num_cpus=0: the actors may hold every CPU, and this short task must still run.
-        self._aggregate = ray.remote(_aggregate_task).options(num_cpus=0, num_returns=2)
         tag = uuid.uuid4().hex[:6]
+        # num_cpus=0: the participants may hold every CPU, and aggregation must still run.
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0, name=f"fedmd-{tag}/consensus").remote()
         self.actors = []
         for spec in specs:
             spec.torch_threads = threads
@@ -179,6 +182,7 @@ class RayBackend:
             ).remote(spec, public_x, public_y, val, (part.x, part.y), test)
             self.actors.append(actor)
         self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads}
+        ray.get(self.aggregator.__ray_ready__.remote())
 
     def _get(self, refs: list, phase: str) -> list:
         """Wait for one ref per participant; the first failure stops the run, named."""
@@ -214,8 +218,12 @@ class RayBackend:
         self.ray.wait(refs, num_returns=len(refs), fetch_local=False)
 
     def aggregate(self, scores: list, method: str, weights: list[float] | None):
-        status_ref, consensus_ref = self._aggregate.remote(method, weights, self.names, scores)
-        status = self.ray.get(status_ref)
+        status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(
+            method, weights, self.names, scores)
+        try:
+            status = self.ray.get(status_ref)
+        except Exception as exc:  # the aggregator actor itself failed
+            raise ParticipantError("consensus", "aggregate", _describe_ray_error(exc)) from None
         if "consensus_error" in status:
             raise ConsensusError(status["consensus_error"])
         if "participant" in status:
@@ -228,17 +236,18 @@ class RayBackend:
     def revisit(self, round_: int) -> list[dict]:
         return self._each("revisit", "revisit", round_)
 
-    def evaluate(self) -> list[dict]:
-        return self._each("evaluate", "evaluate")
+    def evaluate(self, round_: int) -> list[dict]:
+        return self._each("evaluate", "evaluate", round_)
 
     def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> list[dict]:
         x, y = self.ray.put(pooled_x), self.ray.put(pooled_y)
         return self._each("upper bound", "upper_bound", x, y)
 
     def shutdown(self) -> None:
-        for actor in getattr(self, "actors", []):
-            self.ray.kill(actor, no_restart=True)
-        self.actors = []
+        for actor in [*getattr(self, "actors", []), getattr(self, "aggregator", None)]:
+            if actor is not None:
+                self.ray.kill(actor, no_restart=True)
+        self.actors, self.aggregator = [], None
 
 
 def _describe_ray_error(exc: Exception) -> str:

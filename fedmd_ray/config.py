@@ -111,6 +111,9 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    faults: list[str] = field(default_factory=list)
+    """Simulated failures, 'INDEX:PHASE:ROUND' (PHASE one of transfer, communicate, digest,
+    revisit, evaluate): that participant raises there; ':exit' kills its process instead."""
 
     @property
     def num_participants(self) -> int:
@@ -315,6 +318,9 @@ def validate(config: Config) -> None:
                 "revisit_epochs", "upper_bound_epochs"):
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
 
+    for fault in config.faults:
+        parse_fault(fault, config.num_participants)
+
     r = config.resources
     _check_choice("resources.backend", r.backend, BACKENDS)
     _check_choice("resources.device", r.device, DEVICES)
@@ -326,3 +332,21 @@ def validate(config: Config) -> None:
             f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "
             "(Ray cannot give an actor 1.5 GPUs). Use a fraction in (0, 1] or 2, 3, ..."
         )
+
+
+FAULT_PHASES = ("transfer", "communicate", "digest", "revisit", "evaluate")
+
+
+def parse_fault(text: str, participants: int) -> tuple[int, str, int, str]:
+    """'2:digest:3[:exit]' -> (2, 'digest', 3, 'raise' | 'exit')."""
+    parts = text.split(":")
+    try:
+        index, phase, round_ = int(parts[0]), parts[1], int(parts[2])
+        mode = parts[3] if len(parts) > 3 else "raise"
+    except (IndexError, ValueError):
+        raise ConfigError(f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit], e.g. 1:digest:2.") from None
+    if not 0 <= index < participants or phase not in FAULT_PHASES or mode not in ("raise", "exit") \
+            or len(parts) > 4:
+        raise ConfigError(f"Fault '{text}': index must be 0..{participants - 1}, phase one of "
+                          f"{', '.join(FAULT_PHASES)}, and the mode 'raise' or 'exit'.")
+    return index, phase, round_, mode

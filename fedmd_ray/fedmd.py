@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmd_ray.backends import make_backend
-from fedmd_ray.config import Config, validate
+from fedmd_ray.config import Config, parse_fault, validate
 from fedmd_ray.participant import ParticipantSpec
 from fedmd_ray.results import Recorder
 from fedmd_ray.tasks import Task, build_task, participant_names
@@ -35,11 +35,13 @@ class RunResult:
 
 
 def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
+    faults = [parse_fault(f, config.num_participants) for f in config.faults]
     return [
         ParticipantSpec(index=i, name=name, model=config.model_of(i), seed=config.seed,
                         num_classes=task.num_classes, image_shape=task.image_shape,
                         train=config.train, device=config.resources.device,
-                        torch_threads=config.resources.torch_threads)
+                        torch_threads=config.resources.torch_threads,
+                        faults=tuple((phase, r, mode) for j, phase, r, mode in faults if j == i))
         for i, name in enumerate(participant_names(config))
     ]
 
@@ -98,7 +100,7 @@ def run(config: Config, out_dir: str | Path | None = None,
             start = time.perf_counter()
             recorder.phase(round_, "revisit", backend.revisit(round_), time.perf_counter() - start)
             start = time.perf_counter()
-            evaluated = backend.evaluate()
+            evaluated = backend.evaluate(round_)
             recorder.phase(round_, "evaluate", evaluated, time.perf_counter() - start)
             recorder.end_round(round_, t.rounds)
             if on_round is not None:

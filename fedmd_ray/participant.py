@@ -8,6 +8,7 @@ phase, round), so a participant computes the same numbers in any process.
 from __future__ import annotations
 
 import copy
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -34,10 +35,14 @@ class ParticipantSpec:
     train: TrainConfig
     device: str = "auto"
     torch_threads: int | None = None
+    faults: tuple[tuple[str, int, str], ...] = ()
+    """Simulated failures for this participant: (phase, round, 'raise' | 'exit')."""
 
 
-def _normalise(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(x, device=device)
+def _normalise(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 pixels -> floats in [-1, 1] on `device`. Object-store arrays are read-only, so
+    the batch is copied (it is converted to float anyway)."""
+    t = torch.from_numpy(np.array(x, copy=True)).to(device, non_blocking=True)
     return (t.float() / 127.5) - 1.0
 
 
@@ -70,7 +75,7 @@ class Participant:
         self.public_x, self.public_y = public_x, public_y
         self.public_val = public_val
         self.private_x = _normalise(private[0], self.device)
-        self.private_y = torch.as_tensor(private[1], device=self.device)
+        self.private_y = torch.from_numpy(np.array(private[1], dtype=np.int64)).to(self.device)
         self.test_x, self.test_y = test
         self._seed(phase="init")
         self.model = build_model(spec.model, spec.image_shape, spec.num_classes).to(self.device)
@@ -86,6 +91,13 @@ class Participant:
         seed = zlib.crc32(key)
         torch.manual_seed(seed)
         return np.random.default_rng(seed)
+
+    def _maybe_fail(self, phase: str, round_: int = 0) -> None:
+        for fault_phase, fault_round, mode in self.spec.faults:
+            if (fault_phase, fault_round) == (phase, round_):
+                if mode == "exit":
+                    os._exit(1)  # a crash, as if killed: no exception, no cleanup
+                raise RuntimeError(f"simulated fault in {phase} of round {round_}")
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         decay = getattr(model, "head_weight_decay", 0.0)
@@ -145,12 +157,14 @@ class Participant:
     def describe(self) -> dict:
         return {"participant": self.name, "model": self.spec.model,
                 "parameters": parameter_count(self.model), "device": str(self.device),
-                "private_samples": int(len(self.private_y)), "threads": torch.get_num_threads()}
+                "private_samples": int(len(self.private_y)), "threads": torch.get_num_threads(),
+                "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def transfer(self) -> dict:
         """Transfer learning: the public data (early stopping on its validation split), then
         the private data. The test accuracy after this is the participant's lower bound."""
         start = time.perf_counter()
+        self._maybe_fail("transfer")
         cfg = self.cfg
         rng = self._seed("transfer")
         opt = self._optimizer(self.model)
@@ -180,6 +194,7 @@ class Participant:
 
     def logits(self, indices: np.ndarray, round_: int, dtype: str = "float32") -> np.ndarray:
         """Communicate: class scores on the round's public subset."""
+        self._maybe_fail("communicate", round_)
         self._seed("logits", round_)
         scores = self._scores(self.model, self.public_x[indices]).cpu().numpy().astype(dtype)
         self._sent_bytes = int(scores.nbytes)
@@ -188,6 +203,7 @@ class Participant:
     def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> dict:
         """Digest: train towards the consensus on the public subset."""
         start = time.perf_counter()
+        self._maybe_fail("digest", round_)
         rng = self._seed("digest", round_)
         x = _normalise(self.public_x[indices], self.device)
         target = torch.as_tensor(np.asarray(consensus, dtype=np.float32), device=self.device)
@@ -203,6 +219,7 @@ class Participant:
     def revisit(self, round_: int) -> dict:
         """Revisit: a few epochs on the private data."""
         start = time.perf_counter()
+        self._maybe_fail("revisit", round_)
         rng = self._seed("revisit", round_)
         loss = float("nan")
         for _ in range(self.cfg.revisit_epochs):
@@ -210,8 +227,9 @@ class Participant:
                              self.cfg.revisit_batch_size, rng, F.cross_entropy)
         return {"loss": loss, "seconds": time.perf_counter() - start}
 
-    def evaluate(self) -> dict:
+    def evaluate(self, round_: int = 0) -> dict:
         start = time.perf_counter()
+        self._maybe_fail("evaluate", round_)
         accuracy, loss = self._accuracy(self.model, self.test_x, self.test_y)
         return {"accuracy": accuracy, "loss": loss, "seconds": time.perf_counter() - start}
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: one real local Ray for the session (loopback only, 2 CPUs, one fake GPU
+for placement tests) and tiny configs that train in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedmd_ray.config import from_dict, merge
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+TINY = {
+    "name": "tiny",
+    "models": ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2"],
+    "data": {"public": "synthetic", "public_classes": list(range(10)),
+             "private": "synthetic", "private_classes": list(range(10, 16)),
+             "synthetic_train_per_class": 80, "synthetic_test_per_class": 30},
+    "partition": {"kind": "per_class", "samples_per_class": 3},
+    "train": {"public_epochs": 2, "private_epochs": 10, "rounds": 2, "public_subset_size": 300,
+              "revisit_epochs": 1, "upper_bound_epochs": 5, "digest_batch_size": 64},
+    "resources": {"backend": "local", "torch_threads": 1},
+}
+
+
+def tiny_config(**sections):
+    """TINY with nested overrides, e.g. tiny_config(train={"rounds": 3})."""
+    return from_dict(merge(TINY, sections))
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
+
+
+def real_data_dir() -> Path | None:
+    """FEDMD_DATA_DIR when set, else None: tests that need real data skip without it."""
+    value = os.environ.get("FEDMD_DATA_DIR")
+    return Path(value) if value and Path(value).is_dir() else None

@@ -1,0 +1,134 @@
+"""End-to-end FedMD runs on real (local) Ray and the local backend, synthetic data."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fedmd_ray import run
+from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
+from tests.conftest import tiny_config
+
+PHASES = {"transfer", "upper_bound", "communicate", "aggregate", "digest", "revisit", "evaluate"}
+
+
+def _accuracies(result):
+    rows = [r for r in result.metrics.to_pylist() if r["accuracy"] is not None]
+    return [(r["round"], r["participant"], r["phase"], r["accuracy"]) for r in rows]
+
+
+def test_ray_run_writes_every_result(ray_session, out_dir):
+    config = tiny_config(models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "shufflenet_v2_x0_5"],
+                         resources={"backend": "ray"}, train={"rounds": 3})
+    result = run(config, out_dir, progress=None)
+    table = pq.read_table(out_dir / "metrics.parquet").to_pylist()
+    assert {r["phase"] for r in table} == PHASES
+    evaluated = [r for r in table if r["phase"] == "evaluate"]
+    assert sorted({r["round"] for r in evaluated}) == [1, 2, 3]
+    assert len(evaluated) == 3 * 3 and all(0 <= r["accuracy"] <= 1 for r in evaluated)
+    digest = [r for r in table if r["phase"] == "digest"]
+    # Every participant sends its 300 x 16 float32 scores and receives the consensus.
+    assert all(r["bytes_sent"] == r["bytes_received"] == 300 * 16 * 4 for r in digest)
+    for name in ("config.json", "partition.json", "participants.json", "summary.md",
+                 "summary.json", "accuracy.png"):
+        assert (out_dir / name).stat().st_size > 0
+    assert {r["model"] for r in result.summary} == set(config.models)
+    assert "| **mean** |" in (out_dir / "summary.md").read_text()
+
+
+def test_digest_pulls_every_participant_towards_the_consensus():
+    from fedmd_ray.backends import LocalBackend
+    from fedmd_ray.fedmd import participant_specs, public_subset
+    from fedmd_ray.tasks import build_task
+
+    # About 60 optimiser steps: the paper's digest is 20 per round (5000 samples, batch 256);
+    # a handful is not enough for train-mode batch norm to settle.
+    config = tiny_config(train={"digest_batch_size": 32, "digest_epochs": 6})
+    task = build_task(config)
+    backend = LocalBackend(config, task, participant_specs(config, task))
+    backend.transfer()
+    indices = public_subset(np.random.default_rng(0), len(task.public_train), 300)
+    before = backend.logits(indices, 1, "float32")
+    consensus = backend.aggregate(before, "mean", None)
+    backend.digest(consensus, indices, 1)
+    after = backend.logits(indices, 1, "float32")
+    for b, a in zip(before, after):
+        assert np.abs(a - consensus).mean() < 0.8 * np.abs(b - consensus).mean()
+
+
+def test_the_consensus_changes_the_run():
+    with_consensus = run(tiny_config(), progress=None)
+    alone = run(tiny_config(train={"digest_epochs": 0}), progress=None)
+    # Same transfer learning, so the same lower bounds, but different models after the rounds.
+    assert [r["lower_bound"] for r in with_consensus.summary] == [r["lower_bound"] for r in alone.summary]
+    assert [r["fedmd_final"] for r in with_consensus.summary] != [r["fedmd_final"] for r in alone.summary]
+
+
+def test_ray_and_local_backends_agree_and_runs_repeat(ray_session):
+    local = run(tiny_config(), progress=None)
+    again = run(tiny_config(), progress=None)
+    on_ray = run(tiny_config(resources={"backend": "ray", "torch_threads": 1}), progress=None)
+    assert _accuracies(local) == _accuracies(again)
+    assert _accuracies(local) == _accuracies(on_ray)
+    other_seed = run(tiny_config(seed=1), progress=None)
+    assert _accuracies(local) != _accuracies(other_seed)
+
+
+def test_fractional_gpus_are_placed(ray_session):
+    """Ray was started with one fake GPU: four participants at 0.25 share it."""
+    config = tiny_config(models=["cnn2:8,16,0.1"] * 4, resources={"backend": "ray", "num_gpus": 0.25},
+                         train={"rounds": 1, "upper_bound": False})
+    result = run(config, progress=None)
+    assert len(result.summary) == 4
+    from fedmd_ray.backends import RayBackend
+    from fedmd_ray.fedmd import participant_specs
+    from fedmd_ray.tasks import build_task
+
+    task = build_task(config)
+    backend = RayBackend(config, task, participant_specs(config, task))
+    try:
+        info = backend.describe()
+        assert [d["visible_gpus"] for d in info] == ["0"] * 4  # Ray pinned each actor to GPU 0
+        assert backend.placement["num_gpus"] == 0.25
+    finally:
+        backend.shutdown()
+    too_many = tiny_config(models=["cnn2:8,16,0.1"] * 5, resources={"backend": "ray", "num_gpus": 0.25})
+    with pytest.raises(ResourceError, match=r"5 participants x 0.25 GPU need 1.25 GPUs; the Ray cluster has 1"):
+        run(too_many, progress=None)
+    with pytest.raises(ResourceError, match="need 9 CPUs; the Ray cluster has 2"):
+        run(tiny_config(resources={"backend": "ray", "num_cpus": 3}), progress=None)
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_failing_participant_stops_the_run_by_name_and_keeps_results(ray_session, out_dir, backend):
+    config = tiny_config(faults=["1:digest:2"], resources={"backend": backend}, train={"rounds": 3})
+    with pytest.raises(ParticipantError) as info:
+        run(config, out_dir, progress=None)
+    assert "Participant 'p01-cnn3' failed during digest" in str(info.value)
+    assert "simulated fault in digest of round 2" in str(info.value)
+    rows = pq.read_table(out_dir / "metrics.parquet").to_pylist()
+    assert {r["round"] for r in rows if r["phase"] == "evaluate"} == {1}
+    assert "Incomplete run" in (out_dir / "summary.md").read_text()
+
+
+def test_a_dead_actor_is_reported_by_name(ray_session, out_dir):
+    config = tiny_config(faults=["2:revisit:1:exit"], resources={"backend": "ray"})
+    with pytest.raises(ParticipantError, match="'p02-cnn2' failed during revisit: its actor process died"):
+        run(config, out_dir, progress=None)
+    assert (out_dir / "metrics.parquet").exists()
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_diverged_scores_are_refused_with_the_participant_named(ray_session, backend):
+    config = tiny_config(train={"lr": 1e30, "optimizer": "sgd", "public_epochs": 1},
+                         resources={"backend": backend})
+    with pytest.raises(ConsensusError, match="sent NaN or infinite scores.*lower train.lr"):
+        run(config, progress=None)
+
+
+def test_public_subsets_are_fresh_each_round():
+    from fedmd_ray.fedmd import public_subset
+
+    rng = np.random.default_rng(0)
+    a, b = public_subset(rng, 1000, 300), public_subset(rng, 1000, 300)
+    assert len(a) == len(np.unique(a)) == 300 and not np.array_equal(a, b)
+    assert len(public_subset(rng, 100, 300)) == 100
