@@ -24,8 +24,11 @@ from fedmd_ray.tasks import Task
 
 def _participant_args(task: Task, index: int) -> tuple:
     part = task.private_parts[index]
-    return ((task.public_val.x, task.public_val.y), (part.x, part.y),
-            (task.private_test.x, task.private_test.y))
+    return (
+        (task.public_val.x, task.public_val.y),
+        (part.x, part.y),
+        (task.private_test.x, task.private_test.y),
+    )
 
 
 class LocalBackend:
@@ -40,8 +43,15 @@ class LocalBackend:
         self.participants = []
         for spec in specs:
             spec.torch_threads = threads
-            self.participants.append(self._guard(spec.name, "setup", lambda s=spec: Participant(
-                s, task.public_train.x, task.public_train.y, *_participant_args(task, s.index))))
+            self.participants.append(
+                self._guard(
+                    spec.name,
+                    "setup",
+                    lambda s=spec: Participant(
+                        s, task.public_train.x, task.public_train.y, *_participant_args(task, s.index)
+                    ),
+                )
+            )
 
     @staticmethod
     def _guard(name: str, phase: str, fn):
@@ -51,8 +61,7 @@ class LocalBackend:
             raise ParticipantError(name, phase, f"{type(exc).__name__}: {exc}") from exc
 
     def _each(self, phase: str, method: str, *args) -> list:
-        return [self._guard(p.name, phase, lambda p=p: getattr(p, method)(*args))
-                for p in self.participants]
+        return [self._guard(p.name, phase, lambda p=p: getattr(p, method)(*args)) for p in self.participants]
 
     def describe(self) -> list[dict]:
         return self._each("setup", "describe")
@@ -102,9 +111,11 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     try:
         ray.init(address=address, log_to_driver=True, **kwargs)
     except ConnectionError as exc:
-        raise ResourceError(f"Could not reach the Ray cluster at '{address}': {exc}. Start it with "
-                            "`ray start --head` or `ray up cluster.yaml`, or drop --address to run "
-                            "locally.") from None
+        raise ResourceError(
+            f"Could not reach the Ray cluster at '{address}': {exc}. Start it with "
+            "`ray start --head` or `ray up cluster.yaml`, or drop --address to run "
+            "locally."
+        ) from None
 
 
 def plan_resources(config: Config, cluster: dict[str, float]) -> tuple[float, float, int]:
@@ -117,7 +128,8 @@ def plan_resources(config: Config, cluster: dict[str, float]) -> tuple[float, fl
         raise ResourceError(
             f"{n} participants x {gpus} GPU need {gpus * n:g} GPUs; the Ray cluster has "
             f"{total_gpus:g}. Lower resources.num_gpus (e.g. {math.floor(total_gpus / n * 100) / 100 or 0:g}) "
-            "or add GPU nodes.")
+            "or add GPU nodes."
+        )
     cpus = config.resources.num_cpus
     if cpus is None:
         # An even share of the cluster, in hundredths (Ray's resolution for fractions).
@@ -125,7 +137,8 @@ def plan_resources(config: Config, cluster: dict[str, float]) -> tuple[float, fl
     elif cpus * n > total_cpus + 1e-9:
         raise ResourceError(
             f"{n} participants x {cpus} CPU need {cpus * n:g} CPUs; the Ray cluster has "
-            f"{total_cpus:g}. Lower resources.num_cpus or leave it unset to share evenly.")
+            f"{total_cpus:g}. Lower resources.num_cpus or leave it unset to share evenly."
+        )
     threads = config.resources.torch_threads or max(1, int(cpus))
     return cpus, gpus, threads
 
@@ -145,8 +158,7 @@ class Aggregator:
             try:
                 scores.append(ray.get(ref))
             except Exception as exc:  # the participant's own failure, re-raised by Ray
-                return {"participant": name, "phase": "communicate",
-                        "error": _describe_ray_error(exc)}, None
+                return {"participant": name, "phase": "communicate", "error": _describe_ray_error(exc)}, None
         try:
             consensus = aggregate(scores, method, weights, names)
         except ConsensusError as exc:
@@ -177,7 +189,9 @@ class RayBackend:
             spec.torch_threads = threads
             part = task.private_parts[spec.index]
             actor = actor_cls.options(
-                name=f"fedmd-{tag}/{spec.name}", num_cpus=cpus, num_gpus=gpus or None,
+                name=f"fedmd-{tag}/{spec.name}",
+                num_cpus=cpus,
+                num_gpus=gpus or None,
                 max_restarts=0,
             ).remote(spec, public_x, public_y, val, (part.x, part.y), test)
             self.actors.append(actor)
@@ -219,7 +233,8 @@ class RayBackend:
 
     def aggregate(self, scores: list, method: str, weights: list[float] | None):
         status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(
-            method, weights, self.names, scores)
+            method, weights, self.names, scores
+        )
         try:
             status = self.ray.get(status_ref)
         except Exception as exc:  # the aggregator actor itself failed
@@ -258,8 +273,10 @@ def _describe_ray_error(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     kind = type(exc).__name__
     if "ActorDied" in kind or "ActorError" in kind or "ActorUnavailable" in kind:
-        return ("its actor process died (killed, out of memory, or crashed). "
-                f"Ray said: {text[0] if text else kind}")
+        return (
+            "its actor process died (killed, out of memory, or crashed). "
+            f"Ray said: {text[0] if text else kind}"
+        )
     return f"{kind}: {text[-1] if text else ''}"
 
 

@@ -13,9 +13,15 @@ from fedmd_ray.errors import FedMDError
 from fedmd_ray.presets import PRESETS, get_preset
 
 
-def resolve_config(preset: str | None, config_file: str | None, overrides: list[str],
-                   data_dir: str | None = None, download: bool = False,
-                   backend: str | None = None, address: str | None = None) -> config_lib.Config:
+def resolve_config(
+    preset: str | None,
+    config_file: str | None,
+    overrides: list[str],
+    data_dir: str | None = None,
+    download: bool = False,
+    backend: str | None = None,
+    address: str | None = None,
+) -> config_lib.Config:
     """Defaults <- preset <- config file <- command-line flags <- --set pairs."""
     values: dict = get_preset(preset) if preset else {}
     if config_file:
@@ -37,8 +43,15 @@ def resolve_config(preset: str | None, config_file: str | None, overrides: list[
 def _run(args: argparse.Namespace) -> int:
     from fedmd_ray.fedmd import run
 
-    config = resolve_config(args.preset or (None if args.config else "smoke"), args.config,
-                            args.set, args.data_dir, args.download, args.backend, args.address)
+    config = resolve_config(
+        args.preset or (None if args.config else "smoke"),
+        args.config,
+        args.set,
+        args.data_dir,
+        args.download,
+        args.backend,
+        args.address,
+    )
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
     say(f"fedmd-ray: run '{config.name}' -> {out}")
@@ -59,8 +72,10 @@ def _run(args: argparse.Namespace) -> int:
 def _list(kind: str) -> int:
     if kind == "presets":
         for name, values in PRESETS.items():
-            print(f"{name:18s} {values['data']['public']} -> {values['data']['private']}, "
-                  f"{len(values['models'])} participants")
+            print(
+                f"{name:18s} {values['data']['public']} -> {values['data']['private']}, "
+                f"{len(values['models'])} participants"
+            )
     elif kind == "models":
         from fedmd_ray.models import KNOWN_MODELS, PAPER_MODELS
 
@@ -81,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="run a FedMD simulation")
     run_p.add_argument("--preset", help=f"named configuration ({', '.join(PRESETS)}); default smoke")
     run_p.add_argument("--config", help="JSON or TOML config file (merged over the preset)")
-    run_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one key, e.g. train.rounds=5 or resources.num_gpus=0.1")
+    run_p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. train.rounds=5 or resources.num_gpus=0.1",
+    )
     run_p.add_argument("--out", help="results folder (default runs/NAME-TIMESTAMP)")
     run_p.add_argument("--data-dir", help="datasets in torchvision's layouts (or FEDMD_DATA_DIR)")
     run_p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from fedmd_ray.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "DataConfig", "PartitionConfig", "ResourcesConfig", "TrainConfig"]
@@ -295,8 +294,13 @@ def validate(config: Config) -> None:
     check_dataset_name(config.data.private)
     if config.data.private_label not in ("fine", "coarse"):
         raise ConfigError(f"'data.private_label' is '{config.data.private_label}'; use fine or coarse.")
-    for key in ("public_train_size", "test_size", "synthetic_image_size",
-                "synthetic_train_per_class", "synthetic_test_per_class"):
+    for key in (
+        "public_train_size",
+        "test_size",
+        "synthetic_image_size",
+        "synthetic_train_per_class",
+        "synthetic_test_per_class",
+    ):
         _check_positive(f"data.{key}", getattr(config.data, key))
 
     _check_choice("partition.kind", config.partition.kind, PARTITIONS)
@@ -311,11 +315,23 @@ def validate(config: Config) -> None:
     _check_positive("train.lr", t.lr)
     _check_positive("train.temperature", t.temperature)
     _check_positive("train.min_delta", t.min_delta, allow_zero=True)
-    for key in ("public_batch_size", "private_batch_size", "public_subset_size",
-                "digest_batch_size", "revisit_batch_size", "patience"):
+    for key in (
+        "public_batch_size",
+        "private_batch_size",
+        "public_subset_size",
+        "digest_batch_size",
+        "revisit_batch_size",
+        "patience",
+    ):
         _check_positive(f"train.{key}", getattr(t, key))
-    for key in ("public_epochs", "private_epochs", "rounds", "digest_epochs",
-                "revisit_epochs", "upper_bound_epochs"):
+    for key in (
+        "public_epochs",
+        "private_epochs",
+        "rounds",
+        "digest_epochs",
+        "revisit_epochs",
+        "upper_bound_epochs",
+    ):
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
 
     for fault in config.faults:
@@ -344,9 +360,17 @@ def parse_fault(text: str, participants: int) -> tuple[int, str, int, str]:
         index, phase, round_ = int(parts[0]), parts[1], int(parts[2])
         mode = parts[3] if len(parts) > 3 else "raise"
     except (IndexError, ValueError):
-        raise ConfigError(f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit], e.g. 1:digest:2.") from None
-    if not 0 <= index < participants or phase not in FAULT_PHASES or mode not in ("raise", "exit") \
-            or len(parts) > 4:
-        raise ConfigError(f"Fault '{text}': index must be 0..{participants - 1}, phase one of "
-                          f"{', '.join(FAULT_PHASES)}, and the mode 'raise' or 'exit'.")
+        raise ConfigError(
+            f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit], e.g. 1:digest:2."
+        ) from None
+    if (
+        not 0 <= index < participants
+        or phase not in FAULT_PHASES
+        or mode not in ("raise", "exit")
+        or len(parts) > 4
+    ):
+        raise ConfigError(
+            f"Fault '{text}': index must be 0..{participants - 1}, phase one of "
+            f"{', '.join(FAULT_PHASES)}, and the mode 'raise' or 'exit'."
+        )
     return index, phase, round_, mode

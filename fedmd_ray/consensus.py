@@ -33,14 +33,13 @@ def median(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     return np.median(scores, axis=0)
 
 
-def trimmed_mean(scores: np.ndarray, weights: np.ndarray | None = None,
-                 trim: float = 0.2) -> np.ndarray:
+def trimmed_mean(scores: np.ndarray, weights: np.ndarray | None = None, trim: float = 0.2) -> np.ndarray:
     """Coordinate-wise mean after dropping the `trim` fraction of highest and lowest values."""
     k = int(np.floor(trim * scores.shape[0]))
     if 2 * k >= scores.shape[0]:
         k = (scores.shape[0] - 1) // 2
     ordered = np.sort(scores, axis=0)
-    return ordered[k: scores.shape[0] - k].mean(axis=0)
+    return ordered[k : scores.shape[0] - k].mean(axis=0)
 
 
 AGGREGATORS: dict[str, Callable[..., np.ndarray]] = {
@@ -51,8 +50,12 @@ AGGREGATORS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def aggregate(scores: Sequence[np.ndarray], method: str = "mean",
-              weights: Sequence[float] | None = None, names: Sequence[str] | None = None) -> np.ndarray:
+def aggregate(
+    scores: Sequence[np.ndarray],
+    method: str = "mean",
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
     """Check the participants' scores and combine them with `method`."""
     if method not in AGGREGATORS:
         raise ConsensusError(f"Unknown consensus '{method}'; known: {', '.join(AGGREGATORS)}.")
@@ -64,8 +67,9 @@ def aggregate(scores: Sequence[np.ndarray], method: str = "mean",
         if np.shape(s) != shape:
             raise ConsensusError(f"{name} sent scores of shape {np.shape(s)}, others {shape}.")
         if not np.all(np.isfinite(s)):
-            raise ConsensusError(f"{name} sent NaN or infinite scores; its training diverged "
-                                 "(try a lower train.lr).")
+            raise ConsensusError(
+                f"{name} sent NaN or infinite scores; its training diverged (try a lower train.lr)."
+            )
     stacked = np.stack([np.asarray(s, dtype=np.float32) for s in scores])
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
     return np.asarray(AGGREGATORS[method](stacked, w), dtype=np.float32)

@@ -26,9 +26,15 @@ _IDX_DATASETS = {
 }
 _CIFAR = {"cifar10": 10, "cifar100": 100}
 DATASETS = ("synthetic", *_IDX_DATASETS, *_CIFAR)
-_ALIASES = {"fashion": "fashion_mnist", "fashion-mnist": "fashion_mnist", "fmnist": "fashion_mnist",
-            "emnist": "emnist_letters", "emnist-letters": "emnist_letters",
-            "cifar-10": "cifar10", "cifar-100": "cifar100"}
+_ALIASES = {
+    "fashion": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "fmnist": "fashion_mnist",
+    "emnist": "emnist_letters",
+    "emnist-letters": "emnist_letters",
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+}
 
 
 @dataclass
@@ -63,8 +69,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("FEDMD_DATA_DIR") or "data").expanduser()
 
 
-def load_dataset(name: str, train: bool, data_dir: str | Path | None = None,
-                 download: bool = False, synthetic: dict | None = None) -> ArrayDataset:
+def load_dataset(
+    name: str,
+    train: bool,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    synthetic: dict | None = None,
+) -> ArrayDataset:
     """Load one split of a dataset by name as uint8 NCHW arrays."""
     name = canonical_name(name)
     check_dataset_name(name)
@@ -79,9 +90,14 @@ def load_dataset(name: str, train: bool, data_dir: str | Path | None = None,
 # ---------------------------------------------------------------- synthetic
 
 
-def make_synthetic(train: bool, num_classes: int = 16, image_size: int = 16,
-                   train_per_class: int = 300, test_per_class: int = 60,
-                   seed: int = 1234) -> ArrayDataset:
+def make_synthetic(
+    train: bool,
+    num_classes: int = 16,
+    image_size: int = 16,
+    train_per_class: int = 300,
+    test_per_class: int = 60,
+    seed: int = 1234,
+) -> ArrayDataset:
     """Class-structured grey images: each class is a smooth random prototype; samples are
     shifted, contrast-jittered, noisy copies. Learnable, but not from three samples alone."""
     rng = np.random.default_rng(seed)
@@ -110,7 +126,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -141,8 +157,11 @@ def _load_idx(name: str, train: bool, root: Path, download: bool) -> ArrayDatase
         found = _find_idx(name, train, root)
     if found is None:
         looked = "\n  ".join(str(d) for d in _idx_candidates(name, root))
-        extra = ("\nOn Debian, `apt-get install dataset-fashion-mnist` provides these files."
-                 if name == "fashion_mnist" else "")
+        extra = (
+            "\nOn Debian, `apt-get install dataset-fashion-mnist` provides these files."
+            if name == "fashion_mnist"
+            else ""
+        )
         raise DatasetError(
             f"Dataset '{name}' ({'train' if train else 'test'} split) not found. Looked in:\n  "
             f"{looked}\nPoint --data-dir (or FEDMD_DATA_DIR) at a folder in torchvision's layout "
@@ -209,5 +228,4 @@ def _load_cifar(name: str, train: bool, root: Path, download: bool) -> ArrayData
         ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
         if "coarse_labels" in batch:
             coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64))
-    return ArrayDataset(np.concatenate(xs), np.concatenate(ys),
-                        np.concatenate(coarse) if coarse else None)
+    return ArrayDataset(np.concatenate(xs), np.concatenate(ys), np.concatenate(coarse) if coarse else None)

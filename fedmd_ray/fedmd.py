@@ -37,11 +37,18 @@ class RunResult:
 def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
     faults = [parse_fault(f, config.num_participants) for f in config.faults]
     return [
-        ParticipantSpec(index=i, name=name, model=config.model_of(i), seed=config.seed,
-                        num_classes=task.num_classes, image_shape=task.image_shape,
-                        train=config.train, device=config.resources.device,
-                        torch_threads=config.resources.torch_threads,
-                        faults=tuple((phase, r, mode) for j, phase, r, mode in faults if j == i))
+        ParticipantSpec(
+            index=i,
+            name=name,
+            model=config.model_of(i),
+            seed=config.seed,
+            num_classes=task.num_classes,
+            image_shape=task.image_shape,
+            train=config.train,
+            device=config.resources.device,
+            torch_threads=config.resources.torch_threads,
+            faults=tuple((phase, r, mode) for j, phase, r, mode in faults if j == i),
+        )
         for i, name in enumerate(participant_names(config))
     ]
 
@@ -52,9 +59,13 @@ def public_subset(rng: np.random.Generator, public_size: int, subset_size: int) 
     return np.sort(rng.choice(public_size, size=size, replace=False))
 
 
-def run(config: Config, out_dir: str | Path | None = None,
-        progress: Callable[[str], None] | None = print, task: Task | None = None,
-        on_round: Callable[[int, list[dict]], None] | None = None) -> RunResult:
+def run(
+    config: Config,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = print,
+    task: Task | None = None,
+    on_round: Callable[[int, list[dict]], None] | None = None,
+) -> RunResult:
     """Run one FedMD simulation; write results to `out_dir` as it goes (when given)."""
     validate(config)
     say = progress or (lambda _msg: None)
@@ -65,8 +76,10 @@ def run(config: Config, out_dir: str | Path | None = None,
     backend = make_backend(config, task, specs)
     try:
         recorder.participants(backend.describe())
-        say(f"{len(specs)} participants on the '{backend.name}' backend; "
-            f"{len(task.public_train)} public samples, {task.num_classes} classes")
+        say(
+            f"{len(specs)} participants on the '{backend.name}' backend; "
+            f"{len(task.public_train)} public samples, {task.num_classes} classes"
+        )
 
         # 1. Transfer learning: public data, then private data. This is the lower bound.
         start = time.perf_counter()
@@ -76,8 +89,9 @@ def run(config: Config, out_dir: str | Path | None = None,
         if t.upper_bound:
             pooled = task.pooled_private()
             start = time.perf_counter()
-            recorder.phase(0, "upper_bound", backend.upper_bound(pooled.x, pooled.y),
-                           time.perf_counter() - start)
+            recorder.phase(
+                0, "upper_bound", backend.upper_bound(pooled.x, pooled.y), time.perf_counter() - start
+            )
 
         # 2. Collaboration rounds.
         rng = np.random.default_rng(config.seed + 1_000_003)
@@ -95,8 +109,9 @@ def run(config: Config, out_dir: str | Path | None = None,
             recorder.timing(round_, "aggregate", time.perf_counter() - start)
 
             start = time.perf_counter()
-            recorder.phase(round_, "digest", backend.digest(consensus, indices, round_),
-                           time.perf_counter() - start)
+            recorder.phase(
+                round_, "digest", backend.digest(consensus, indices, round_), time.perf_counter() - start
+            )
             start = time.perf_counter()
             recorder.phase(round_, "revisit", backend.revisit(round_), time.perf_counter() - start)
             start = time.perf_counter()

@@ -19,8 +19,15 @@ from torch import nn
 from fedmd_ray.errors import ConfigError
 
 TORCHVISION_MODELS = (
-    "resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "efficientnet_b0", "regnet_y_400mf",
+    "resnet18",
+    "resnet34",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "efficientnet_b0",
+    "regnet_y_400mf",
 )
 PAPER_MODELS = {"cnn2": (128, 256, 0.2), "cnn3": (128, 192, 256, 0.2)}
 KNOWN_MODELS = (*PAPER_MODELS, *TORCHVISION_MODELS)
@@ -35,8 +42,10 @@ def parse_model_name(name: str) -> tuple[str, tuple]:
     if base not in KNOWN_MODELS:
         close = difflib.get_close_matches(base, KNOWN_MODELS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown model '{name}'.{hint} Known models: {', '.join(KNOWN_MODELS)} "
-                          "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2).")
+        raise ConfigError(
+            f"Unknown model '{name}'.{hint} Known models: {', '.join(KNOWN_MODELS)} "
+            "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2)."
+        )
     if base not in PAPER_MODELS:
         if params:
             raise ConfigError(f"Model '{base}' takes no parameters (got '{name}').")
@@ -49,11 +58,12 @@ def parse_model_name(name: str) -> tuple[str, tuple]:
     except ValueError:
         values = []
     filters, dropout = values[:-1], values[-1:] or [-1.0]
-    if (len(values) != want or any(f < 1 or f != int(f) for f in filters)
-            or not 0 <= dropout[0] < 1):
+    if len(values) != want or any(f < 1 or f != int(f) for f in filters) or not 0 <= dropout[0] < 1:
         example = ",".join(str(v) for v in PAPER_MODELS[base])
-        raise ConfigError(f"Model '{name}': {base} takes {want - 1} filter counts and a dropout "
-                          f"in [0, 1), e.g. {base}:{example}.")
+        raise ConfigError(
+            f"Model '{name}': {base} takes {want - 1} filter counts and a dropout "
+            f"in [0, 1), e.g. {base}:{example}."
+        )
     return base, (*(int(f) for f in filters), dropout[0])
 
 
@@ -81,8 +91,9 @@ class PaperCNN(nn.Module):
 
     head_weight_decay = HEAD_WEIGHT_DECAY
 
-    def __init__(self, filters: tuple[int, ...], dropout: float, in_shape: tuple[int, int, int],
-                 num_classes: int):
+    def __init__(
+        self, filters: tuple[int, ...], dropout: float, in_shape: tuple[int, int, int], num_classes: int
+    ):
         super().__init__()
         c = in_shape[0]
         layers = [*_block(c, filters[0], 3, 1, True, dropout), _same_avgpool()]
@@ -107,9 +118,13 @@ def _adapt_torchvision(model: nn.Module, in_channels: int) -> nn.Module:
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                setattr(parent, child_name, nn.Conv2d(
-                    in_channels, child.out_channels, 3, stride=1, padding=1,
-                    bias=child.bias is not None))
+                setattr(
+                    parent,
+                    child_name,
+                    nn.Conv2d(
+                        in_channels, child.out_channels, 3, stride=1, padding=1, bias=child.bias is not None
+                    ),
+                )
                 break
         else:
             continue

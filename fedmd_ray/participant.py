@@ -46,8 +46,9 @@ def _normalise(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return (t.float() / 127.5) - 1.0
 
 
-def digest_loss(outputs: torch.Tensor, target: torch.Tensor, kind: str,
-                temperature: float = 1.0) -> torch.Tensor:
+def digest_loss(
+    outputs: torch.Tensor, target: torch.Tensor, kind: str, temperature: float = 1.0
+) -> torch.Tensor:
     """How far a participant's scores are from the consensus."""
     if kind == "mae":
         return F.l1_loss(outputs, target)
@@ -56,14 +57,23 @@ def digest_loss(outputs: torch.Tensor, target: torch.Tensor, kind: str,
     # Hinton's distillation: KL between softened distributions, scaled by T^2 so gradients
     # keep their size as T changes.
     t = temperature
-    return F.kl_div(F.log_softmax(outputs / t, dim=1), F.softmax(target / t, dim=1),
-                    reduction="batchmean") * t * t
+    return (
+        F.kl_div(F.log_softmax(outputs / t, dim=1), F.softmax(target / t, dim=1), reduction="batchmean")
+        * t
+        * t
+    )
 
 
 class Participant:
-    def __init__(self, spec: ParticipantSpec, public_x: np.ndarray, public_y: np.ndarray,
-                 public_val: tuple[np.ndarray, np.ndarray], private: tuple[np.ndarray, np.ndarray],
-                 test: tuple[np.ndarray, np.ndarray]):
+    def __init__(
+        self,
+        spec: ParticipantSpec,
+        public_x: np.ndarray,
+        public_y: np.ndarray,
+        public_val: tuple[np.ndarray, np.ndarray],
+        private: tuple[np.ndarray, np.ndarray],
+        test: tuple[np.ndarray, np.ndarray],
+    ):
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
@@ -111,22 +121,35 @@ class Participant:
             return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=0.9)
         return torch.optim.Adam(groups, lr=self.cfg.lr)
 
-    def _fit(self, model: nn.Module, opt: torch.optim.Optimizer, x: np.ndarray | torch.Tensor,
-             targets: torch.Tensor | np.ndarray, batch_size: int, rng: np.random.Generator,
-             loss_fn) -> float:
+    def _fit(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        x: np.ndarray | torch.Tensor,
+        targets: torch.Tensor | np.ndarray,
+        batch_size: int,
+        rng: np.random.Generator,
+        loss_fn,
+    ) -> float:
         """One epoch over (x, targets); returns the mean loss."""
         model.train()
         n = len(targets)
         order = rng.permutation(n)
         total, count = 0.0, 0
-        targets = torch.as_tensor(targets, device=self.device)
+        if isinstance(targets, np.ndarray):
+            targets = torch.from_numpy(np.array(targets))  # object-store arrays are read-only
+        targets = targets.to(self.device)
         on_device = isinstance(x, torch.Tensor)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             if len(idx) < 2 and n >= 2:
                 # BatchNorm cannot train on one sample; fold it into the previous batch's epoch.
                 continue
-            xb = x[torch.as_tensor(idx, device=self.device)] if on_device else _normalise(x[np.sort(idx)], self.device)
+            xb = (
+                x[torch.as_tensor(idx, device=self.device)]
+                if on_device
+                else _normalise(x[np.sort(idx)], self.device)
+            )
             yb = targets[torch.as_tensor(idx if on_device else np.sort(idx), device=self.device)]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
@@ -141,24 +164,29 @@ class Participant:
         model.eval()
         outs = []
         for start in range(0, len(x), EVAL_BATCH_SIZE):
-            chunk = x[start:start + EVAL_BATCH_SIZE]
+            chunk = x[start : start + EVAL_BATCH_SIZE]
             xb = chunk if isinstance(chunk, torch.Tensor) else _normalise(chunk, self.device)
             outs.append(model(xb))
         return torch.cat(outs)
 
     def _accuracy(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         scores = self._scores(model, x)
-        target = torch.as_tensor(y, device=self.device)
+        target = torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
         loss = float(F.cross_entropy(scores, target))
         return float((scores.argmax(1) == target).float().mean()), loss
 
     # ------------------------------------------------------------ the FedMD steps
 
     def describe(self) -> dict:
-        return {"participant": self.name, "model": self.spec.model,
-                "parameters": parameter_count(self.model), "device": str(self.device),
-                "private_samples": int(len(self.private_y)), "threads": torch.get_num_threads(),
-                "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        return {
+            "participant": self.name,
+            "model": self.spec.model,
+            "parameters": parameter_count(self.model),
+            "device": str(self.device),
+            "private_samples": int(len(self.private_y)),
+            "threads": torch.get_num_threads(),
+            "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
 
     def transfer(self) -> dict:
         """Transfer learning: the public data (early stopping on its validation split), then
@@ -171,8 +199,9 @@ class Participant:
         best, stale, public_epochs, public_acc = -1.0, 0, 0, float("nan")
         val_x, val_y = self.public_val
         for _ in range(cfg.public_epochs):
-            self._fit(self.model, opt, self.public_x, self.public_y, cfg.public_batch_size, rng,
-                      F.cross_entropy)
+            self._fit(
+                self.model, opt, self.public_x, self.public_y, cfg.public_batch_size, rng, F.cross_entropy
+            )
             public_epochs += 1
             public_acc, _ = self._accuracy(self.model, val_x, val_y)
             if public_acc > best + cfg.min_delta:
@@ -185,12 +214,24 @@ class Participant:
         loss = float("nan")
         private_opt = self._optimizer(self.model)
         for _ in range(cfg.private_epochs):
-            loss = self._fit(self.model, private_opt, self.private_x, self.private_y,
-                             cfg.private_batch_size, rng, F.cross_entropy)
+            loss = self._fit(
+                self.model,
+                private_opt,
+                self.private_x,
+                self.private_y,
+                cfg.private_batch_size,
+                rng,
+                F.cross_entropy,
+            )
         accuracy, test_loss = self._accuracy(self.model, self.test_x, self.test_y)
-        return {"accuracy": accuracy, "loss": test_loss, "train_loss": loss,
-                "public_accuracy": public_acc, "public_epochs": public_epochs,
-                "seconds": time.perf_counter() - start}
+        return {
+            "accuracy": accuracy,
+            "loss": test_loss,
+            "train_loss": loss,
+            "public_accuracy": public_acc,
+            "public_epochs": public_epochs,
+            "seconds": time.perf_counter() - start,
+        }
 
     def logits(self, indices: np.ndarray, round_: int, dtype: str = "float32") -> np.ndarray:
         """Communicate: class scores on the round's public subset."""
@@ -210,11 +251,21 @@ class Participant:
         cfg = self.cfg
         loss = float("nan")
         for _ in range(cfg.digest_epochs):
-            loss = self._fit(self.model, self.digest_opt, x, target, cfg.digest_batch_size, rng,
-                             lambda out, tgt: digest_loss(out, tgt, cfg.digest_loss, cfg.temperature))
-        return {"loss": loss, "seconds": time.perf_counter() - start,
-                "bytes_received": int(consensus.nbytes),
-                "bytes_sent": self._sent_bytes}
+            loss = self._fit(
+                self.model,
+                self.digest_opt,
+                x,
+                target,
+                cfg.digest_batch_size,
+                rng,
+                lambda out, tgt: digest_loss(out, tgt, cfg.digest_loss, cfg.temperature),
+            )
+        return {
+            "loss": loss,
+            "seconds": time.perf_counter() - start,
+            "bytes_received": int(consensus.nbytes),
+            "bytes_sent": self._sent_bytes,
+        }
 
     def revisit(self, round_: int) -> dict:
         """Revisit: a few epochs on the private data."""
@@ -223,8 +274,15 @@ class Participant:
         rng = self._seed("revisit", round_)
         loss = float("nan")
         for _ in range(self.cfg.revisit_epochs):
-            loss = self._fit(self.model, self.private_opt, self.private_x, self.private_y,
-                             self.cfg.revisit_batch_size, rng, F.cross_entropy)
+            loss = self._fit(
+                self.model,
+                self.private_opt,
+                self.private_x,
+                self.private_y,
+                self.cfg.revisit_batch_size,
+                rng,
+                F.cross_entropy,
+            )
         return {"loss": loss, "seconds": time.perf_counter() - start}
 
     def evaluate(self, round_: int = 0) -> dict:
@@ -250,5 +308,9 @@ class Participant:
         for _ in range(self.cfg.upper_bound_epochs):
             loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy)
         accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y)
-        return {"accuracy": accuracy, "loss": test_loss, "train_loss": loss,
-                "seconds": time.perf_counter() - start}
+        return {
+            "accuracy": accuracy,
+            "loss": test_loss,
+            "train_loss": loss,
+            "seconds": time.perf_counter() - start,
+        }

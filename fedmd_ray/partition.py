@@ -10,8 +10,7 @@ import numpy as np
 from fedmd_ray.errors import PartitionError
 
 
-def per_class(labels: np.ndarray, participants: int, samples_per_class: int,
-              seed: int) -> list[np.ndarray]:
+def per_class(labels: np.ndarray, participants: int, samples_per_class: int, seed: int) -> list[np.ndarray]:
     """The paper's split: each participant gets `samples_per_class` samples of every class."""
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
@@ -26,12 +25,11 @@ def per_class(labels: np.ndarray, participants: int, samples_per_class: int,
                 "or the number of participants."
             )
         for p in range(participants):
-            parts[p].append(pool[p * samples_per_class:(p + 1) * samples_per_class])
+            parts[p].append(pool[p * samples_per_class : (p + 1) * samples_per_class])
     return [np.sort(np.concatenate(chunks)) for chunks in parts]
 
 
-def iid(labels: np.ndarray, participants: int, samples_per_participant: int,
-        seed: int) -> list[np.ndarray]:
+def iid(labels: np.ndarray, participants: int, samples_per_participant: int, seed: int) -> list[np.ndarray]:
     """Uniformly random disjoint shards of equal size."""
     need = participants * samples_per_participant
     if len(labels) < need:
@@ -43,8 +41,9 @@ def iid(labels: np.ndarray, participants: int, samples_per_participant: int,
     return [np.sort(chunk) for chunk in np.split(order, participants)]
 
 
-def dirichlet(labels: np.ndarray, participants: int, samples_per_participant: int,
-              alpha: float, seed: int) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray, participants: int, samples_per_participant: int, alpha: float, seed: int
+) -> list[np.ndarray]:
     """Label skew: participant p's class mix is drawn from Dirichlet(alpha); small alpha means
     few classes each. Samples are drawn without replacement from shared per-class pools."""
     rng = np.random.default_rng(seed)
@@ -63,8 +62,7 @@ def dirichlet(labels: np.ndarray, participants: int, samples_per_participant: in
             fullest = max(pools, key=lambda c: len(pools[c]))
             if not pools[fullest]:
                 raise PartitionError(
-                    f"Ran out of private samples at participant {p}; lower "
-                    "partition.samples_per_participant."
+                    f"Ran out of private samples at participant {p}; lower partition.samples_per_participant."
                 )
             chosen.append(pools[fullest].pop())
         parts.append(np.sort(np.asarray(chosen, dtype=np.int64)))
@@ -76,10 +74,12 @@ def report(labels: np.ndarray, parts: list[np.ndarray], names: list[str]) -> lis
     rows = []
     for name, index in zip(names, parts):
         classes, counts = np.unique(labels[index], return_counts=True)
-        rows.append({
-            "participant": name,
-            "samples": int(len(index)),
-            "classes": [int(c) for c in classes],
-            "per_class": {int(c): int(k) for c, k in zip(classes, counts)},
-        })
+        rows.append(
+            {
+                "participant": name,
+                "samples": int(len(index)),
+                "classes": [int(c) for c in classes],
+                "per_class": {int(c): int(k) for c, k in zip(classes, counts)},
+            }
+        )
     return rows

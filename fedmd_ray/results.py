@@ -17,18 +17,20 @@ import pyarrow.parquet as pq
 
 from fedmd_ray.config import Config
 
-SCHEMA = pa.schema([
-    ("round", pa.int32()),
-    ("participant", pa.string()),
-    ("model", pa.string()),
-    ("phase", pa.string()),
-    ("accuracy", pa.float64()),
-    ("loss", pa.float64()),
-    ("seconds", pa.float64()),
-    ("wall_seconds", pa.float64()),
-    ("bytes_sent", pa.int64()),
-    ("bytes_received", pa.int64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("round", pa.int32()),
+        ("participant", pa.string()),
+        ("model", pa.string()),
+        ("phase", pa.string()),
+        ("accuracy", pa.float64()),
+        ("loss", pa.float64()),
+        ("seconds", pa.float64()),
+        ("wall_seconds", pa.float64()),
+        ("bytes_sent", pa.int64()),
+        ("bytes_received", pa.int64()),
+    ]
+)
 ALL = "*"  # the participant column of rows that time a whole phase
 
 
@@ -60,8 +62,10 @@ class Recorder:
 
     def _write_json(self, name: str, data: Any) -> None:
         assert self.out_dir is not None
-        _atomic_write(self.out_dir / name, lambda p: p.write_text(
-            json.dumps(data, indent=2, default=_json_default) + "\n"))
+        _atomic_write(
+            self.out_dir / name,
+            lambda p: p.write_text(json.dumps(data, indent=2, default=_json_default) + "\n"),
+        )
 
     # ------------------------------------------------------------ recording
 
@@ -73,22 +77,42 @@ class Recorder:
 
     def phase(self, round_: int, phase: str, results: list[dict], wall_seconds: float) -> None:
         for name, res in zip(self.models, results):
-            self.rows.append({
-                "round": round_, "participant": name, "model": self.models[name], "phase": phase,
-                "accuracy": res.get("accuracy"), "loss": res.get("loss"),
-                "seconds": res.get("seconds"), "wall_seconds": wall_seconds,
-                "bytes_sent": res.get("bytes_sent", 0), "bytes_received": res.get("bytes_received", 0),
-            })
+            self.rows.append(
+                {
+                    "round": round_,
+                    "participant": name,
+                    "model": self.models[name],
+                    "phase": phase,
+                    "accuracy": res.get("accuracy"),
+                    "loss": res.get("loss"),
+                    "seconds": res.get("seconds"),
+                    "wall_seconds": wall_seconds,
+                    "bytes_sent": res.get("bytes_sent", 0),
+                    "bytes_received": res.get("bytes_received", 0),
+                }
+            )
         if phase in ("transfer", "upper_bound"):
             label = "lower bound (transfer learning)" if phase == "transfer" else "upper bound (pooled)"
-            self.say(f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  "
-                     f"[{wall_seconds:.1f}s]")
+            self.say(
+                f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]"
+            )
             self.flush()
 
     def timing(self, round_: int, phase: str, wall_seconds: float) -> None:
-        self.rows.append({"round": round_, "participant": ALL, "model": None, "phase": phase,
-                          "accuracy": None, "loss": None, "seconds": None,
-                          "wall_seconds": wall_seconds, "bytes_sent": 0, "bytes_received": 0})
+        self.rows.append(
+            {
+                "round": round_,
+                "participant": ALL,
+                "model": None,
+                "phase": phase,
+                "accuracy": None,
+                "loss": None,
+                "seconds": None,
+                "wall_seconds": wall_seconds,
+                "bytes_sent": 0,
+                "bytes_received": 0,
+            }
+        )
 
     def end_round(self, round_: int, rounds: int) -> None:
         now = [r for r in self.rows if r["round"] == round_]
@@ -96,8 +120,11 @@ class Recorder:
         lower = self._accuracies("transfer")
         gain = np.mean(acc) - np.mean(list(lower.values())) if lower else float("nan")
         walls = {r["phase"]: r["wall_seconds"] for r in now}
-        phases = " ".join(f"{p} {walls[p]:.1f}s" for p in
-                          ("communicate", "aggregate", "digest", "revisit", "evaluate") if p in walls)
+        phases = " ".join(
+            f"{p} {walls[p]:.1f}s"
+            for p in ("communicate", "aggregate", "digest", "revisit", "evaluate")
+            if p in walls
+        )
         self.say(f"round {round_:>3}/{rounds}: {_describe_accuracy(acc)}  gain {gain:+.3f}  [{phases}]")
         self.flush()
 
@@ -127,11 +154,18 @@ class Recorder:
         for name in self.models:
             lo = lower.get(name, float("nan"))
             fin = final.get(name, lo)
-            rows.append({
-                "participant": name, "model": self.models[name], "parameters": params.get(name),
-                "lower_bound": lo, "fedmd_final": fin, "fedmd_best": best.get(name, lo),
-                "upper_bound": upper.get(name, float("nan")), "gain": fin - lo,
-            })
+            rows.append(
+                {
+                    "participant": name,
+                    "model": self.models[name],
+                    "parameters": params.get(name),
+                    "lower_bound": lo,
+                    "fedmd_final": fin,
+                    "fedmd_best": best.get(name, lo),
+                    "upper_bound": upper.get(name, float("nan")),
+                    "gain": fin - lo,
+                }
+            )
         return rows
 
     # ------------------------------------------------------------ writing
@@ -147,8 +181,9 @@ class Recorder:
         if self.out_dir is None or not self._accuracies("transfer"):
             return
         summary = self.summary()
-        self._write_json("summary.json", {"complete": complete, "participants": summary,
-                                          "mean": _mean_row(summary)})
+        self._write_json(
+            "summary.json", {"complete": complete, "participants": summary, "mean": _mean_row(summary)}
+        )
         (self.out_dir / "summary.md").write_text(render_summary(summary, self.config, complete))
         try:
             plot_accuracy(self.table(), summary, self.out_dir / "accuracy.png", self.config.name)
@@ -164,12 +199,18 @@ def _describe_accuracy(values: list[float]) -> str:
 
 
 def _mean_row(summary: list[dict]) -> dict:
+    """Means over participants, of the values that exist (no upper bound when it was skipped)."""
     keys = ("lower_bound", "fedmd_final", "fedmd_best", "upper_bound", "gain")
-    return {k: float(np.nanmean([r[k] for r in summary])) if summary else float("nan") for k in keys}
+    out = {}
+    for k in keys:
+        values = [r[k] for r in summary if r[k] is not None and not math.isnan(r[k])]
+        out[k] = float(np.mean(values)) if values else float("nan")
+    return out
 
 
 def render_summary(summary: list[dict], config: Config, complete: bool = True) -> str:
     """The paper's comparison as a Markdown table."""
+
     def pct(x: float) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -180,18 +221,24 @@ def render_summary(summary: list[dict], config: Config, complete: bool = True) -
     lines += [
         f"{len(summary)} participants, {t.rounds} rounds, public subset {t.public_subset_size}, "
         f"consensus `{t.consensus}`, digest loss `{t.digest_loss}`, backend `{config.resources.backend}`, "
-        f"seed {config.seed}.", "",
-        "Test accuracy (%) on the private task:", "",
+        f"seed {config.seed}.",
+        "",
+        "Test accuracy (%) on the private task:",
+        "",
         "| participant | model | params | lower bound | FedMD final | FedMD best | upper bound | gain |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary:
-        lines.append(f"| {r['participant']} | `{r['model']}` | {r['parameters'] or '–'} | "
-                     f"{pct(r['lower_bound'])} | {pct(r['fedmd_final'])} | {pct(r['fedmd_best'])} | "
-                     f"{pct(r['upper_bound'])} | {100 * r['gain']:+.1f} |")
+        lines.append(
+            f"| {r['participant']} | `{r['model']}` | {r['parameters'] or '–'} | "
+            f"{pct(r['lower_bound'])} | {pct(r['fedmd_final'])} | {pct(r['fedmd_best'])} | "
+            f"{pct(r['upper_bound'])} | {100 * r['gain']:+.1f} |"
+        )
     m = _mean_row(summary)
-    lines.append(f"| **mean** | | | {pct(m['lower_bound'])} | {pct(m['fedmd_final'])} | "
-                 f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** |")
+    lines.append(
+        f"| **mean** | | | {pct(m['lower_bound'])} | {pct(m['fedmd_final'])} | "
+        f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -221,8 +268,11 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) 
         ax.plot(xs, ys, "-o", ms=2.5, color=color, label=r["participant"])
         if not math.isnan(r["upper_bound"]):
             ax.axhline(r["upper_bound"], color=color, ls="--", lw=0.9, alpha=0.7)
-    ax.set(xlabel="round (0 = after transfer learning)", ylabel="test accuracy",
-           title=f"{title}: FedMD per participant (dashed: upper bound)")
+    ax.set(
+        xlabel="round (0 = after transfer learning)",
+        ylabel="test accuracy",
+        title=f"{title}: FedMD per participant (dashed: upper bound)",
+    )
     ax.grid(alpha=0.3)
     if len(summary) <= 12:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -236,7 +286,7 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) 
         a.set_title(f"{r['participant']}  {100 * r['gain']:+.1f} pts", fontsize=8)
         a.tick_params(labelsize=7)
         a.grid(alpha=0.3)
-    for a in axes[len(shown):]:
+    for a in axes[len(shown) :]:
         a.axis("off")
     sub[1].suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)
     fig.savefig(path, dpi=110)

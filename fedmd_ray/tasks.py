@@ -30,8 +30,10 @@ class Task:
 
     def pooled_private(self) -> ArrayDataset:
         """All participants' private data together: what the upper bound trains on."""
-        return ArrayDataset(np.concatenate([p.x for p in self.private_parts]),
-                            np.concatenate([p.y for p in self.private_parts]))
+        return ArrayDataset(
+            np.concatenate([p.x for p in self.private_parts]),
+            np.concatenate([p.y for p in self.private_parts]),
+        )
 
 
 def _select(ds: ArrayDataset, classes: list[int], offset: int, coarse: bool = False) -> ArrayDataset:
@@ -61,16 +63,21 @@ def _classes_of(ds: ArrayDataset, chosen: list[int] | None, key: str, name: str)
         return present
     missing = sorted(set(chosen) - set(present))
     if missing:
-        raise ConfigError(f"'{key}' names classes {missing} that '{name}' does not have "
-                          f"(it has {present[0]}..{present[-1]}).")
+        raise ConfigError(
+            f"'{key}' names classes {missing} that '{name}' does not have "
+            f"(it has {present[0]}..{present[-1]})."
+        )
     return sorted(set(chosen))
 
 
 def build_task(config: Config) -> Task:
     """Load, relabel, cap and partition the data a run needs."""
     d = config.data
-    synth = {"image_size": d.synthetic_image_size, "train_per_class": d.synthetic_train_per_class,
-             "test_per_class": d.synthetic_test_per_class}
+    synth = {
+        "image_size": d.synthetic_image_size,
+        "train_per_class": d.synthetic_train_per_class,
+        "test_per_class": d.synthetic_test_per_class,
+    }
 
     def load(name: str, train: bool) -> ArrayDataset:
         return load_dataset(name, train, d.data_dir, d.download, synth)
@@ -88,8 +95,10 @@ def build_task(config: Config) -> Task:
             "classes the public data lacks. Set data.public_classes and data.private_classes apart."
         )
     if pub_train.x.shape[1:] != priv_train.x.shape[1:]:
-        raise ConfigError(f"Public images {pub_train.x.shape[1:]} and private images "
-                          f"{priv_train.x.shape[1:]} differ in shape; pick datasets of one modality.")
+        raise ConfigError(
+            f"Public images {pub_train.x.shape[1:]} and private images "
+            f"{priv_train.x.shape[1:]} differ in shape; pick datasets of one modality."
+        )
 
     offset = len(public_classes)
     coarse = d.private_label == "coarse"

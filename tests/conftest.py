@@ -19,8 +19,14 @@ def ray_session():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=1, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -28,12 +34,24 @@ def ray_session():
 TINY = {
     "name": "tiny",
     "models": ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2"],
-    "data": {"public": "synthetic", "public_classes": list(range(10)),
-             "private": "synthetic", "private_classes": list(range(10, 16)),
-             "synthetic_train_per_class": 80, "synthetic_test_per_class": 30},
+    "data": {
+        "public": "synthetic",
+        "public_classes": list(range(10)),
+        "private": "synthetic",
+        "private_classes": list(range(10, 16)),
+        "synthetic_train_per_class": 80,
+        "synthetic_test_per_class": 30,
+    },
     "partition": {"kind": "per_class", "samples_per_class": 3},
-    "train": {"public_epochs": 2, "private_epochs": 10, "rounds": 2, "public_subset_size": 300,
-              "revisit_epochs": 1, "upper_bound_epochs": 5, "digest_batch_size": 64},
+    "train": {
+        "public_epochs": 2,
+        "private_epochs": 10,
+        "rounds": 2,
+        "public_subset_size": 300,
+        "revisit_epochs": 1,
+        "upper_bound_epochs": 5,
+        "digest_batch_size": 64,
+    },
     "resources": {"backend": "local", "torch_threads": 1},
 }
 

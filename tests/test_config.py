@@ -8,9 +8,18 @@ from fedmd_ray.presets import PRESETS
 
 
 def test_defaults_are_valid_and_overrides_are_typed():
-    config = resolve_config("smoke", None, ["train.rounds=7", "train.lr=0.01",
-                                            "resources.backend=local", 'models=["cnn2", "cnn3"]',
-                                            "data.public_classes=[0,1,2]", "data.download=true"])
+    config = resolve_config(
+        "smoke",
+        None,
+        [
+            "train.rounds=7",
+            "train.lr=0.01",
+            "resources.backend=local",
+            'models=["cnn2", "cnn3"]',
+            "data.public_classes=[0,1,2]",
+            "data.download=true",
+        ],
+    )
     assert isinstance(config, Config)
     assert config.train.rounds == 7 and isinstance(config.train.rounds, int)
     assert config.train.lr == pytest.approx(0.01)
@@ -26,21 +35,24 @@ def test_unknown_key_suggests_the_closest():
         from_dict({"modles": ["cnn2"]})
 
 
-@pytest.mark.parametrize("pair, message", [
-    ("train.rounds=-1", "'train.rounds' is -1; it must be zero or more"),
-    ("train.public_subset_size=0", "'train.public_subset_size' is 0; it must be greater than zero"),
-    ("train.lr=abc", "'train.lr' must be a number"),
-    ("train.rounds=2.5", "'train.rounds' must be an integer"),
-    ("resources.num_gpus=1.5", "whole number of GPUs"),
-    ("resources.num_gpus=-0.1", "'resources.num_gpus' is -0.1"),
-    ("resources.backend=spark", "'resources.backend' is 'spark'; it must be one of ray, local"),
-    ("train.digest_loss=kld", "Did you mean 'kl'"),
-    ("train.consensus=avg", "'train.consensus' is 'avg'"),
-    ("models=[\"resnet19\"]", "Unknown model 'resnet19'. Did you mean 'resnet18'"),
-    ("data.public=mnits", "Unknown dataset 'mnits'. Did you mean 'mnist'"),
-    ("partition.kind=noniid", "'partition.kind' is 'noniid'"),
-    ("faults=[\"9:digest:1\"]", "index must be 0..3"),
-])
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("train.rounds=-1", "'train.rounds' is -1; it must be zero or more"),
+        ("train.public_subset_size=0", "'train.public_subset_size' is 0; it must be greater than zero"),
+        ("train.lr=abc", "'train.lr' must be a number"),
+        ("train.rounds=2.5", "'train.rounds' must be an integer"),
+        ("resources.num_gpus=1.5", "whole number of GPUs"),
+        ("resources.num_gpus=-0.1", "'resources.num_gpus' is -0.1"),
+        ("resources.backend=spark", "'resources.backend' is 'spark'; it must be one of ray, local"),
+        ("train.digest_loss=kld", "Did you mean 'kl'"),
+        ("train.consensus=avg", "'train.consensus' is 'avg'"),
+        ('models=["resnet19"]', "Unknown model 'resnet19'. Did you mean 'resnet18'"),
+        ("data.public=mnits", "Unknown dataset 'mnits'. Did you mean 'mnist'"),
+        ("partition.kind=noniid", "'partition.kind' is 'noniid'"),
+        ('faults=["9:digest:1"]', "index must be 0..3"),
+    ],
+)
 def test_bad_values_name_their_key(pair, message):
     with pytest.raises(ConfigError) as info:
         resolve_config("smoke", None, [pair])

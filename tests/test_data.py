@@ -51,8 +51,11 @@ def test_emnist_letters_are_transposed_and_zero_based(tmp_path):
 def test_cifar100_pickles_with_coarse_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    batch = {"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0, 2, 20, 63],
-             "coarse_labels": [4, 14, 6, 12]}
+    batch = {
+        "data": np.zeros((4, 3072), np.uint8),
+        "fine_labels": [0, 2, 20, 63],
+        "coarse_labels": [4, 14, 6, 12],
+    }
     (folder / "test").write_bytes(pickle.dumps(batch))
     ds = load_dataset("cifar100", train=False, data_dir=tmp_path)
     assert ds.x.shape == (4, 3, 32, 32)

@@ -17,8 +17,11 @@ def _accuracies(result):
 
 
 def test_ray_run_writes_every_result(ray_session, out_dir):
-    config = tiny_config(models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "shufflenet_v2_x0_5"],
-                         resources={"backend": "ray"}, train={"rounds": 3})
+    config = tiny_config(
+        models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "shufflenet_v2_x0_5"],
+        resources={"backend": "ray"},
+        train={"rounds": 3},
+    )
     result = run(config, out_dir, progress=None)
     table = pq.read_table(out_dir / "metrics.parquet").to_pylist()
     assert {r["phase"] for r in table} == PHASES
@@ -28,8 +31,14 @@ def test_ray_run_writes_every_result(ray_session, out_dir):
     digest = [r for r in table if r["phase"] == "digest"]
     # Every participant sends its 300 x 16 float32 scores and receives the consensus.
     assert all(r["bytes_sent"] == r["bytes_received"] == 300 * 16 * 4 for r in digest)
-    for name in ("config.json", "partition.json", "participants.json", "summary.md",
-                 "summary.json", "accuracy.png"):
+    for name in (
+        "config.json",
+        "partition.json",
+        "participants.json",
+        "summary.md",
+        "summary.json",
+        "accuracy.png",
+    ):
         assert (out_dir / name).stat().st_size > 0
     assert {r["model"] for r in result.summary} == set(config.models)
     assert "| **mean** |" in (out_dir / "summary.md").read_text()
@@ -75,8 +84,11 @@ def test_ray_and_local_backends_agree_and_runs_repeat(ray_session):
 
 def test_fractional_gpus_are_placed(ray_session):
     """Ray was started with one fake GPU: four participants at 0.25 share it."""
-    config = tiny_config(models=["cnn2:8,16,0.1"] * 4, resources={"backend": "ray", "num_gpus": 0.25},
-                         train={"rounds": 1, "upper_bound": False})
+    config = tiny_config(
+        models=["cnn2:8,16,0.1"] * 4,
+        resources={"backend": "ray", "num_gpus": 0.25},
+        train={"rounds": 1, "upper_bound": False},
+    )
     result = run(config, progress=None)
     assert len(result.summary) == 4
     from fedmd_ray.backends import RayBackend
@@ -92,7 +104,9 @@ def test_fractional_gpus_are_placed(ray_session):
     finally:
         backend.shutdown()
     too_many = tiny_config(models=["cnn2:8,16,0.1"] * 5, resources={"backend": "ray", "num_gpus": 0.25})
-    with pytest.raises(ResourceError, match=r"5 participants x 0.25 GPU need 1.25 GPUs; the Ray cluster has 1"):
+    with pytest.raises(
+        ResourceError, match=r"5 participants x 0.25 GPU need 1.25 GPUs; the Ray cluster has 1"
+    ):
         run(too_many, progress=None)
     with pytest.raises(ResourceError, match="need 9 CPUs; the Ray cluster has 2"):
         run(tiny_config(resources={"backend": "ray", "num_cpus": 3}), progress=None)
@@ -119,8 +133,9 @@ def test_a_dead_actor_is_reported_by_name(ray_session, out_dir):
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_diverged_scores_are_refused_with_the_participant_named(ray_session, backend):
-    config = tiny_config(train={"lr": 1e30, "optimizer": "sgd", "public_epochs": 1},
-                         resources={"backend": backend})
+    config = tiny_config(
+        train={"lr": 1e30, "optimizer": "sgd", "public_epochs": 1}, resources={"backend": backend}
+    )
     with pytest.raises(ConsensusError, match="sent NaN or infinite scores.*lower train.lr"):
         run(config, progress=None)
 

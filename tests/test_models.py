@@ -13,8 +13,15 @@ def _paper_cnn2_params(n1, n2, classes, c=1, size=28):
 
 def _paper_cnn3_params(n1, n2, n3, classes, c=1, size=28):
     side = ((size // 2) // 2 - 3) // 2 + 1
-    return ((c * n1 * 9 + n1) + 2 * n1 + (n1 * n2 * 4 + n2) + 2 * n2 + (n2 * n3 * 9 + n3) + 2 * n3
-            + side * side * n3 * classes)
+    return (
+        (c * n1 * 9 + n1)
+        + 2 * n1
+        + (n1 * n2 * 4 + n2)
+        + 2 * n2
+        + (n2 * n3 * 9 + n3)
+        + 2 * n3
+        + side * side * n3 * classes
+    )
 
 
 def test_paper_cnns_match_the_authors_layer_shapes():

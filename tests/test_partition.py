@@ -46,8 +46,12 @@ def test_dirichlet_small_alpha_skews_labels():
 def test_report_counts():
     parts = partition.per_class(LABELS, 2, 2, 0)
     rows = partition.report(LABELS, parts, ["a", "b"])
-    assert rows[0] == {"participant": "a", "samples": 12, "classes": list(range(6)),
-                       "per_class": {c: 2 for c in range(6)}}
+    assert rows[0] == {
+        "participant": "a",
+        "samples": 12,
+        "classes": list(range(6)),
+        "per_class": {c: 2 for c in range(6)},
+    }
 
 
 def test_dirichlet_fills_from_other_classes_and_says_when_empty():

@@ -1,0 +1,93 @@
+"""The `fedmd-ray` command as a user meets it: in-process, and once as a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+from fedmd_ray.cli import main
+
+
+def test_run_smoke_preset_writes_results(ray_session, tmp_path, capsys):
+    out = tmp_path / "smoke"
+    code = main(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--set",
+            "train.rounds=1",
+            "--set",
+            "train.public_epochs=1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round   1/1" in printed and "lower bound (transfer learning)" in printed
+    assert "| **mean** |" in printed
+    assert json.loads((out / "config.json").read_text())["train"]["rounds"] == 1
+    assert (out / "metrics.parquet").exists() and (out / "accuracy.png").exists()
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, capsys):
+    assert main(["run", "--preset", "smoke", "--set", 'models=["resnet19"]']) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: Unknown model 'resnet19'. Did you mean 'resnet18'") and "Traceback" not in err
+    )
+    assert main(["run", "--preset", "smoke", "--set", "train.rouns=3"]) == 2
+    assert "Did you mean 'rounds'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "run",
+                "--preset",
+                "mnist-femnist",
+                "--data-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--backend",
+                "local",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "Dataset 'mnist' (train split) not found" in err and "--download" in err
+
+
+def test_listing_commands(capsys):
+    assert main(["presets"]) == 0 and "mnist-femnist" in capsys.readouterr().out
+    assert main(["models"]) == 0 and "cnn3  (default 128,192,256,0.2)" in capsys.readouterr().out
+    assert main(["datasets"]) == 0 and "emnist_letters" in capsys.readouterr().out
+    assert main(["config", "--preset", "smoke", "--set", "seed=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 3
+
+
+def test_console_script_runs_as_a_subprocess(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmd_ray.cli",
+            "run",
+            "--set",
+            "train.rounds=1",
+            "--set",
+            "train.public_epochs=1",
+            "--backend",
+            "local",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "results in" in proc.stdout and (tmp_path / "r" / "summary.md").exists()
