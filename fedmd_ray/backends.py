@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedmd_ray.config import Config
-from fedmd_ray.consensus import aggregate
+from fedmd_ray.consensus import form_consensus
 from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
 from fedmd_ray.participant import Participant, ParticipantSpec
 from fedmd_ray.tasks import Task
@@ -69,11 +69,11 @@ class LocalBackend:
     def transfer(self) -> list[dict]:
         return self._each("transfer", "transfer")
 
-    def logits(self, indices: np.ndarray, round_: int, dtype: str) -> list[np.ndarray]:
-        return self._each("communicate", "logits", indices, round_, dtype)
+    def logits(self, indices: np.ndarray, round_: int) -> list:
+        return self._each("communicate", "logits", indices, round_)
 
-    def aggregate(self, scores: list[np.ndarray], method: str, weights: list[float] | None) -> np.ndarray:
-        return aggregate(scores, method, weights, self.names)
+    def aggregate(self, scores: list, plan: dict) -> np.ndarray:
+        return form_consensus(scores, self.names, plan)
 
     def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> list[dict]:
         return self._each("digest", "digest", consensus, indices, round_)
@@ -151,7 +151,7 @@ class Aggregator:
     participant whose scores failed. Returns (status, consensus): the driver reads only the
     small status; the consensus stays in the object store for the participants."""
 
-    def aggregate(self, method: str, weights, names: list[str], wrapped: list) -> tuple[dict, Any]:
+    def aggregate(self, plan: dict, names: list[str], wrapped: list) -> tuple[dict, Any]:
         ray = _ray()
         scores = []
         for name, ref in zip(names, wrapped):
@@ -160,7 +160,7 @@ class Aggregator:
             except Exception as exc:  # the participant's own failure, re-raised by Ray
                 return {"participant": name, "phase": "communicate", "error": _describe_ray_error(exc)}, None
         try:
-            consensus = aggregate(scores, method, weights, names)
+            consensus = form_consensus(scores, names, plan)
         except ConsensusError as exc:
             return {"consensus_error": str(exc)}, None
         return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
@@ -221,19 +221,19 @@ class RayBackend:
     def transfer(self) -> list[dict]:
         return self._each("transfer", "transfer")
 
-    def logits(self, indices: np.ndarray, round_: int, dtype: str) -> list:
+    def logits(self, indices: np.ndarray, round_: int) -> list:
         ref = self.ray.put(indices)
         self._indices = ref
-        return [a.logits.remote(ref, round_, dtype) for a in self.actors]
+        return [a.logits.remote(ref, round_) for a in self.actors]
 
     def wait(self, handles: Any) -> None:
         """Block until handles are computed, without fetching them to the driver."""
         refs = handles if isinstance(handles, list) else [handles]
         self.ray.wait(refs, num_returns=len(refs), fetch_local=False)
 
-    def aggregate(self, scores: list, method: str, weights: list[float] | None):
+    def aggregate(self, scores: list, plan: dict):
         status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(
-            method, weights, self.names, scores
+            plan, self.names, scores
         )
         try:
             status = self.ray.get(status_ref)

@@ -16,7 +16,8 @@ from typing import Any
 
 from fedmd_ray.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataConfig", "PartitionConfig", "ResourcesConfig", "TrainConfig"]
+__all__ = ["Config", "ConfigError", "DataConfig", "PartitionConfig", "ResourcesConfig", "SharingConfig",
+           "TrainConfig"]
 
 
 @dataclass
@@ -77,9 +78,35 @@ class TrainConfig:
     revisit_epochs: int = 4
     revisit_batch_size: int = 5
     consensus: str = "mean"
+    """'mean' (FedMD), 'weighted' (by private data size), 'confidence' (per sample, by each
+    participant's top softmax probability), 'median', 'trimmed_mean', or 'era' (DS-FL)."""
+    trim_fraction: float = 0.2
+    """For trimmed_mean: the fraction dropped at each end, per coordinate."""
+    era_temperature: float = 0.1
+    """For era: the sharpening temperature applied to the averaged probabilities."""
     upper_bound: bool = True
     """Train each architecture on all private data pooled (the paper's upper bound)."""
     upper_bound_epochs: int = 25
+
+
+@dataclass
+class SharingConfig:
+    """What leaves a participant each round."""
+
+    payload: str = "float32"
+    """'float32' scores, 'float16' (half the bytes), or 'topk' (the k largest per sample)."""
+    topk: int = 3
+    clip: float | None = None
+    """Differential privacy: clip each sample's score vector to this L2 norm (None: off)."""
+    noise_multiplier: float = 0.0
+    """Gaussian noise std as a multiple of the clipped matrix's sensitivity (needs clip)."""
+    delta: float = 1e-5
+    """The delta at which epsilon is reported."""
+    adversaries: list[int] = field(default_factory=list)
+    """Indices of participants that send corrupted scores (a robustness simulation)."""
+    attack: str = "random"
+    """'random', 'scaled' or 'label_flip'."""
+    attack_scale: float = 10.0
 
 
 @dataclass
@@ -109,6 +136,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     faults: list[str] = field(default_factory=list)
     """Simulated failures, 'INDEX:PHASE:ROUND' (PHASE one of transfer, communicate, digest,
@@ -333,6 +361,26 @@ def validate(config: Config) -> None:
         "upper_bound_epochs",
     ):
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
+
+    sh = config.sharing
+    from fedmd_ray.sharing import ATTACKS, PAYLOADS
+
+    _check_choice("sharing.payload", sh.payload, PAYLOADS)
+    _check_choice("sharing.attack", sh.attack, ATTACKS)
+    _check_positive("sharing.topk", sh.topk)
+    _check_positive("sharing.clip", sh.clip)
+    _check_positive("sharing.noise_multiplier", sh.noise_multiplier, allow_zero=True)
+    _check_positive("sharing.attack_scale", sh.attack_scale)
+    if not 0 < sh.delta < 1:
+        raise ConfigError(f"'sharing.delta' is {sh.delta}; it must be between 0 and 1.")
+    if sh.noise_multiplier > 0 and sh.clip is None:
+        raise ConfigError("'sharing.noise_multiplier' needs 'sharing.clip' (noise is scaled to the clip norm).")
+    bad = [i for i in sh.adversaries if not 0 <= i < config.num_participants]
+    if bad:
+        raise ConfigError(f"'sharing.adversaries' names {bad}; participants are 0..{config.num_participants - 1}.")
+    if not 0 <= t.trim_fraction < 0.5:
+        raise ConfigError(f"'train.trim_fraction' is {t.trim_fraction}; it must be in [0, 0.5).")
+    _check_positive("train.era_temperature", t.era_temperature)
 
     for fault in config.faults:
         parse_fault(fault, config.num_participants)

@@ -1,7 +1,8 @@
 """Forming the consensus from the participants' class scores on the public subset.
 
 Each aggregator takes scores stacked as (participants, samples, classes) and returns
-(samples, classes) float32. FedMD's own is `mean`.
+(samples, classes) float32 scores that the digest step treats as logits. FedMD's own is
+`mean`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import numpy as np
 from fedmd_ray.errors import ConsensusError
 
 
-def mean(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def _softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def mean(scores: np.ndarray, weights: np.ndarray | None = None, **_: float) -> np.ndarray:
     """FedMD: the plain average of everyone's logits."""
     return scores.mean(axis=0)
 
 
-def weighted(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def weighted(scores: np.ndarray, weights: np.ndarray | None = None, **_: float) -> np.ndarray:
     """Average weighted per participant (e.g. by private data size); equal weights = mean."""
     if weights is None:
         return mean(scores)
@@ -28,7 +35,25 @@ def weighted(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarra
     return np.tensordot(w / w.sum(), scores, axes=1)
 
 
-def median(scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+def confidence(scores: np.ndarray, weights: np.ndarray | None = None, temperature: float = 1.0,
+               **_: float) -> np.ndarray:
+    """Per sample, each participant weighted by its top softmax probability: participants
+    that are sure about a sample count more for it."""
+    w = _softmax(scores / temperature).max(axis=2)  # (participants, samples)
+    w = w / w.sum(axis=0, keepdims=True)
+    return (w[..., None] * scores).sum(axis=0)
+
+
+def era(scores: np.ndarray, weights: np.ndarray | None = None, temperature: float = 1.0,
+        era_temperature: float = 0.1, **_: float) -> np.ndarray:
+    """DS-FL's entropy reduction aggregation (Itahara et al., 2020): average the
+    temperature-softened probabilities, then sharpen with softmax(average / era_temperature).
+    Returned as log-probabilities, so a digest loss on logits targets that distribution."""
+    averaged = _softmax(scores / temperature).mean(axis=0)
+    return np.log(_softmax(averaged / era_temperature) + 1e-12)
+
+
+def median(scores: np.ndarray, weights: np.ndarray | None = None, **_: float) -> np.ndarray:
     """Coordinate-wise median: robust to a minority of arbitrary scores."""
     return np.median(scores, axis=0)
 
@@ -45,8 +70,10 @@ def trimmed_mean(scores: np.ndarray, weights: np.ndarray | None = None, trim: fl
 AGGREGATORS: dict[str, Callable[..., np.ndarray]] = {
     "mean": mean,
     "weighted": weighted,
+    "confidence": confidence,
     "median": median,
     "trimmed_mean": trimmed_mean,
+    "era": era,
 }
 
 
@@ -55,8 +82,10 @@ def aggregate(
     method: str = "mean",
     weights: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
+    **options: float,
 ) -> np.ndarray:
-    """Check the participants' scores and combine them with `method`."""
+    """Check the participants' scores and combine them with `method`; `options` are the
+    method's own (temperature, era_temperature, trim)."""
     if method not in AGGREGATORS:
         raise ConsensusError(f"Unknown consensus '{method}'; known: {', '.join(AGGREGATORS)}.")
     if len(scores) == 0:
@@ -72,4 +101,14 @@ def aggregate(
             )
     stacked = np.stack([np.asarray(s, dtype=np.float32) for s in scores])
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
-    return np.asarray(AGGREGATORS[method](stacked, w), dtype=np.float32)
+    return np.asarray(AGGREGATORS[method](stacked, w, **options), dtype=np.float32)
+
+
+def form_consensus(payloads: Sequence, names: Sequence[str], plan: dict) -> np.ndarray:
+    """What both backends run: decode what participants sent, aggregate it as `plan` says
+    (method, weights, options), and cast it for the trip back (float16 travels as float16)."""
+    from fedmd_ray.sharing import decode
+
+    consensus = aggregate([decode(p) for p in payloads], plan["method"], plan.get("weights"),
+                          names, **plan.get("options", {}))
+    return consensus.astype(plan.get("dtype", "float32"))

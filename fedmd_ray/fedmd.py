@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmd_ray import privacy
 from fedmd_ray.backends import make_backend
 from fedmd_ray.config import Config, parse_fault, validate
 from fedmd_ray.participant import ParticipantSpec
@@ -51,6 +52,25 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
         )
         for i, name in enumerate(participant_names(config))
     ]
+
+
+def consensus_plan(config: Config, task: Task) -> dict:
+    """How the consensus is formed: the method, its weights and options, the return dtype."""
+    t = config.train
+    weights = [float(len(p)) for p in task.private_parts] if t.consensus == "weighted" else None
+    return {"method": t.consensus, "weights": weights,
+            "options": {"temperature": t.temperature, "era_temperature": t.era_temperature,
+                        "trim": t.trim_fraction},
+            "dtype": "float16" if config.sharing.payload == "float16" else "float32"}
+
+
+def privacy_spent(config: Config, rounds: int, samples: int) -> float | None:
+    """Epsilon (at sharing.delta) of each participant's releases over `rounds` rounds; None
+    when differential privacy is off, inf when scores are clipped but not noised."""
+    sh = config.sharing
+    if sh.clip is None:
+        return None
+    return privacy.epsilon_for_delta(sh.delta, privacy.gdp_mu(sh.noise_multiplier, rounds))
 
 
 def public_subset(rng: np.random.Generator, public_size: int, subset_size: int) -> np.ndarray:
@@ -95,17 +115,18 @@ def run(
 
         # 2. Collaboration rounds.
         rng = np.random.default_rng(config.seed + 1_000_003)
-        weights = [float(len(p)) for p in task.private_parts] if t.consensus == "weighted" else None
+        plan = consensus_plan(config, task)
         for round_ in range(1, t.rounds + 1):
             indices = public_subset(rng, len(task.public_train), t.public_subset_size)
 
             start = time.perf_counter()
-            scores = backend.logits(indices, round_, "float32")  # communicate
+            scores = backend.logits(indices, round_)  # communicate
             backend.wait(scores)
-            recorder.timing(round_, "communicate", time.perf_counter() - start)
+            recorder.timing(round_, "communicate", time.perf_counter() - start,
+                            epsilon=privacy_spent(config, round_, len(indices)))
 
             start = time.perf_counter()
-            consensus = backend.aggregate(scores, t.consensus, weights)  # aggregate
+            consensus = backend.aggregate(scores, plan)  # aggregate
             recorder.timing(round_, "aggregate", time.perf_counter() - start)
 
             start = time.perf_counter()

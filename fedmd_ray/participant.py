@@ -11,14 +11,15 @@ import copy
 import os
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmd_ray.config import TrainConfig
+from fedmd_ray import sharing
+from fedmd_ray.config import SharingConfig, TrainConfig
 from fedmd_ray.models import build_model, parameter_count
 
 EVAL_BATCH_SIZE = 1024
@@ -35,6 +36,9 @@ class ParticipantSpec:
     train: TrainConfig
     device: str = "auto"
     torch_threads: int | None = None
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    adversary: bool = False
+    """Sends corrupted scores (sharing.attack) instead of its own."""
     faults: tuple[tuple[str, int, str], ...] = ()
     """Simulated failures for this participant: (phase, round, 'raise' | 'exit')."""
 
@@ -233,13 +237,20 @@ class Participant:
             "seconds": time.perf_counter() - start,
         }
 
-    def logits(self, indices: np.ndarray, round_: int, dtype: str = "float32") -> np.ndarray:
-        """Communicate: class scores on the round's public subset."""
+    def logits(self, indices: np.ndarray, round_: int) -> np.ndarray | dict:
+        """Communicate: class scores on the round's public subset, as they leave this
+        participant (corrupted if it is an adversary, privatised, encoded)."""
         self._maybe_fail("communicate", round_)
-        self._seed("logits", round_)
-        scores = self._scores(self.model, self.public_x[indices]).cpu().numpy().astype(dtype)
-        self._sent_bytes = int(scores.nbytes)
-        return scores
+        rng = self._seed("logits", round_)
+        scores = self._scores(self.model, self.public_x[indices]).float().cpu().numpy()
+        out = self.spec.sharing
+        if self.spec.adversary:
+            scores = sharing.corrupt(scores, out.attack, out.attack_scale, rng)
+        if out.clip is not None:
+            scores = sharing.privatise(scores, out.clip, out.noise_multiplier, rng)
+        payload = sharing.encode(scores, out.payload, out.topk)
+        self._sent_bytes = sharing.nbytes(payload)
+        return payload
 
     def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> dict:
         """Digest: train towards the consensus on the public subset."""

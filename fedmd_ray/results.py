@@ -29,6 +29,7 @@ SCHEMA = pa.schema(
         ("wall_seconds", pa.float64()),
         ("bytes_sent", pa.int64()),
         ("bytes_received", pa.int64()),
+        ("epsilon", pa.float64()),
     ]
 )
 ALL = "*"  # the participant column of rows that time a whole phase
@@ -98,7 +99,7 @@ class Recorder:
             )
             self.flush()
 
-    def timing(self, round_: int, phase: str, wall_seconds: float) -> None:
+    def timing(self, round_: int, phase: str, wall_seconds: float, epsilon: float | None = None) -> None:
         self.rows.append(
             {
                 "round": round_,
@@ -111,6 +112,7 @@ class Recorder:
                 "wall_seconds": wall_seconds,
                 "bytes_sent": 0,
                 "bytes_received": 0,
+                "epsilon": epsilon,
             }
         )
 

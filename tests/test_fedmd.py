@@ -56,10 +56,10 @@ def test_digest_pulls_every_participant_towards_the_consensus():
     backend = LocalBackend(config, task, participant_specs(config, task))
     backend.transfer()
     indices = public_subset(np.random.default_rng(0), len(task.public_train), 300)
-    before = backend.logits(indices, 1, "float32")
-    consensus = backend.aggregate(before, "mean", None)
+    before = backend.logits(indices, 1)
+    consensus = backend.aggregate(before, {"method": "mean"})
     backend.digest(consensus, indices, 1)
-    after = backend.logits(indices, 1, "float32")
+    after = backend.logits(indices, 1)
     for b, a in zip(before, after):
         assert np.abs(a - consensus).mean() < 0.8 * np.abs(b - consensus).mean()
 
