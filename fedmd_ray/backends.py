@@ -210,7 +210,7 @@ class RayBackend:
             except Exception as exc:  # RayTaskError wraps the participant's own exception
                 name = self.names[index_of[done[0]]]
                 raise ParticipantError(name, phase, _describe_ray_error(exc)) from None
-        return ray.get(list(refs))
+        return [_metrics_only(value, self.names[i], phase) for i, value in enumerate(ray.get(list(refs)))]
 
     def _each(self, phase: str, method: str, *args) -> list:
         return self._get([getattr(a, method).remote(*args) for a in self.actors], phase)
@@ -263,6 +263,17 @@ class RayBackend:
             if actor is not None:
                 self.ray.kill(actor, no_restart=True)
         self.actors, self.aggregator = [], None
+
+
+def _metrics_only(value: Any, name: str, phase: str) -> Any:
+    """The driver takes only metrics from participants: scores go to the consensus actor,
+    weights and private data never leave. An array here would be a protocol breach."""
+    items = value.values() if isinstance(value, dict) else [value]
+    for item in items:
+        if not isinstance(item, (int, float, str, bool, type(None))):
+            raise ParticipantError(name, phase, f"sent the driver a {type(item).__name__}; only "
+                                   "metrics (numbers and strings) may reach the driver")
+    return value
 
 
 def _describe_ray_error(exc: Exception) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedmd_ray import config as config_lib
 from fedmd_ray.errors import FedMDError
-from fedmd_ray.presets import PRESETS, get_preset
+from fedmd_ray.presets import PRESETS, get_preset, scale
 
 
 def resolve_config(
@@ -21,11 +21,14 @@ def resolve_config(
     download: bool = False,
     backend: str | None = None,
     address: str | None = None,
+    scale_factor: float | None = None,
 ) -> config_lib.Config:
-    """Defaults <- preset <- config file <- command-line flags <- --set pairs."""
+    """Defaults <- preset <- config file <- --scale <- command-line flags <- --set pairs."""
     values: dict = get_preset(preset) if preset else {}
     if config_file:
         values = config_lib.merge(values, config_lib.load_file(config_file))
+    if scale_factor is not None:
+        values = scale(values, scale_factor)
     flags: dict = {}
     if data_dir:
         flags.setdefault("data", {})["data_dir"] = data_dir
@@ -51,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         args.download,
         args.backend,
         args.address,
+        args.scale,
     )
     out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
@@ -73,7 +77,7 @@ def _list(kind: str) -> int:
     if kind == "presets":
         for name, values in PRESETS.items():
             print(
-                f"{name:18s} {values['data']['public']} -> {values['data']['private']}, "
+                f"{name:28s} {values['data']['public']} -> {values['data']['private']} ({values['partition']['kind']}), "
                 f"{len(values['models'])} participants"
             )
     elif kind == "models":
@@ -109,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--backend", choices=config_lib.BACKENDS, help="ray (default) or local")
     run_p.add_argument("--address", help="join a Ray cluster: 'auto' or 'ray://HOST:10001'")
     run_p.add_argument("--quiet", action="store_true", help="no progress lines")
+    run_p.add_argument("--scale", type=float, help="shrink the preset for a laptop, e.g. 0.1 (public data, "
+                       "public epochs, rounds)")
 
     show = sub.add_parser("config", help="print the resolved config as JSON")
     show.add_argument("--preset")
     show.add_argument("--config")
+    show.add_argument("--scale", type=float)
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     for kind in ("presets", "models", "datasets"):
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "config":
-            config = resolve_config(args.preset, args.config, args.set)
+            config = resolve_config(args.preset, args.config, args.set, scale_factor=args.scale)
             print(json.dumps(config.to_dict(), indent=2))
             return 0
         return _list(args.command)

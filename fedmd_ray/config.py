@@ -31,7 +31,8 @@ class DataConfig:
     private_classes: list[int] | None = None
     """Classes of the private dataset; None means all. Labels follow the public ones."""
     private_label: str = "fine"
-    """'fine' or 'coarse' (CIFAR-100 superclasses)."""
+    """'fine', or 'coarse': the private task is CIFAR-100's superclasses, and
+    private_classes then names superclasses."""
     data_dir: str | None = None
     """Where datasets live in torchvision's layouts; FEDMD_DATA_DIR when unset."""
     download: bool = False
@@ -54,6 +55,11 @@ class PartitionConfig:
     samples_per_participant: int = 60
     """Used by 'iid' and 'dirichlet'."""
     alpha: float = 0.5
+    min_writer_samples: int = 30
+    """'by_writer' (the paper's imbalanced FEMNIST: one writer per participant) draws only
+    writers with at least this many private samples. 'one_subclass_per_class' (the paper's
+    imbalanced CIFAR, with data.private_label='coarse') gives each participant one random
+    subclass of every superclass, samples_per_class of it."""
 
 
 @dataclass
@@ -285,7 +291,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 BACKENDS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
-PARTITIONS = ("per_class", "iid", "dirichlet")
+PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_class")
 DIGEST_LOSSES = ("mae", "mse", "kl")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -335,6 +341,7 @@ def validate(config: Config) -> None:
     _check_positive("partition.samples_per_class", config.partition.samples_per_class)
     _check_positive("partition.samples_per_participant", config.partition.samples_per_participant)
     _check_positive("partition.alpha", config.partition.alpha)
+    _check_positive("partition.min_writer_samples", config.partition.min_writer_samples)
 
     t = config.train
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)

@@ -58,7 +58,9 @@ def median(scores: np.ndarray, weights: np.ndarray | None = None, **_: float) ->
     return np.median(scores, axis=0)
 
 
-def trimmed_mean(scores: np.ndarray, weights: np.ndarray | None = None, trim: float = 0.2) -> np.ndarray:
+def trimmed_mean(
+    scores: np.ndarray, weights: np.ndarray | None = None, trim: float = 0.2, **_: float
+) -> np.ndarray:
     """Coordinate-wise mean after dropping the `trim` fraction of highest and lowest values."""
     k = int(np.floor(trim * scores.shape[0]))
     if 2 * k >= scores.shape[0]:

@@ -42,13 +42,16 @@ class ArrayDataset:
     x: np.ndarray  # uint8, (N, C, H, W)
     y: np.ndarray  # int64, (N,)
     coarse_y: np.ndarray | None = None  # CIFAR-100 superclasses
+    groups: np.ndarray | None = None  # writer ids (FEMNIST), or fine subclasses of a coarse task
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, index: np.ndarray) -> ArrayDataset:
-        coarse = None if self.coarse_y is None else self.coarse_y[index]
-        return ArrayDataset(self.x[index], self.y[index], coarse)
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[index]
+
+        return ArrayDataset(self.x[index], self.y[index], pick(self.coarse_y), pick(self.groups))
 
 
 def canonical_name(name: str) -> str:
@@ -115,7 +118,9 @@ def make_synthetic(
     images = np.stack([np.roll(img, tuple(s), axis=(0, 1)) for img, s in zip(images, shifts)])
     images = images + split_rng.normal(scale=1.1, size=images.shape)
     pixels = np.clip(128 + 40 * images, 0, 255).astype(np.uint8)
-    return ArrayDataset(pixels[:, None], labels.astype(np.int64))
+    # Pretend writers, so writer-based splits can be exercised without FEMNIST.
+    writers = split_rng.permutation(len(labels)) % max(1, len(labels) // 40)
+    return ArrayDataset(pixels[:, None], labels.astype(np.int64), groups=writers)
 
 
 # ---------------------------------------------------------------- MNIST family (idx files)
@@ -229,3 +234,73 @@ def _load_cifar(name: str, train: bool, root: Path, download: bool) -> ArrayData
         if "coarse_labels" in batch:
             coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64))
     return ArrayDataset(np.concatenate(xs), np.concatenate(ys), np.concatenate(coarse) if coarse else None)
+
+
+# ---------------------------------------------------------------- letters with writer ids
+
+
+def _letters_mat_candidates(root: Path) -> list[Path]:
+    return [root / d / "emnist-letters.mat" for d in ("EMNIST/raw", "EMNIST", "matlab", "EMNIST/matlab", ".")]
+
+
+def _leaf_candidates(root: Path) -> list[Path]:
+    return [root / d for d in ("femnist/data/all_data", "leaf/data/femnist/data/all_data", "femnist/all_data",
+                               "femnist")]
+
+
+def load_letters_by_writer(data_dir: str | Path | None = None) -> ArrayDataset:
+    """EMNIST letters (train split) with each sample's writer id in `groups`.
+
+    Reads EMNIST's MATLAB file (`emnist-letters.mat`, which carries writer ids) or LEAF's
+    FEMNIST json (`all_data_*.json`, one entry per writer). LEAF's 62 classes are folded to
+    the 26 letters, upper and lower case together, as EMNIST letters does."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    for path in _letters_mat_candidates(root):
+        if path.is_file():
+            return _read_letters_mat(path)
+    for folder in _leaf_candidates(root):
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        if files:
+            return _read_leaf(files)
+    looked = "\n  ".join(str(p) for p in [*_letters_mat_candidates(root), *_leaf_candidates(root)])
+    raise DatasetError(
+        "The by-writer FEMNIST split needs writer ids, from EMNIST's MATLAB file "
+        "(emnist-letters.mat) or LEAF's FEMNIST json (femnist/data/all_data/*.json). Looked in:\n  "
+        f"{looked}\nPut one of them under --data-dir, or use the balanced split instead: "
+        "--preset mnist-femnist."
+    )
+
+
+def _read_letters_mat(path: Path) -> ArrayDataset:
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DatasetError(f"Reading {path} needs scipy: pip install scipy.") from None
+    train = loadmat(str(path))["dataset"]["train"][0, 0]
+    images = train["images"][0, 0].reshape(-1, 28, 28, order="F")  # MATLAB's column order
+    labels = np.squeeze(train["labels"][0, 0]).astype(np.int64) - 1
+    writers = np.squeeze(train["writers"][0, 0]).astype(np.int64)
+    return ArrayDataset(np.ascontiguousarray(images.astype(np.uint8)[:, None]), labels, groups=writers)
+
+
+def _read_leaf(files: list[Path]) -> ArrayDataset:
+    import json
+
+    xs, ys, writers = [], [], []
+    writer_index: dict[str, int] = {}
+    for f in files:
+        blob = json.loads(f.read_text())
+        for user in blob["users"]:
+            data = blob["user_data"][user]
+            y = np.asarray(data["y"], dtype=np.int64)
+            keep = y >= 10  # digits are not letters
+            if not keep.any():
+                continue
+            x = np.asarray(data["x"], dtype=np.float32)[keep].reshape(-1, 28, 28)
+            # LEAF draws ink dark on white in [0, 1]; MNIST-style is white ink on black.
+            xs.append(np.clip((1.0 - x) * 255, 0, 255).astype(np.uint8))
+            ys.append((y[keep] - 10) % 26)
+            writers.append(np.full(int(keep.sum()), writer_index.setdefault(user, len(writer_index))))
+    if not xs:
+        raise DatasetError(f"LEAF files {files[0].parent} hold no letters.")
+    return ArrayDataset(np.concatenate(xs)[:, None], np.concatenate(ys), groups=np.concatenate(writers))

@@ -48,6 +48,8 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
             train=config.train,
             device=config.resources.device,
             torch_threads=config.resources.torch_threads,
+            sharing=config.sharing,
+            adversary=i in config.sharing.adversaries,
             faults=tuple((phase, r, mode) for j, phase, r, mode in faults if j == i),
         )
         for i, name in enumerate(participant_names(config))

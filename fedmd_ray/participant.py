@@ -97,6 +97,7 @@ class Participant:
         self.digest_opt = self._optimizer(self.model)
         self.private_opt = self._optimizer(self.model)
         self._sent_bytes = 0
+        self._logits_seconds = 0.0
 
     # ------------------------------------------------------------ helpers
 
@@ -240,6 +241,7 @@ class Participant:
     def logits(self, indices: np.ndarray, round_: int) -> np.ndarray | dict:
         """Communicate: class scores on the round's public subset, as they leave this
         participant (corrupted if it is an adversary, privatised, encoded)."""
+        start = time.perf_counter()
         self._maybe_fail("communicate", round_)
         rng = self._seed("logits", round_)
         scores = self._scores(self.model, self.public_x[indices]).float().cpu().numpy()
@@ -250,6 +252,7 @@ class Participant:
             scores = sharing.privatise(scores, out.clip, out.noise_multiplier, rng)
         payload = sharing.encode(scores, out.payload, out.topk)
         self._sent_bytes = sharing.nbytes(payload)
+        self._logits_seconds = time.perf_counter() - start
         return payload
 
     def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> dict:
@@ -258,7 +261,7 @@ class Participant:
         self._maybe_fail("digest", round_)
         rng = self._seed("digest", round_)
         x = _normalise(self.public_x[indices], self.device)
-        target = torch.as_tensor(np.asarray(consensus, dtype=np.float32), device=self.device)
+        target = torch.from_numpy(np.array(consensus, dtype=np.float32)).to(self.device)
         cfg = self.cfg
         loss = float("nan")
         for _ in range(cfg.digest_epochs):
@@ -276,6 +279,8 @@ class Participant:
             "seconds": time.perf_counter() - start,
             "bytes_received": int(consensus.nbytes),
             "bytes_sent": self._sent_bytes,
+            # Scores travel alone (as a payload), so their compute time rides along here.
+            "communicate_seconds": self._logits_seconds,
         }
 
     def revisit(self, round_: int) -> dict:

@@ -69,6 +69,43 @@ def dirichlet(
     return parts
 
 
+def by_writer(labels: np.ndarray, writers: np.ndarray, participants: int, min_samples: int,
+              seed: int) -> list[np.ndarray]:
+    """The paper's imbalanced FEMNIST: each participant holds every sample of one writer.
+    Writers with fewer than `min_samples` samples (of the private classes) are not drawn."""
+    ids, counts = np.unique(writers, return_counts=True)
+    eligible = ids[counts >= min_samples]
+    if len(eligible) < participants:
+        raise PartitionError(
+            f"Only {len(eligible)} writers have at least {min_samples} private samples; "
+            f"{participants} participants need one each. Lower partition.min_writer_samples."
+        )
+    chosen = np.random.default_rng(seed).choice(eligible, size=participants, replace=False)
+    return [np.flatnonzero(writers == w) for w in chosen]
+
+
+def one_subclass_per_class(labels: np.ndarray, subclasses: np.ndarray, participants: int,
+                           samples_per_class: int, seed: int) -> list[np.ndarray]:
+    """The paper's imbalanced CIFAR: the task is the superclass (`labels`), and each
+    participant sees one random subclass of each superclass, `samples_per_class` of it."""
+    rng = np.random.default_rng(seed)
+    pools = {s: list(rng.permutation(np.flatnonzero(subclasses == s))) for s in np.unique(subclasses)}
+    parts = []
+    for p in range(participants):
+        chosen = []
+        for c in np.unique(labels):
+            options = np.unique(subclasses[labels == c])
+            sub = rng.choice(options)
+            if len(pools[sub]) < samples_per_class:
+                raise PartitionError(
+                    f"Subclass {sub} (of class {c}) has {len(pools[sub])} samples left for participant "
+                    f"{p}, who needs {samples_per_class}. Lower partition.samples_per_class."
+                )
+            chosen += [pools[sub].pop() for _ in range(samples_per_class)]
+        parts.append(np.sort(np.asarray(chosen, dtype=np.int64)))
+    return parts
+
+
 def report(labels: np.ndarray, parts: list[np.ndarray], names: list[str]) -> list[dict]:
     """One row per participant: how many samples, of which classes."""
     rows = []

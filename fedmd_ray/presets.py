@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from typing import Any
 
 from fedmd_ray.errors import ConfigError
@@ -110,7 +111,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         "partition": {"kind": "per_class", "samples_per_class": 3},
         "train": {**_PAPER_TRAIN, "min_delta": 0.005},
     },
+    # The paper's first experiment, imbalanced (FEMNIST): each participant holds all a-f
+    # letters of one writer (writers with >= 30 such letters, as the authors' code).
+    "mnist-femnist-writers": {
+        "name": "mnist-femnist-writers",
+        "models": PAPER_MODELS,
+        "data": {"public": "mnist", "private": "emnist_letters", "private_classes": [0, 1, 2, 3, 4, 5]},
+        "partition": {"kind": "by_writer", "min_writer_samples": 30},
+        "train": dict(_PAPER_TRAIN),
+    },
+    # The paper's second experiment, imbalanced: the task is the CIFAR-100 superclass, and each
+    # participant holds one random subclass of each. The authors' CIFAR_imbalance_conf.json:
+    # superclasses [0, 1, 7, 9, 12, 18], 20 samples per class, 13 rounds, digest batch 128,
+    # revisit 10 epochs at batch 10.
+    "cifar10-cifar100-superclass": {
+        "name": "cifar10-cifar100-superclass",
+        "models": PAPER_MODELS,
+        "data": {"public": "cifar10", "private": "cifar100", "private_label": "coarse",
+                 "private_classes": [0, 1, 7, 9, 12, 18]},
+        "partition": {"kind": "one_subclass_per_class", "samples_per_class": 20},
+        "train": {**_PAPER_TRAIN, "min_delta": 0.005, "rounds": 13, "digest_batch_size": 128,
+                  "revisit_epochs": 10, "revisit_batch_size": 10},
+    },
 }
+
+# Public training and test set sizes, for --scale.
+_FULL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "fashion_mnist": (60000, 10000),
+               "synthetic": (4800, 960)}
+
+
+def scale(values: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Shrink a preset proportionally for a laptop: `factor` of the public samples, test
+    samples, public subset, public epochs and rounds (with floors so the run still means
+    something); private training is untouched.
+    The digest batch shrinks with the subset, keeping the paper's ~20 optimiser steps a round."""
+    if not 0 < factor <= 1:
+        raise ConfigError(f"--scale is {factor}; it must be in (0, 1].")
+    out = copy.deepcopy(values)
+    data, train = out.setdefault("data", {}), out.setdefault("train", {})
+    full_train, full_test = _FULL_SIZES.get(data.get("public", "synthetic"), (60000, 10000))
+    data["public_train_size"] = max(500, round(factor * (data.get("public_train_size") or full_train)))
+    data["test_size"] = max(500, round(factor * (data.get("test_size") or full_test)))
+    subset = train.get("public_subset_size", 5000)
+    train["public_subset_size"] = max(200, round(factor * subset))
+    train["digest_batch_size"] = max(16, round(train.get("digest_batch_size", 256) * train["public_subset_size"]
+                                               / subset))
+    # Private data is a few samples per participant: its epochs cost little and stay as they are.
+    for key, floor in (("public_epochs", 1), ("rounds", 5)):
+        train[key] = max(floor, math.ceil(factor * train.get(key, 20)))
+    return out
 
 
 def get_preset(name: str) -> dict[str, Any]:

@@ -76,52 +76,36 @@ class Recorder:
         if self.out_dir is not None:
             self._write_json("participants.json", info)
 
+    def _row(self, round_: int, participant: str, phase: str, **values: Any) -> None:
+        row = {name: None for name in SCHEMA.names}
+        row.update(round=round_, participant=participant, model=self.models.get(participant), phase=phase,
+                   bytes_sent=0, bytes_received=0)
+        row.update(values)
+        self.rows.append(row)
+
     def phase(self, round_: int, phase: str, results: list[dict], wall_seconds: float) -> None:
         for name, res in zip(self.models, results):
-            self.rows.append(
-                {
-                    "round": round_,
-                    "participant": name,
-                    "model": self.models[name],
-                    "phase": phase,
-                    "accuracy": res.get("accuracy"),
-                    "loss": res.get("loss"),
-                    "seconds": res.get("seconds"),
-                    "wall_seconds": wall_seconds,
-                    "bytes_sent": res.get("bytes_sent", 0),
-                    "bytes_received": res.get("bytes_received", 0),
-                }
-            )
+            self._row(round_, name, phase, accuracy=res.get("accuracy"), loss=res.get("loss"),
+                      seconds=res.get("seconds"), wall_seconds=wall_seconds,
+                      bytes_sent=res.get("bytes_sent", 0), bytes_received=res.get("bytes_received", 0))
+            if "communicate_seconds" in res:
+                # The scores' compute time, reported by the participant with its digest.
+                self._row(round_, name, "communicate", seconds=res["communicate_seconds"])
         if phase in ("transfer", "upper_bound"):
             label = "lower bound (transfer learning)" if phase == "transfer" else "upper bound (pooled)"
-            self.say(
-                f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]"
-            )
+            self.say(f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]")
             self.flush()
 
     def timing(self, round_: int, phase: str, wall_seconds: float, epsilon: float | None = None) -> None:
-        self.rows.append(
-            {
-                "round": round_,
-                "participant": ALL,
-                "model": None,
-                "phase": phase,
-                "accuracy": None,
-                "loss": None,
-                "seconds": None,
-                "wall_seconds": wall_seconds,
-                "bytes_sent": 0,
-                "bytes_received": 0,
-                "epsilon": epsilon,
-            }
-        )
+        """A whole phase's wall time on the driver (participant '*')."""
+        self._row(round_, ALL, phase, wall_seconds=wall_seconds, epsilon=epsilon)
 
     def end_round(self, round_: int, rounds: int) -> None:
         now = [r for r in self.rows if r["round"] == round_]
         acc = [r["accuracy"] for r in now if r["phase"] == "evaluate"]
         lower = self._accuracies("transfer")
         gain = np.mean(acc) - np.mean(list(lower.values())) if lower else float("nan")
-        walls = {r["phase"]: r["wall_seconds"] for r in now}
+        walls = {r["phase"]: r["wall_seconds"] for r in now if r["wall_seconds"] is not None}
         phases = " ".join(
             f"{p} {walls[p]:.1f}s"
             for p in ("communicate", "aggregate", "digest", "revisit", "evaluate")
@@ -152,23 +136,38 @@ class Recorder:
             if r["phase"] == "evaluate":
                 best[r["participant"]] = max(best.get(r["participant"], 0.0), r["accuracy"])
         params = {d["participant"]: d.get("parameters") for d in self.info}
+        moved: dict[str, list[int]] = {}
+        for r in self.rows:
+            if r["phase"] == "digest":
+                moved.setdefault(r["participant"], []).append(r["bytes_sent"] + r["bytes_received"])
+        adversaries = {list(self.models)[i] for i in self.config.sharing.adversaries}
         rows = []
         for name in self.models:
             lo = lower.get(name, float("nan"))
             fin = final.get(name, lo)
+            n_params = params.get(name)
             rows.append(
                 {
                     "participant": name,
                     "model": self.models[name],
-                    "parameters": params.get(name),
+                    "parameters": n_params,
+                    "adversary": name in adversaries,
                     "lower_bound": lo,
                     "fedmd_final": fin,
                     "fedmd_best": best.get(name, lo),
                     "upper_bound": upper.get(name, float("nan")),
                     "gain": fin - lo,
+                    "bytes_per_round": float(np.mean(moved[name])) if name in moved else 0.0,
+                    # FedAvg would upload and download every float32 parameter each round.
+                    "fedavg_bytes_per_round": 2 * 4 * n_params if n_params else None,
                 }
             )
         return rows
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far by each participant (None when privacy is off)."""
+        spent = [r["epsilon"] for r in self.rows if r.get("epsilon") is not None]
+        return spent[-1] if spent else None
 
     # ------------------------------------------------------------ writing
 
@@ -183,10 +182,13 @@ class Recorder:
         if self.out_dir is None or not self._accuracies("transfer"):
             return
         summary = self.summary()
+        epsilon = self.epsilon()
         self._write_json(
-            "summary.json", {"complete": complete, "participants": summary, "mean": _mean_row(summary)}
+            "summary.json",
+            {"complete": complete, "participants": summary, "mean": _mean_row(summary), "epsilon": epsilon,
+             "delta": self.config.sharing.delta if epsilon is not None else None},
         )
-        (self.out_dir / "summary.md").write_text(render_summary(summary, self.config, complete))
+        (self.out_dir / "summary.md").write_text(render_summary(summary, self.config, complete, epsilon))
         try:
             plot_accuracy(self.table(), summary, self.out_dir / "accuracy.png", self.config.name)
         except Exception as exc:  # a plotting problem must not lose the run's results
@@ -201,17 +203,25 @@ def _describe_accuracy(values: list[float]) -> str:
 
 
 def _mean_row(summary: list[dict]) -> dict:
-    """Means over participants, of the values that exist (no upper bound when it was skipped)."""
-    keys = ("lower_bound", "fedmd_final", "fedmd_best", "upper_bound", "gain")
+    """Means over the honest participants, of the values that exist (no upper bound when it
+    was skipped). Adversaries are left out: their accuracy is not what a defence protects."""
+    keys = ("lower_bound", "fedmd_final", "fedmd_best", "upper_bound", "gain", "bytes_per_round",
+            "fedavg_bytes_per_round")
+    honest = [r for r in summary if not r.get("adversary")]
     out = {}
     for k in keys:
-        values = [r[k] for r in summary if r[k] is not None and not math.isnan(r[k])]
+        values = [r[k] for r in honest if r.get(k) is not None and not math.isnan(r[k])]
         out[k] = float(np.mean(values)) if values else float("nan")
     return out
 
 
-def render_summary(summary: list[dict], config: Config, complete: bool = True) -> str:
-    """The paper's comparison as a Markdown table."""
+def _kib(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x / 1024:,.0f}"
+
+
+def render_summary(summary: list[dict], config: Config, complete: bool = True,
+                   epsilon: float | None = None) -> str:
+    """The paper's comparison as a Markdown table, with what each participant moved."""
 
     def pct(x: float) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -219,27 +229,43 @@ def render_summary(summary: list[dict], config: Config, complete: bool = True) -
     lines = [f"# FedMD run `{config.name}`", ""]
     if not complete:
         lines += ["**Incomplete run**: it stopped early; the table shows the last round reached.", ""]
-    t = config.train
+    t, sh = config.train, config.sharing
     lines += [
         f"{len(summary)} participants, {t.rounds} rounds, public subset {t.public_subset_size}, "
-        f"consensus `{t.consensus}`, digest loss `{t.digest_loss}`, backend `{config.resources.backend}`, "
-        f"seed {config.seed}.",
+        f"consensus `{t.consensus}`, digest loss `{t.digest_loss}`, payload `{sh.payload}`, "
+        f"backend `{config.resources.backend}`, seed {config.seed}.",
         "",
-        "Test accuracy (%) on the private task:",
+    ]
+    if sh.adversaries:
+        lines += [f"Adversaries (`{sh.attack}`, scale {sh.attack_scale:g}): "
+                  f"{', '.join(r['participant'] for r in summary if r['adversary'])}; "
+                  "the mean row covers honest participants only.", ""]
+    if sh.clip is not None:
+        eps = "∞ (no noise)" if epsilon is None or math.isinf(epsilon) else f"{epsilon:.3g}"
+        lines += [f"Differential privacy: scores clipped to L2 {sh.clip:g}, noise multiplier "
+                  f"{sh.noise_multiplier:g}; epsilon {eps} at delta {sh.delta:g} per participant "
+                  "over the run (Gaussian DP accountant).", ""]
+    lines += [
+        "Test accuracy (%) on the private task, and KiB each participant moved per round "
+        "(FedMD: scores out + consensus in; FedAvg: its float32 parameters up and down):",
         "",
-        "| participant | model | params | lower bound | FedMD final | FedMD best | upper bound | gain |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| participant | model | params | lower bound | FedMD final | FedMD best | upper bound | gain "
+        "| KiB/round | FedAvg KiB/round |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary:
+        flag = " (adversary)" if r.get("adversary") else ""
         lines.append(
-            f"| {r['participant']} | `{r['model']}` | {r['parameters'] or '–'} | "
+            f"| {r['participant']}{flag} | `{r['model']}` | {r['parameters'] or '–'} | "
             f"{pct(r['lower_bound'])} | {pct(r['fedmd_final'])} | {pct(r['fedmd_best'])} | "
-            f"{pct(r['upper_bound'])} | {100 * r['gain']:+.1f} |"
+            f"{pct(r['upper_bound'])} | {100 * r['gain']:+.1f} | {_kib(r.get('bytes_per_round'))} | "
+            f"{_kib(r.get('fedavg_bytes_per_round'))} |"
         )
     m = _mean_row(summary)
     lines.append(
         f"| **mean** | | | {pct(m['lower_bound'])} | {pct(m['fedmd_final'])} | "
-        f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** |"
+        f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** | "
+        f"{_kib(m['bytes_per_round'])} | {_kib(m['fedavg_bytes_per_round'])} |"
     )
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from fedmd_ray import partition as partition_lib
 from fedmd_ray.config import Config, ConfigError
-from fedmd_ray.data import ArrayDataset, canonical_name, load_dataset
+from fedmd_ray.data import ArrayDataset, canonical_name, load_dataset, load_letters_by_writer
 
 
 @dataclass
@@ -36,18 +36,23 @@ class Task:
         )
 
 
+def _labels(ds: ArrayDataset, coarse: bool) -> np.ndarray:
+    if not coarse:
+        return ds.y
+    if ds.coarse_y is None:
+        raise ConfigError("data.private_label='coarse' needs a dataset with superclasses (cifar100).")
+    return ds.coarse_y
+
+
 def _select(ds: ArrayDataset, classes: list[int], offset: int, coarse: bool = False) -> ArrayDataset:
-    """Keep samples of `classes` and relabel them offset, offset+1, ... in class order."""
-    keep = np.flatnonzero(np.isin(ds.y, classes))
-    sub = ds.subset(keep)
-    if coarse:
-        if sub.coarse_y is None:
-            raise ConfigError("data.private_label='coarse' needs a dataset with superclasses (cifar100).")
-        superclasses = sorted(np.unique(sub.coarse_y).tolist())
-        lookup = {c: offset + i for i, c in enumerate(superclasses)}
-        return ArrayDataset(sub.x, np.array([lookup[c] for c in sub.coarse_y], dtype=np.int64))
+    """Keep samples of `classes` and relabel them offset, offset+1, ... in class order.
+    With `coarse`, classes are superclasses and each sample's subclass goes to `groups`."""
+    labels = _labels(ds, coarse)
+    sub = ds.subset(np.flatnonzero(np.isin(labels, classes)))
     lookup = {c: offset + i for i, c in enumerate(sorted(classes))}
-    return ArrayDataset(sub.x, np.array([lookup[int(c)] for c in sub.y], dtype=np.int64))
+    kept = _labels(sub, coarse)
+    relabelled = np.array([lookup[int(c)] for c in kept], dtype=np.int64)
+    return ArrayDataset(sub.x, relabelled, groups=sub.y if coarse else sub.groups)
 
 
 def _cap(ds: ArrayDataset, size: int | None, seed: int) -> ArrayDataset:
@@ -57,8 +62,9 @@ def _cap(ds: ArrayDataset, size: int | None, seed: int) -> ArrayDataset:
     return ds.subset(index)
 
 
-def _classes_of(ds: ArrayDataset, chosen: list[int] | None, key: str, name: str) -> list[int]:
-    present = sorted(int(c) for c in np.unique(ds.y))
+def _classes_of(ds: ArrayDataset, chosen: list[int] | None, key: str, name: str,
+                coarse: bool = False) -> list[int]:
+    present = sorted(int(c) for c in np.unique(_labels(ds, coarse)))
     if chosen is None:
         return present
     missing = sorted(set(chosen) - set(present))
@@ -84,10 +90,17 @@ def build_task(config: Config) -> Task:
 
     pub_train, pub_test = load(d.public, True), load(d.public, False)
     same = canonical_name(d.public) == canonical_name(d.private)
-    priv_train, priv_test = (pub_train, pub_test) if same else (load(d.private, True), load(d.private, False))
+    if config.partition.kind == "by_writer":
+        priv_train = _writer_pool(d)  # first, so a missing writer file is what the user hears about
+        priv_test = pub_test if same else load(d.private, False)
+    elif same:
+        priv_train, priv_test = pub_train, pub_test
+    else:
+        priv_train, priv_test = load(d.private, True), load(d.private, False)
 
     public_classes = _classes_of(pub_train, d.public_classes, "data.public_classes", d.public)
-    private_classes = _classes_of(priv_train, d.private_classes, "data.private_classes", d.private)
+    coarse = d.private_label == "coarse"
+    private_classes = _classes_of(priv_train, d.private_classes, "data.private_classes", d.private, coarse)
     if same and set(public_classes) & set(private_classes):
         raise ConfigError(
             f"Public and private data both come from '{d.public}' and share classes "
@@ -101,7 +114,6 @@ def build_task(config: Config) -> Task:
         )
 
     offset = len(public_classes)
-    coarse = d.private_label == "coarse"
     public_train = _cap(_select(pub_train, public_classes, 0), d.public_train_size, config.seed)
     public_val = _cap(_select(pub_test, public_classes, 0), d.test_size, config.seed + 1)
     private_pool = _select(priv_train, private_classes, offset, coarse)
@@ -115,8 +127,15 @@ def build_task(config: Config) -> Task:
         parts = partition_lib.per_class(private_pool.y, n, p.samples_per_class, seed)
     elif p.kind == "iid":
         parts = partition_lib.iid(private_pool.y, n, p.samples_per_participant, seed)
-    else:
+    elif p.kind == "dirichlet":
         parts = partition_lib.dirichlet(private_pool.y, n, p.samples_per_participant, p.alpha, seed)
+    elif p.kind == "by_writer":
+        parts = partition_lib.by_writer(private_pool.y, private_pool.groups, n, p.min_writer_samples, seed)
+    else:
+        if not coarse:
+            raise ConfigError("partition.kind='one_subclass_per_class' needs data.private_label='coarse'.")
+        parts = partition_lib.one_subclass_per_class(private_pool.y, private_pool.groups, n,
+                                                     p.samples_per_class, seed)
     names = participant_names(config)
     report = partition_lib.report(private_pool.y, parts, names)
     return Task(
@@ -129,6 +148,19 @@ def build_task(config: Config) -> Task:
         private_classes=private_classes,
         partition_report=report,
     )
+
+
+def _writer_pool(d) -> ArrayDataset:
+    """Private training letters with writer ids (synthetic data carries pretend writers)."""
+    name = canonical_name(d.private)
+    if name == "emnist_letters":
+        return load_letters_by_writer(d.data_dir)
+    if name == "synthetic":
+        return load_dataset(name, True, synthetic={"image_size": d.synthetic_image_size,
+                                                   "train_per_class": d.synthetic_train_per_class,
+                                                   "test_per_class": d.synthetic_test_per_class})
+    raise ConfigError(f"partition.kind='by_writer' needs writer ids, which '{d.private}' lacks; "
+                      "use emnist_letters (FEMNIST) or another partition kind.")
 
 
 def participant_names(config: Config) -> list[str]:

@@ -84,3 +84,21 @@ def test_task_relabels_private_classes_after_public_ones():
         build_task(tiny_config(data={"private_classes": [9, 10]}))
     with pytest.raises(ConfigError, match="does not have"):
         build_task(tiny_config(data={"private_classes": [10, 40]}))
+
+
+def test_leaf_femnist_json_gives_letters_with_writer_ids(tmp_path):
+    import json
+
+    from fedmd_ray.data import load_letters_by_writer
+
+    folder = tmp_path / "femnist" / "data" / "all_data"
+    folder.mkdir(parents=True)
+    white = [1.0] * 784  # LEAF: ink dark on white
+    blob = {"users": ["w1", "w2"], "num_samples": [3, 2],
+            "user_data": {"w1": {"x": [white, white, white], "y": [3, 10, 36]},  # a digit, 'A', 'a'
+                          "w2": {"x": [white, white], "y": [15, 61]}}}  # 'F', 'z'
+    (folder / "all_data_0.json").write_text(json.dumps(blob))
+    ds = load_letters_by_writer(tmp_path)
+    assert ds.y.tolist() == [0, 0, 5, 25]  # upper and lower case fold together; digits dropped
+    assert ds.groups.tolist() == [0, 0, 1, 1]
+    assert ds.x.shape == (4, 1, 28, 28) and ds.x.max() == 0  # inverted to white-on-black

@@ -59,3 +59,28 @@ def test_dirichlet_fills_from_other_classes_and_says_when_empty():
     assert all(len(p) == 60 for p in parts) and _disjoint(parts)
     with pytest.raises(PartitionError, match="Ran out of private samples"):
         partition.dirichlet(LABELS, 5, 70, alpha=1.0, seed=0)
+
+
+def test_by_writer_gives_each_participant_one_whole_writer():
+    writers = np.repeat(np.arange(12), 25)  # 12 writers, 25 samples each
+    writers[:25] = 99  # ... one of them merged into another id
+    labels = np.tile(np.arange(5), 60)
+    parts = partition.by_writer(labels, writers, participants=5, min_samples=20, seed=0)
+    assert _disjoint(parts)
+    for p in parts:
+        assert len(np.unique(writers[p])) == 1
+        assert len(p) == np.sum(writers == writers[p][0])
+    with pytest.raises(PartitionError, match="Only 0 writers have at least 100"):
+        partition.by_writer(labels, writers, 5, 100, 0)
+
+
+def test_one_subclass_per_superclass():
+    sub = np.repeat(np.arange(12), 40)  # 12 subclasses ...
+    sup = sub // 3  # ... in 4 superclasses of 3
+    parts = partition.one_subclass_per_class(sup, sub, participants=6, samples_per_class=5, seed=0)
+    assert _disjoint(parts)
+    for p in parts:
+        assert sorted(np.unique(sup[p])) == [0, 1, 2, 3]
+        assert len(np.unique(sub[p])) == 4 and len(p) == 20  # one subclass each, 5 samples
+    with pytest.raises(PartitionError, match="Lower partition.samples_per_class"):
+        partition.one_subclass_per_class(sup, sub, participants=30, samples_per_class=20, seed=0)

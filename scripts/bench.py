@@ -1,0 +1,207 @@
+"""The same FedMD work on the `local` (sequential) and `ray` backends, side by side.
+
+Same models, data, partitions, epochs and seed for both; one invocation, so both see the
+same machine state. Prints, per phase: seconds on each backend, the ray/local ratio, Ray's
+overhead (phase wall time not spent inside the slowest participant's own compute), samples
+per second, and on CUDA the GPU utilisation. Writes bench.parquet and bench.json to --out.
+
+    python scripts/bench.py                                   # CPU, 10 small CNNs, ~2 minutes here
+    python scripts/bench.py --models paper --device cuda --gpu-fraction 0.1 --public-subset 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fedmd_ray import run
+from fedmd_ray.config import from_dict
+from fedmd_ray.presets import PAPER_MODELS, PRESETS
+from fedmd_ray.tasks import build_task
+
+MIXES = {
+    "small": PRESETS["smoke"]["models"],
+    "paper": PAPER_MODELS,
+    "mixed": [*PAPER_MODELS[:6], "resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "cnn3:64,128,192,0.2"],
+}
+PHASES = ("transfer", "communicate", "aggregate", "digest", "revisit", "evaluate")
+ROUND_PHASES = PHASES[1:]
+
+
+class GpuSampler:
+    """Mean GPU utilisation from nvidia-smi, sampled every 200 ms while running."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def make_config(args: argparse.Namespace, backend: str) -> dict:
+    return {
+        "name": f"bench-{backend}",
+        "seed": 0,
+        "models": MIXES[args.models],
+        "participants": args.participants,
+        "data": {"public": args.dataset, "public_classes": list(range(10)),
+                 "private": args.dataset, "private_classes": list(range(10, 16)),
+                 "synthetic_image_size": args.image_size, "synthetic_train_per_class": args.public_train // 10,
+                 "data_dir": args.data_dir},
+        "partition": {"kind": "per_class", "samples_per_class": 3},
+        "train": {"public_epochs": 1, "private_epochs": 5, "rounds": args.rounds,
+                  "public_subset_size": args.public_subset, "upper_bound": False},
+        "sharing": {"payload": args.payload},
+        "resources": {"backend": backend, "device": args.device,
+                      "num_gpus": args.gpu_fraction if (backend == "ray" and args.device == "cuda") else 0.0,
+                      "torch_threads": None},
+    }
+
+
+def phase_table(metrics: list[dict], task, config) -> dict[str, dict]:
+    """Per phase: wall seconds (summed over rounds), slowest and total participant compute,
+    and samples processed."""
+    t = config.train
+    n = config.num_participants
+    private = sum(len(p) for p in task.private_parts)
+    samples = {
+        "transfer": n * len(task.public_train) * t.public_epochs + private * t.private_epochs,
+        "communicate": n * t.public_subset_size * t.rounds,
+        "aggregate": n * t.public_subset_size * t.rounds,
+        "digest": n * t.public_subset_size * t.digest_epochs * t.rounds,
+        "revisit": private * t.revisit_epochs * t.rounds,
+        "evaluate": n * len(task.private_test) * t.rounds,
+    }
+    out = {}
+    for phase in PHASES:
+        rows = [r for r in metrics if r["phase"] == phase]
+        walls = {r["round"]: r["wall_seconds"] for r in rows if r["wall_seconds"] is not None}
+        by_round: dict[int, list[float]] = {}
+        for r in rows:
+            if r["participant"] != "*" and r["seconds"] is not None:
+                by_round.setdefault(r["round"], []).append(r["seconds"])
+        wall = float(sum(walls.values()))
+        slowest = float(sum(max(v) for v in by_round.values())) if by_round else 0.0
+        total = float(sum(sum(v) for v in by_round.values())) if by_round else 0.0
+        out[phase] = {"wall_seconds": wall, "slowest_compute": slowest, "total_compute": total,
+                      "samples": samples[phase], "samples_per_second": samples[phase] / wall if wall else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--participants", type=int, default=10)
+    p.add_argument("--models", choices=list(MIXES), default="small")
+    p.add_argument("--public-subset", type=int, default=1000)
+    p.add_argument("--public-train", type=int, default=2000, help="public training images (synthetic)")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--gpu-fraction", type=float, default=0.1)
+    p.add_argument("--payload", choices=["float32", "float16", "topk"], default="float32")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-dir")
+    p.add_argument("--backends", default="local,ray")
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backends = args.backends.split(",")
+    task = build_task(from_dict(make_config(args, "local")))
+    results: dict[str, dict] = {}
+    for backend in backends:
+        config = from_dict(make_config(args, backend))
+        start = time.perf_counter()
+        with GpuSampler() if args.device == "cuda" else _null() as gpu:
+            result = run(config, out / backend, progress=None, task=task)
+        metrics = result.metrics.to_pylist()
+        phases = phase_table(metrics, task, config)
+        round_seconds = sum(phases[ph]["wall_seconds"] for ph in ROUND_PHASES) / config.train.rounds
+        overhead = sum(phases[ph]["wall_seconds"] - phases[ph]["slowest_compute"] for ph in ROUND_PHASES
+                       if ph != "aggregate") / config.train.rounds
+        results[backend] = {
+            "phases": phases, "seconds_per_round": round_seconds, "rounds_per_hour": 3600 / round_seconds,
+            "overhead_seconds_per_round": overhead if backend == "ray" else None,
+            "overhead_fraction": overhead / round_seconds if backend == "ray" else None,
+            "gpu_utilisation": getattr(gpu, "mean", None), "total_seconds": time.perf_counter() - start,
+            "mean_final_accuracy": float(np.mean([r["fedmd_final"] for r in result.summary])),
+        }
+        print(f"{backend}: {round_seconds:.2f} s/round, total {results[backend]['total_seconds']:.0f} s", flush=True)
+
+    print_table(args, results)
+    rows = [{"backend": b, "phase": ph, **vals} for b, r in results.items() for ph, vals in r["phases"].items()]
+    pq.write_table(pa.Table.from_pylist(rows), out / "bench.parquet")
+    meta = {"args": vars(args), "machine": platform.node(), "cpus": os.cpu_count(), "time": time.ctime(),
+            "results": results}
+    (out / "bench.json").write_text(json.dumps(meta, indent=2, default=str))
+    print(f"\nwritten: {out}/bench.parquet, bench.json")
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def print_table(args: argparse.Namespace, results: dict) -> None:
+    local, ray = results.get("local"), results.get("ray")
+    print(f"\n{args.participants} participants ({args.models}), public subset {args.public_subset}, "
+          f"{args.rounds} rounds, device {args.device}"
+          + (f", {args.gpu_fraction} GPU each" if args.device == "cuda" else "") + f", {os.cpu_count()} CPUs\n")
+    print(f"{'phase':12s} {'local s':>9s} {'ray s':>9s} {'ray/local':>9s} {'ray ovh s':>9s} "
+          f"{'local smp/s':>11s} {'ray smp/s':>11s}")
+    for ph in PHASES:
+        lw = local["phases"][ph]["wall_seconds"] if local else float("nan")
+        rw = ray["phases"][ph]["wall_seconds"] if ray else float("nan")
+        ovh = (rw - ray["phases"][ph]["slowest_compute"]) if ray and ph != "aggregate" else float("nan")
+        ls = local["phases"][ph]["samples_per_second"] if local else None
+        rs = ray["phases"][ph]["samples_per_second"] if ray else None
+        print(f"{ph:12s} {lw:9.2f} {rw:9.2f} {rw / lw if lw else float('nan'):9.2f} {ovh:9.2f} "
+              f"{ls or float('nan'):11.0f} {rs or float('nan'):11.0f}")
+    if local and ray:
+        print(f"\nper round: local {local['seconds_per_round']:.2f} s, ray {ray['seconds_per_round']:.2f} s "
+              f"-> ray round throughput {local['seconds_per_round'] / ray['seconds_per_round']:.2f}x local")
+    if ray:
+        print(f"ray overhead: {ray['overhead_seconds_per_round']:.3f} s/round = "
+              f"{100 * ray['overhead_fraction']:.1f}% of the round")
+        if ray["gpu_utilisation"] is not None:
+            print(f"GPU utilisation during the ray run: {ray['gpu_utilisation']:.0f}%")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
