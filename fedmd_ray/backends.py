@@ -21,6 +21,8 @@ from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
 from fedmd_ray.participant import Participant, ParticipantSpec
 from fedmd_ray.tasks import Task
 
+PLACEMENT_TIMEOUT_SECONDS = 60
+
 
 def _participant_args(task: Task, index: int) -> tuple:
     part = task.private_parts[index]
@@ -185,18 +187,47 @@ class RayBackend:
         # num_cpus=0: the participants may hold every CPU, and aggregation must still run.
         self.aggregator = ray.remote(Aggregator).options(num_cpus=0, name=f"fedmd-{tag}/consensus").remote()
         self.actors = []
+        self.group = self._placement_group(config.resources.placement, len(specs), cpus, gpus)
         for spec in specs:
             spec.torch_threads = threads
             part = task.private_parts[spec.index]
-            actor = actor_cls.options(
-                name=f"fedmd-{tag}/{spec.name}",
-                num_cpus=cpus,
-                num_gpus=gpus or None,
-                max_restarts=0,
-            ).remote(spec, public_x, public_y, val, (part.x, part.y), test)
+            options: dict[str, Any] = {"name": f"fedmd-{tag}/{spec.name}", "num_cpus": cpus,
+                                       "num_gpus": gpus or None, "max_restarts": 0}
+            if self.group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.group, placement_group_bundle_index=spec.index)
+            actor = actor_cls.options(**options).remote(spec, public_x, public_y, val, (part.x, part.y), test)
             self.actors.append(actor)
-        self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads}
+        self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads,
+                          "strategy": config.resources.placement, "nodes": self._bundle_nodes()}
         ray.get(self.aggregator.__ray_ready__.remote())
+
+    def _placement_group(self, strategy: str | None, n: int, cpus: float, gpus: float):
+        """One bundle per participant, placed by `strategy`; refused clearly if it cannot fit."""
+        if strategy is None:
+            return None
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        group = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+        ready, _ = self.ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_SECONDS)
+        if not ready:
+            remove_placement_group(group)
+            raise ResourceError(
+                f"Could not place {n} participants of {bundle} with strategy {strategy} within "
+                f"{PLACEMENT_TIMEOUT_SECONDS} s; the cluster has {self.ray.cluster_resources()}. "
+                "Use PACK or SPREAD instead of STRICT_*, or fewer resources per participant.")
+        return group
+
+    def _bundle_nodes(self) -> list[str] | None:
+        if self.group is None:
+            return None
+        from ray.util.placement_group import placement_group_table
+
+        table = placement_group_table(self.group).get("bundles_to_node_id", {})
+        return [table.get(i) for i in range(len(self.actors))]
 
     def _get(self, refs: list, phase: str) -> list:
         """Wait for one ref per participant; the first failure stops the run, named."""
@@ -263,6 +294,11 @@ class RayBackend:
             if actor is not None:
                 self.ray.kill(actor, no_restart=True)
         self.actors, self.aggregator = [], None
+        if getattr(self, "group", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None
 
 
 def _metrics_only(value: Any, name: str, phase: str) -> Any:

@@ -125,6 +125,10 @@ class ResourcesConfig:
     """CPUs per participant; None shares the cluster's CPUs evenly."""
     num_gpus: float = 0.0
     """GPU fraction per participant, 0 < x <= 1 or a whole number of GPUs."""
+    placement: str | None = None
+    """Reserve the participants' resources as one placement group: 'PACK' (as few nodes as
+    possible), 'SPREAD' (across nodes), 'STRICT_PACK' or 'STRICT_SPREAD'. None: Ray places
+    each actor on its own. Inside a Ray Tune trial, the trial's own group is used."""
     device: str = "auto"
     """'auto' (CUDA when the participant was given a GPU), 'cpu' or 'cuda'."""
     torch_threads: int | None = None
@@ -291,6 +295,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 BACKENDS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_class")
 DIGEST_LOSSES = ("mae", "mse", "kl")
 OPTIMIZERS = ("adam", "sgd")
@@ -395,6 +400,8 @@ def validate(config: Config) -> None:
     r = config.resources
     _check_choice("resources.backend", r.backend, BACKENDS)
     _check_choice("resources.device", r.device, DEVICES)
+    if r.placement is not None:
+        _check_choice("resources.placement", r.placement, PLACEMENTS)
     _check_positive("resources.num_cpus", r.num_cpus)
     _check_positive("resources.num_gpus", r.num_gpus, allow_zero=True)
     _check_positive("resources.torch_threads", r.torch_threads)

@@ -270,9 +270,9 @@ def render_summary(summary: list[dict], config: Config, complete: bool = True,
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) -> None:
+def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, panels: bool = True) -> None:
     """Left: the paper's figure (every participant per round, upper bounds dashed).
-    Right: one small panel per participant with its lower and upper bound."""
+    Right, with `panels`: one small panel per participant with its lower and upper bound."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,9 +286,12 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) 
     shown = summary[:20]
     cols = min(5, max(1, len(shown)))
     grid_rows = math.ceil(len(shown) / cols)
-    fig = plt.figure(figsize=(5 + 2.4 * cols, max(4.0, 2.1 * grid_rows)), constrained_layout=True)
-    sub = fig.subfigures(1, 2, width_ratios=[5, 2.4 * cols])
-    ax = sub[0].subplots()
+    if panels:
+        fig = plt.figure(figsize=(5 + 2.4 * cols, max(4.0, 2.1 * grid_rows)), constrained_layout=True)
+        sub = fig.subfigures(1, 2, width_ratios=[5, 2.4 * cols])
+        ax = sub[0].subplots()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     colors = plt.get_cmap("tab10" if len(summary) <= 10 else "tab20")
     for i, r in enumerate(summary):
         xs, ys = zip(*curves[r["participant"]])
@@ -304,8 +307,15 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) 
     ax.grid(alpha=0.3)
     if len(summary) <= 12:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
-    axes = np.atleast_1d(sub[1].subplots(grid_rows, cols, sharex=True, sharey=True)).ravel()
-    for a, r, i in zip(axes, shown, range(len(shown))):
+    if panels:
+        _participant_panels(sub[1], shown, curves, colors, grid_rows, cols)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _participant_panels(fig, shown: list[dict], curves: dict, colors, grid_rows: int, cols: int) -> None:
+    axes = np.atleast_1d(fig.subplots(grid_rows, cols, sharex=True, sharey=True)).ravel()
+    for i, (a, r) in enumerate(zip(axes, shown)):
         xs, ys = zip(*curves[r["participant"]])
         a.plot(xs, ys, "-", color=colors(i % colors.N), lw=1.5)
         a.axhline(r["lower_bound"], color="grey", ls=":", lw=1)
@@ -314,8 +324,6 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str) 
         a.set_title(f"{r['participant']}  {100 * r['gain']:+.1f} pts", fontsize=8)
         a.tick_params(labelsize=7)
         a.grid(alpha=0.3)
-    for a in axes[len(shown) :]:
+    for a in axes[len(shown):]:
         a.axis("off")
-    sub[1].suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)

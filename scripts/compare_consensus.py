@@ -27,6 +27,9 @@ from fedmd_ray.tasks import build_task
 
 ADVERSARIES = [3, 7]  # 2 of 10
 VARIANTS: dict[str, dict] = {
+    # Control: the same rounds with no consensus at all, only the private revisits. What a
+    # variant gains beyond this row is what its consensus contributed.
+    "no-consensus": {"train": {"digest_epochs": 0}},
     "mean": {},
     "weighted": {"train": {"consensus": "weighted"}},
     "confidence": {"train": {"consensus": "confidence"}},

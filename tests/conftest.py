@@ -1,5 +1,6 @@
-"""Shared fixtures: one real local Ray for the session (loopback only, 2 CPUs, one fake GPU
-for placement tests) and tiny configs that train in seconds."""
+"""Shared fixtures: a real local Ray per test module (loopback only, 2 CPUs, one fake GPU
+for placement tests; per module, so multi-node modules can start their own cluster) and
+tiny configs that train in seconds."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 from fedmd_ray.config import from_dict, merge
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Keep every Ray process of the tests on loopback: without this, Ray swaps 127.0.0.1 for the
+# machine's address when a driver joins a multi-node test cluster.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     import ray
 

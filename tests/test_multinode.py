@@ -1,0 +1,63 @@
+"""Participants spread over a real multi-node Ray cluster (ray.cluster_utils.Cluster, all on
+loopback, fake GPUs), placed by a placement group."""
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from fedmd_ray import run
+from fedmd_ray.backends import RayBackend
+from fedmd_ray.errors import ResourceError
+from fedmd_ray.fedmd import participant_specs
+from fedmd_ray.tasks import build_task
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1,
+                                                            "node_ip_address": "127.0.0.1"})
+    cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _nodes(config):
+    task = build_task(config)
+    backend = RayBackend(config, task, participant_specs(config, task))
+    try:
+        return backend.placement["nodes"]
+    finally:
+        backend.shutdown()
+
+
+def test_spread_and_pack(two_nodes):
+    models = {"models": ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1"]}
+    spread = _nodes(tiny_config(**models, resources={"backend": "ray", "placement": "SPREAD", "num_cpus": 0.5}))
+    pack = _nodes(tiny_config(**models, resources={"backend": "ray", "placement": "PACK", "num_cpus": 0.5}))
+    assert len(set(spread)) == 2
+    assert len(set(pack)) == 1
+
+
+def test_multi_node_run_matches_the_one_process_run(two_nodes):
+    config = tiny_config(resources={"backend": "ray", "placement": "SPREAD", "torch_threads": 1,
+                                    "num_cpus": 0.5, "num_gpus": 0.5})
+    spread = run(config, progress=None)
+    local = run(tiny_config(), progress=None)
+    assert [(r["lower_bound"], r["fedmd_final"]) for r in spread.summary] == \
+           [(r["lower_bound"], r["fedmd_final"]) for r in local.summary]
+
+
+def test_impossible_placement_is_refused(two_nodes, monkeypatch):
+    import fedmd_ray.backends as backends
+
+    monkeypatch.setattr(backends, "PLACEMENT_TIMEOUT_SECONDS", 3)
+    config = tiny_config(models=["cnn2:8,16,0.1"] * 3, resources={"backend": "ray", "placement": "STRICT_SPREAD",
+                                                                   "num_cpus": 0.5})
+    with pytest.raises(ResourceError, match="Could not place 3 participants .* STRICT_SPREAD"):
+        run(config, progress=None)
