@@ -145,6 +145,18 @@ def plan_resources(config: Config, cluster: dict[str, float]) -> tuple[float, fl
     return cpus, gpus, threads
 
 
+def concurrency_window(config: Config, cluster: dict[str, float], threads: int) -> int | None:
+    """How many participants may compute at once: resources.max_concurrent, or on CPU-only
+    runs with more participants than cores, the cores' worth (cores / torch threads). GPU
+    runs are not windowed: kernels from many actors overlap on the device."""
+    if config.resources.max_concurrent is not None:
+        return config.resources.max_concurrent
+    cpus = int(cluster.get("CPU", 0))
+    if config.resources.num_gpus > 0 or cpus == 0 or config.num_participants * threads <= cpus:
+        return None
+    return max(1, cpus // threads)
+
+
 class Aggregator:
     """Forms the consensus next to the data, as a long-lived actor (a plain task's worker
     would be reaped between rounds and cost a process start each time).
@@ -200,7 +212,8 @@ class RayBackend:
                     self.group, placement_group_bundle_index=spec.index)
             actor = actor_cls.options(**options).remote(spec, public_x, public_y, val, (part.x, part.y), test)
             self.actors.append(actor)
-        self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads,
+        self.window = concurrency_window(config, ray.cluster_resources(), threads)
+        self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads, "window": self.window,
                           "strategy": config.resources.placement, "nodes": self._bundle_nodes()}
         ray.get(self.aggregator.__ray_ready__.remote())
 
@@ -243,8 +256,21 @@ class RayBackend:
                 raise ParticipantError(name, phase, _describe_ray_error(exc)) from None
         return [_metrics_only(value, self.names[i], phase) for i, value in enumerate(ray.get(list(refs)))]
 
+    def _submit(self, method: str, *args) -> list:
+        """Call `method` on every participant, keeping at most `self.window` calls running:
+        more busy actors than cores only adds context switches and cache misses."""
+        refs: list = []
+        running: list = []
+        for actor in self.actors:
+            if self.window and len(running) >= self.window:
+                _, running = self.ray.wait(running, num_returns=1, fetch_local=False)
+            ref = getattr(actor, method).remote(*args)
+            refs.append(ref)
+            running.append(ref)
+        return refs
+
     def _each(self, phase: str, method: str, *args) -> list:
-        return self._get([getattr(a, method).remote(*args) for a in self.actors], phase)
+        return self._get(self._submit(method, *args), phase)
 
     def describe(self) -> list[dict]:
         return self._each("setup", "describe")
@@ -255,7 +281,7 @@ class RayBackend:
     def logits(self, indices: np.ndarray, round_: int) -> list:
         ref = self.ray.put(indices)
         self._indices = ref
-        return [a.logits.remote(ref, round_) for a in self.actors]
+        return self._submit("logits", ref, round_)
 
     def wait(self, handles: Any) -> None:
         """Block until handles are computed, without fetching them to the driver."""

@@ -133,6 +133,9 @@ class ResourcesConfig:
     """'auto' (CUDA when the participant was given a GPU), 'cpu' or 'cuda'."""
     torch_threads: int | None = None
     """Torch threads per participant; None derives it from its CPU share."""
+    max_concurrent: int | None = None
+    """Ray backend: at most this many participants compute at once. None: all of them on
+    GPUs; on CPUs, as many as the cores allow (more would only time-slice the same cores)."""
 
 
 @dataclass
@@ -405,6 +408,7 @@ def validate(config: Config) -> None:
     _check_positive("resources.num_cpus", r.num_cpus)
     _check_positive("resources.num_gpus", r.num_gpus, allow_zero=True)
     _check_positive("resources.torch_threads", r.torch_threads)
+    _check_positive("resources.max_concurrent", r.max_concurrent)
     if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
         raise ConfigError(
             f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "

@@ -2,7 +2,8 @@
 
 Same models, data, partitions, epochs and seed for both; one invocation, so both see the
 same machine state. Prints, per phase: seconds on each backend, the ray/local ratio, Ray's
-overhead (phase wall time not spent inside the slowest participant's own compute), samples
+overhead (phase wall time beyond what the participants' own compute needs at the
+concurrency the backend allows), samples
 per second, and on CUDA the GPU utilisation. Writes bench.parquet and bench.json to --out.
 
     python scripts/bench.py                                   # CPU, 10 small CNNs, ~2 minutes here
@@ -89,9 +90,10 @@ def make_config(args: argparse.Namespace, backend: str) -> dict:
     }
 
 
-def phase_table(metrics: list[dict], task, config) -> dict[str, dict]:
-    """Per phase: wall seconds (summed over rounds), slowest and total participant compute,
-    and samples processed."""
+def phase_table(metrics: list[dict], task, config, concurrency: int) -> dict[str, dict]:
+    """Per phase: wall seconds (summed over rounds), participant compute, the ideal time that
+    compute needs at the allowed `concurrency` (max of the slowest participant and the total
+    spread over that many workers), and samples processed. Overhead = wall - ideal."""
     t = config.train
     n = config.num_participants
     private = sum(len(p) for p in task.private_parts)
@@ -112,9 +114,10 @@ def phase_table(metrics: list[dict], task, config) -> dict[str, dict]:
             if r["participant"] != "*" and r["seconds"] is not None:
                 by_round.setdefault(r["round"], []).append(r["seconds"])
         wall = float(sum(walls.values()))
-        slowest = float(sum(max(v) for v in by_round.values())) if by_round else 0.0
+        ideal = float(sum(max(max(v), sum(v) / concurrency) for v in by_round.values())) if by_round else 0.0
         total = float(sum(sum(v) for v in by_round.values())) if by_round else 0.0
-        out[phase] = {"wall_seconds": wall, "slowest_compute": slowest, "total_compute": total,
+        out[phase] = {"wall_seconds": wall, "ideal_compute": ideal, "total_compute": total,
+                      "overhead_seconds": wall - ideal if by_round else None,
                       "samples": samples[phase], "samples_per_second": samples[phase] / wall if wall else None}
     return out
 
@@ -147,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         with GpuSampler() if args.device == "cuda" else _null() as gpu:
             result = run(config, out / backend, progress=None, task=task)
         metrics = result.metrics.to_pylist()
-        phases = phase_table(metrics, task, config)
+        phases = phase_table(metrics, task, config, _concurrency(config))
         round_seconds = sum(phases[ph]["wall_seconds"] for ph in ROUND_PHASES) / config.train.rounds
-        overhead = sum(phases[ph]["wall_seconds"] - phases[ph]["slowest_compute"] for ph in ROUND_PHASES
-                       if ph != "aggregate") / config.train.rounds
+        # Aggregation is all overhead: no participant computes during it.
+        overhead = sum(phases[ph]["overhead_seconds"] or phases[ph]["wall_seconds"]
+                       for ph in ROUND_PHASES) / config.train.rounds
         results[backend] = {
             "phases": phases, "seconds_per_round": round_seconds, "rounds_per_hour": 3600 / round_seconds,
             "overhead_seconds_per_round": overhead if backend == "ray" else None,
@@ -168,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(meta, indent=2, default=str))
     print(f"\nwritten: {out}/bench.parquet, bench.json")
     return 0
+
+
+def _concurrency(config) -> int:
+    """How many participants the backend lets compute at once (the ray backend's window)."""
+    if config.resources.backend == "local":
+        return 1
+    import ray
+
+    from fedmd_ray.backends import concurrency_window, plan_resources
+
+    _, _, threads = plan_resources(config, ray.cluster_resources())
+    return concurrency_window(config, ray.cluster_resources(), threads) or config.num_participants
 
 
 class _null:
@@ -188,7 +204,8 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
     for ph in PHASES:
         lw = local["phases"][ph]["wall_seconds"] if local else float("nan")
         rw = ray["phases"][ph]["wall_seconds"] if ray else float("nan")
-        ovh = (rw - ray["phases"][ph]["slowest_compute"]) if ray and ph != "aggregate" else float("nan")
+        ovh = ray["phases"][ph]["overhead_seconds"] if ray else None
+        ovh = rw if ray and ovh is None else (ovh if ovh is not None else float("nan"))
         ls = local["phases"][ph]["samples_per_second"] if local else None
         rs = ray["phases"][ph]["samples_per_second"] if ray else None
         print(f"{ph:12s} {lw:9.2f} {rw:9.2f} {rw / lw if lw else float('nan'):9.2f} {ovh:9.2f} "
