@@ -327,3 +327,17 @@ def _participant_panels(fig, shown: list[dict], curves: dict, colors, grid_rows:
     for a in axes[len(shown):]:
         a.axis("off")
     fig.suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)
+
+
+def phase_walls(rows: list[dict]) -> dict[tuple[int, str], float]:
+    """Wall seconds of each (round, phase), as the driver timed it (every participant row of
+    a phase carries the same wall time; whole-phase rows have participant '*')."""
+    return {(r["round"], r["phase"]): r["wall_seconds"] for r in rows if r["wall_seconds"] is not None}
+
+
+def seconds_per_round(rows: list[dict]) -> float:
+    """Mean wall seconds of a collaboration round (transfer learning and bounds excluded)."""
+    walls = phase_walls(rows)
+    rounds = {r for r, phase in walls if r >= 1 and phase not in ("transfer", "upper_bound")}
+    total = sum(s for (r, phase), s in walls.items() if r >= 1 and phase not in ("transfer", "upper_bound"))
+    return total / max(1, len(rounds))

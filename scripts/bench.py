@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from fedmd_ray import run
 from fedmd_ray.config import from_dict
 from fedmd_ray.presets import PAPER_MODELS, PRESETS
+from fedmd_ray.results import phase_walls, seconds_per_round
 from fedmd_ray.tasks import build_task
 
 MIXES = {
@@ -106,14 +107,13 @@ def phase_table(metrics: list[dict], task, config, concurrency: int) -> dict[str
         "evaluate": n * len(task.private_test) * t.rounds,
     }
     out = {}
+    walls = phase_walls(metrics)
     for phase in PHASES:
-        rows = [r for r in metrics if r["phase"] == phase]
-        walls = {r["round"]: r["wall_seconds"] for r in rows if r["wall_seconds"] is not None}
         by_round: dict[int, list[float]] = {}
-        for r in rows:
-            if r["participant"] != "*" and r["seconds"] is not None:
+        for r in metrics:
+            if r["phase"] == phase and r["participant"] != "*" and r["seconds"] is not None:
                 by_round.setdefault(r["round"], []).append(r["seconds"])
-        wall = float(sum(walls.values()))
+        wall = float(sum(s for (_, ph), s in walls.items() if ph == phase))
         ideal = float(sum(max(max(v), sum(v) / concurrency) for v in by_round.values())) if by_round else 0.0
         total = float(sum(sum(v) for v in by_round.values())) if by_round else 0.0
         out[phase] = {"wall_seconds": wall, "ideal_compute": ideal, "total_compute": total,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run(config, out / backend, progress=None, task=task)
         metrics = result.metrics.to_pylist()
         phases = phase_table(metrics, task, config, _concurrency(config))
-        round_seconds = sum(phases[ph]["wall_seconds"] for ph in ROUND_PHASES) / config.train.rounds
+        round_seconds = seconds_per_round(metrics)
         # Aggregation is all overhead: no participant computes during it.
         overhead = sum(phases[ph]["overhead_seconds"] or phases[ph]["wall_seconds"]
                        for ph in ROUND_PHASES) / config.train.rounds

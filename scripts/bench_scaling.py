@@ -1,0 +1,122 @@
+"""How a FedMD round scales: over 1, 2 and 4 Ray nodes (ray.cluster_utils.Cluster on this
+machine, participants SPREAD across them), with the number of participants, and with the
+public subset size. Prints three tables and writes scaling.parquet to --out.
+
+Memory is the resident memory of all Ray worker processes (actors) at the end of the
+rounds, read from /proc (Linux).
+
+    python scripts/bench_scaling.py                  # ~5 minutes on 2 cores
+    python scripts/bench_scaling.py --participants 10,100 --subsets 1000,5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Loopback only: without this, Ray swaps 127.0.0.1 for the machine's address when the
+# driver joins a multi-node cluster.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from fedmd_ray import run  # noqa: E402
+from fedmd_ray.config import from_dict  # noqa: E402
+from fedmd_ray.results import seconds_per_round  # noqa: E402
+
+TINY = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2", "cnn3:8,8,16,0.1"]
+
+
+def config(participants: int, subset: int, placement: str | None = None, rounds: int = 2) -> dict:
+    return {
+        "name": "scaling", "models": TINY, "participants": participants,
+        "data": {"public": "synthetic", "public_classes": list(range(10)), "private": "synthetic",
+                 "private_classes": list(range(10, 16)), "synthetic_train_per_class": max(300, subset // 10 + 1),
+                 "synthetic_test_per_class": 30},
+        "partition": {"kind": "per_class", "samples_per_class": 1 if participants > 40 else 3},
+        "train": {"public_epochs": 1, "private_epochs": 5, "rounds": rounds, "public_subset_size": subset,
+                  "revisit_epochs": 1, "upper_bound": False, "digest_batch_size": 128},
+        "resources": {"backend": "ray", "placement": placement},
+    }
+
+
+def actor_rss_mib() -> float:
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(b"ray::"):
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def measure(values: dict) -> dict:
+    memory: list[float] = []
+    start = time.perf_counter()
+    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_rss_mib()))
+    rows = result.metrics.to_pylist()
+    rounds = values["train"]["rounds"]
+    moved = sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["phase"] == "digest") / rounds
+    return {"seconds_per_round": seconds_per_round(rows), "actor_rss_mib": max(memory) if memory else None,
+            "mib_moved_per_round": moved / 2**20, "total_seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", default="1,2,4")
+    p.add_argument("--participants", default="5,10,20,40")
+    p.add_argument("--subsets", default="500,1000,2000,4000")
+    p.add_argument("--out", default="runs/scaling")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    print("nodes  participants  s/round  actor RSS MiB")
+    for nodes in [int(n) for n in args.nodes.split(",")]:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 / nodes, "node_ip_address": "127.0.0.1"})
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=2 / nodes, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        m = measure(config(10, 1000, placement="SPREAD"))
+        ray.shutdown()
+        cluster.shutdown()
+        rows.append({"sweep": "nodes", "nodes": nodes, "participants": 10, "subset": 1000, **m})
+        print(f"{nodes:5d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_rss_mib']:13.0f}", flush=True)
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print("\nparticipants  s/round  actor RSS MiB  MiB moved/round")
+    for n in [int(x) for x in args.participants.split(",")]:
+        m = measure(config(n, 1000))
+        rows.append({"sweep": "participants", "nodes": 1, "participants": n, "subset": 1000, **m})
+        print(f"{n:12d}  {m['seconds_per_round']:7.2f}  {m['actor_rss_mib']:13.0f}  {m['mib_moved_per_round']:15.2f}",
+              flush=True)
+    print("\npublic subset  s/round  actor RSS MiB  MiB moved/round")
+    for subset in [int(x) for x in args.subsets.split(",")]:
+        m = measure(config(10, subset))
+        rows.append({"sweep": "subset", "nodes": 1, "participants": 10, "subset": subset, **m})
+        print(f"{subset:13d}  {m['seconds_per_round']:7.2f}  {m['actor_rss_mib']:13.0f}  "
+              f"{m['mib_moved_per_round']:15.2f}", flush=True)
+    ray.shutdown()
+    pq.write_table(pa.Table.from_pylist(rows), out / "scaling.parquet")
+    print(f"\nwritten: {out}/scaling.parquet")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
