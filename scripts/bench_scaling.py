@@ -2,8 +2,8 @@
 machine, participants SPREAD across them), with the number of participants, and with the
 public subset size. Prints three tables and writes scaling.parquet to --out.
 
-Memory is the resident memory of all Ray worker processes (actors) at the end of the
-rounds, read from /proc (Linux).
+Memory is the proportional set size (PSS) of all Ray worker processes (actors), the
+largest seen at the end of a round, read from /proc (Linux).
 
     python scripts/bench_scaling.py                  # ~5 minutes on 2 cores
     python scripts/bench_scaling.py --participants 10,100 --subsets 1000,5000
@@ -46,7 +46,7 @@ def config(participants: int, subset: int, placement: str | None = None, rounds:
     }
 
 
-def actor_rss_mib() -> float:
+def actor_pss_mib() -> float:
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -55,9 +55,11 @@ def actor_rss_mib() -> float:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if not f.read().startswith(b"ray::"):
                     continue
-            with open(f"/proc/{pid}/status") as f:
+            # Proportional set size: shared pages (torch's libraries, the mmapped object
+            # store) are split among the processes that map them instead of counted in each.
+            with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1])
         except OSError:
             continue
@@ -67,11 +69,11 @@ def actor_rss_mib() -> float:
 def measure(values: dict) -> dict:
     memory: list[float] = []
     start = time.perf_counter()
-    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_rss_mib()))
+    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib()))
     rows = result.metrics.to_pylist()
     rounds = values["train"]["rounds"]
     moved = sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["phase"] == "digest") / rounds
-    return {"seconds_per_round": seconds_per_round(rows), "actor_rss_mib": max(memory) if memory else None,
+    return {"seconds_per_round": seconds_per_round(rows), "actor_pss_mib": max(memory) if memory else None,
             "mib_moved_per_round": moved / 2**20, "total_seconds": time.perf_counter() - start}
 
 
@@ -86,31 +88,34 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
 
-    print("nodes  participants  s/round  actor RSS MiB")
+    print("nodes  CPUs/node  participants  s/round  actor PSS MiB")
     for nodes in [int(n) for n in args.nodes.split(",")]:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 / nodes, "node_ip_address": "127.0.0.1"})
+        # Ray wants whole CPUs per node: with 4 nodes, 4 logical CPUs share the 2 real cores.
+        cpus = max(1, 2 // nodes)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1"})
         for _ in range(nodes - 1):
-            cluster.add_node(num_cpus=2 / nodes, node_ip_address="127.0.0.1")
+            cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         m = measure(config(10, 1000, placement="SPREAD"))
         ray.shutdown()
         cluster.shutdown()
         rows.append({"sweep": "nodes", "nodes": nodes, "participants": 10, "subset": 1000, **m})
-        print(f"{nodes:5d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_rss_mib']:13.0f}", flush=True)
+        print(f"{nodes:5d}  {cpus:9d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}",
+              flush=True)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    print("\nparticipants  s/round  actor RSS MiB  MiB moved/round")
+    print("\nparticipants  s/round  actor PSS MiB  MiB moved/round")
     for n in [int(x) for x in args.participants.split(",")]:
         m = measure(config(n, 1000))
         rows.append({"sweep": "participants", "nodes": 1, "participants": n, "subset": 1000, **m})
-        print(f"{n:12d}  {m['seconds_per_round']:7.2f}  {m['actor_rss_mib']:13.0f}  {m['mib_moved_per_round']:15.2f}",
+        print(f"{n:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  {m['mib_moved_per_round']:15.2f}",
               flush=True)
-    print("\npublic subset  s/round  actor RSS MiB  MiB moved/round")
+    print("\npublic subset  s/round  actor PSS MiB  MiB moved/round")
     for subset in [int(x) for x in args.subsets.split(",")]:
         m = measure(config(10, subset))
         rows.append({"sweep": "subset", "nodes": 1, "participants": 10, "subset": subset, **m})
-        print(f"{subset:13d}  {m['seconds_per_round']:7.2f}  {m['actor_rss_mib']:13.0f}  "
+        print(f"{subset:13d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  "
               f"{m['mib_moved_per_round']:15.2f}", flush=True)
     ray.shutdown()
     pq.write_table(pa.Table.from_pylist(rows), out / "scaling.parquet")
