@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,9 @@ class TrainConfig:
     upper_bound: bool = True
     """Train each architecture on all private data pooled (the paper's upper bound)."""
     upper_bound_epochs: int = 25
+    participation: float = 1.0
+    """Fraction of participants taking part in each round, drawn afresh per round (seeded;
+    at least one). Those left out keep their model and are still evaluated."""
 
 
 @dataclass
@@ -136,6 +140,21 @@ class ResourcesConfig:
     max_concurrent: int | None = None
     """Ray backend: at most this many participants compute at once. None: all of them on
     GPUs; on CPUs, as many as the cores allow (more would only time-slice the same cores)."""
+    quorum: float = 1.0
+    """Ray backend: the consensus is formed once this fraction of the round's participants
+    has sent scores (and, with deadline_s, the deadline has passed). The rest are late: they
+    sit the round out (no digest or revisit) and are recorded as late."""
+    deadline_s: float | None = None
+    """Ray backend: wait at most this long for everyone's scores, then go on with those that
+    answered if they make the quorum (otherwise keep waiting for the quorum)."""
+    max_restarts: int = 3
+    """Ray backend: a participant whose actor dies is restarted from its last round
+    checkpoint (in the object store) and its round replayed, at most this many times per
+    run. 0: a dead actor stops the run."""
+    actors: int | None = None
+    """Ray backend: number of participant actors. None: one per participant. Fewer: a pool
+    of actors serves all participants, each participant's state (weights, optimizer) kept
+    in the object store between uses and restored bit-exactly."""
 
 
 @dataclass
@@ -153,7 +172,12 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     faults: list[str] = field(default_factory=list)
     """Simulated failures, 'INDEX:PHASE:ROUND' (PHASE one of transfer, communicate, digest,
-    revisit, evaluate): that participant raises there; ':exit' kills its process instead."""
+    revisit, evaluate): that participant raises there; ':exit' kills its process instead;
+    ':sleepS' makes it S seconds late (a straggler). A restored participant does not fail
+    again, as a crash is a one-off."""
+    checkpoint_every: int = 1
+    """With an output directory, write a resumable checkpoint every this many rounds
+    (`fedmd-ray run --resume DIR`); 0: never."""
 
     @property
     def num_participants(self) -> int:
@@ -409,6 +433,16 @@ def validate(config: Config) -> None:
     _check_positive("resources.num_gpus", r.num_gpus, allow_zero=True)
     _check_positive("resources.torch_threads", r.torch_threads)
     _check_positive("resources.max_concurrent", r.max_concurrent)
+    _check_positive("resources.deadline_s", r.deadline_s)
+    _check_positive("resources.max_restarts", r.max_restarts, allow_zero=True)
+    _check_positive("resources.actors", r.actors)
+    _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
+    for key, value in (("train.participation", t.participation), ("resources.quorum", r.quorum)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"'{key}' is {value}; it must be a fraction in (0, 1].")
+    if r.actors is not None and r.placement is not None:
+        raise ConfigError("'resources.actors' (an actor pool) and 'resources.placement' cannot be "
+                          "combined yet; drop one of them.")
     if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
         raise ConfigError(
             f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "
@@ -420,23 +454,23 @@ FAULT_PHASES = ("transfer", "communicate", "digest", "revisit", "evaluate")
 
 
 def parse_fault(text: str, participants: int) -> tuple[int, str, int, str]:
-    """'2:digest:3[:exit]' -> (2, 'digest', 3, 'raise' | 'exit')."""
+    """'2:digest:3[:exit|:sleep5]' -> (2, 'digest', 3, 'raise' | 'exit' | 'sleep5')."""
     parts = text.split(":")
     try:
         index, phase, round_ = int(parts[0]), parts[1], int(parts[2])
         mode = parts[3] if len(parts) > 3 else "raise"
     except (IndexError, ValueError):
         raise ConfigError(
-            f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit], e.g. 1:digest:2."
+            f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit|:sleepSECONDS], e.g. 1:digest:2."
         ) from None
     if (
         not 0 <= index < participants
         or phase not in FAULT_PHASES
-        or mode not in ("raise", "exit")
+        or not (mode in ("raise", "exit") or re.fullmatch(r"sleep\d+(\.\d+)?", mode))
         or len(parts) > 4
     ):
         raise ConfigError(
             f"Fault '{text}': index must be 0..{participants - 1}, phase one of "
-            f"{', '.join(FAULT_PHASES)}, and the mode 'raise' or 'exit'."
+            f"{', '.join(FAULT_PHASES)}, and the mode 'raise', 'exit' or 'sleepSECONDS'."
         )
     return index, phase, round_, mode

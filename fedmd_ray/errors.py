@@ -32,3 +32,7 @@ class ParticipantError(FedMDError, RuntimeError):
 
 class ResourceError(FedMDError, RuntimeError):
     """A request for more CPUs or GPUs than the Ray cluster has."""
+
+
+class CheckpointError(FedMDError, RuntimeError):
+    """A checkpoint that is missing, damaged, or from a different configuration."""

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmd_ray import privacy
+from fedmd_ray import checkpoint, privacy
 from fedmd_ray.backends import make_backend
-from fedmd_ray.config import Config, parse_fault, validate
+from fedmd_ray.config import Config, ConfigError, parse_fault, validate
 from fedmd_ray.participant import ParticipantSpec
 from fedmd_ray.results import Recorder
 from fedmd_ray.tasks import Task, build_task, participant_names
@@ -81,20 +81,47 @@ def public_subset(rng: np.random.Generator, public_size: int, subset_size: int) 
     return np.sort(rng.choice(public_size, size=size, replace=False))
 
 
+def sample_participants(seed: int, round_: int, n: int, fraction: float) -> list[int]:
+    """Who takes part in round `round_`: everyone, or a seeded draw of round(fraction * n)."""
+    if fraction >= 1:
+        return list(range(n))
+    k = max(1, round(fraction * n))
+    rng = np.random.default_rng([seed, round_, 0x5A])
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+
+
+def _plan_for(plan: dict, answered: list[int]) -> dict:
+    if plan.get("weights") is None:
+        return plan
+    return {**plan, "weights": [plan["weights"][i] for i in answered]}
+
+
+def _save_checkpoint(backend, out_dir: Path, round_: int, config: Config) -> None:
+    folder = checkpoint.round_dir(out_dir, round_)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.write(out_dir, round_, config, backend.save(folder))
+
+
 def run(
     config: Config,
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     task: Task | None = None,
     on_round: Callable[[int, list[dict]], None] | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """Run one FedMD simulation; write results to `out_dir` as it goes (when given)."""
+    """Run one FedMD simulation; write results to `out_dir` as it goes (when given). With
+    `resume`, continue the run in `out_dir` from its last checkpoint."""
     validate(config)
+    if resume and out_dir is None:
+        raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
     say = progress or (lambda _msg: None)
     task = task or build_task(config)
     specs = participant_specs(config, task)
+    names = [s.name for s in specs]
     recorder = Recorder(out_dir, config, task, say)
     t = config.train
+    saving = out_dir is not None and config.checkpoint_every > 0
     backend = make_backend(config, task, specs)
     try:
         recorder.participants(backend.describe())
@@ -102,45 +129,70 @@ def run(
             f"{len(specs)} participants on the '{backend.name}' backend; "
             f"{len(task.public_train)} public samples, {task.num_classes} classes"
         )
-
-        # 1. Transfer learning: public data, then private data. This is the lower bound.
-        start = time.perf_counter()
-        recorder.phase(0, "transfer", backend.transfer(), time.perf_counter() - start)
-
-        # 3. Upper bound: each architecture trained on all private data pooled.
-        if t.upper_bound:
-            pooled = task.pooled_private()
+        first_round = 1
+        if resume:
+            done, folder, entries = checkpoint.read(Path(out_dir), config, names)
+            backend.restore(folder, entries)
+            recorder.resume(done)
+            backend.end_round(done)
+            first_round = done + 1
+            say(f"resumed after round {done} from {folder}")
+        else:
+            # 1. Transfer learning: public data, then private data. This is the lower bound.
             start = time.perf_counter()
-            recorder.phase(
-                0, "upper_bound", backend.upper_bound(pooled.x, pooled.y), time.perf_counter() - start
-            )
+            recorder.phase(0, "transfer", backend.transfer(), time.perf_counter() - start)
+
+            # 3. Upper bound: each architecture trained on all private data pooled.
+            if t.upper_bound:
+                pooled = task.pooled_private()
+                start = time.perf_counter()
+                recorder.phase(
+                    0, "upper_bound", backend.upper_bound(pooled.x, pooled.y), time.perf_counter() - start
+                )
+            backend.end_round(0)
+            if saving:
+                _save_checkpoint(backend, Path(out_dir), 0, config)
 
         # 2. Collaboration rounds.
         rng = np.random.default_rng(config.seed + 1_000_003)
+        for _ in range(1, first_round):
+            public_subset(rng, len(task.public_train), t.public_subset_size)  # draws already made
         plan = consensus_plan(config, task)
-        for round_ in range(1, t.rounds + 1):
+        everyone = list(range(len(specs)))
+        for round_ in range(first_round, t.rounds + 1):
             indices = public_subset(rng, len(task.public_train), t.public_subset_size)
+            chosen = sample_participants(config.seed, round_, len(specs), t.participation)
 
             start = time.perf_counter()
-            scores = backend.logits(indices, round_)  # communicate
-            backend.wait(scores)
+            answered, late, scores = backend.logits(chosen, indices, round_)  # communicate
             recorder.timing(round_, "communicate", time.perf_counter() - start,
                             epsilon=privacy_spent(config, round_, len(indices)))
+            recorder.note(round_, [names[i] for i in everyone if i not in chosen], "sat out")
+            recorder.note(round_, [names[i] for i in late], "late")
 
             start = time.perf_counter()
-            consensus = backend.aggregate(scores, plan)  # aggregate
+            consensus = backend.aggregate(scores, [names[i] for i in answered], _plan_for(plan, answered))
             recorder.timing(round_, "aggregate", time.perf_counter() - start)
 
             start = time.perf_counter()
-            recorder.phase(
-                round_, "digest", backend.digest(consensus, indices, round_), time.perf_counter() - start
-            )
+            digested = backend.digest(answered, consensus, indices, round_)
+            recorder.phase(round_, "digest", digested, time.perf_counter() - start, answered)
             start = time.perf_counter()
-            recorder.phase(round_, "revisit", backend.revisit(round_), time.perf_counter() - start)
+            recorder.phase(round_, "revisit", backend.revisit(answered, round_), time.perf_counter() - start, answered)
             start = time.perf_counter()
-            evaluated = backend.evaluate(round_)
-            recorder.phase(round_, "evaluate", evaluated, time.perf_counter() - start)
+            present = [i for i in everyone if i not in late]
+            evaluated = backend.evaluate(present, round_)
+            recorder.phase(round_, "evaluate", evaluated, time.perf_counter() - start, present)
+            backend.end_round(round_)
+            for event in backend.events:
+                recorder.note(round_, [event["participant"]], event["note"], event["phase"])
+            backend.events.clear()
             recorder.end_round(round_, t.rounds)
+            if saving and (round_ % config.checkpoint_every == 0 or round_ == t.rounds):
+                start = time.perf_counter()
+                _save_checkpoint(backend, Path(out_dir), round_, config)
+                recorder.timing(round_, "checkpoint", time.perf_counter() - start)
+                recorder.flush()
             if on_round is not None:
                 on_round(round_, evaluated)
         recorder.finish(complete=True)

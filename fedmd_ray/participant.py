@@ -8,10 +8,13 @@ phase, round), so a participant computes the same numbers in any process.
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import os
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 
 from fedmd_ray import sharing
 from fedmd_ray.config import SharingConfig, TrainConfig
+from fedmd_ray.errors import CheckpointError
 from fedmd_ray.models import build_model, parameter_count
 
 EVAL_BATCH_SIZE = 1024
@@ -98,6 +102,62 @@ class Participant:
         self.private_opt = self._optimizer(self.model)
         self._sent_bytes = 0
         self._logits_seconds = 0.0
+        self.restored = False
+
+    # ------------------------------------------------------------ state
+
+    def get_state(self) -> bytes:
+        """Everything that changes between calls: weights, both optimizers, the public
+        weights kept for the upper bound. Random state needs no saving: every call seeds
+        itself from (seed, participant, phase, round)."""
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "digest_opt": self.digest_opt.state_dict(),
+                "private_opt": self.private_opt.state_dict(),
+                "public_state": self.public_state,
+                "sent_bytes": self._sent_bytes,
+                "logits_seconds": self._logits_seconds,
+            },
+            buffer,
+        )
+        return buffer.getvalue()
+
+    def set_state(self, blob: bytes, restored: bool = True) -> None:
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.digest_opt.load_state_dict(state["digest_opt"])
+        self.private_opt.load_state_dict(state["private_opt"])
+        self.public_state = state["public_state"]
+        self._sent_bytes = state["sent_bytes"]
+        self._logits_seconds = state["logits_seconds"]
+        self.restored = restored
+
+    def save(self, path: str) -> dict:
+        """Write this participant's state to `path` (atomically); return its digest so a
+        resume can tell a damaged file from a good one."""
+        blob = self.get_state()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, target)
+        return {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+
+    def load(self, path: str, sha256: str) -> dict:
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.name}: cannot read its checkpoint {path} ({exc.strerror}). On a cluster the "
+                "run directory must be on storage every node sees."
+            ) from None
+        if hashlib.sha256(blob).hexdigest() != sha256:
+            raise CheckpointError(f"{self.name}: checkpoint {path} is damaged (its checksum does not "
+                                  "match the manifest). Resume from an intact copy or start afresh.")
+        self.set_state(blob)
+        return {"bytes": len(blob)}
 
     # ------------------------------------------------------------ helpers
 
@@ -108,10 +168,15 @@ class Participant:
         return np.random.default_rng(seed)
 
     def _maybe_fail(self, phase: str, round_: int = 0) -> None:
+        if self.restored:
+            return  # simulated crashes are one-offs: the replacement does not crash again
         for fault_phase, fault_round, mode in self.spec.faults:
             if (fault_phase, fault_round) == (phase, round_):
                 if mode == "exit":
                     os._exit(1)  # a crash, as if killed: no exception, no cleanup
+                if mode.startswith("sleep"):
+                    time.sleep(float(mode[len("sleep"):]))  # a straggler
+                    continue
                 raise RuntimeError(f"simulated fault in {phase} of round {round_}")
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

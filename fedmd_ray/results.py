@@ -30,6 +30,7 @@ SCHEMA = pa.schema(
         ("bytes_sent", pa.int64()),
         ("bytes_received", pa.int64()),
         ("epsilon", pa.float64()),
+        ("note", pa.string()),
     ]
 )
 ALL = "*"  # the participant column of rows that time a whole phase
@@ -83,8 +84,12 @@ class Recorder:
         row.update(values)
         self.rows.append(row)
 
-    def phase(self, round_: int, phase: str, results: list[dict], wall_seconds: float) -> None:
-        for name, res in zip(self.models, results):
+    def phase(self, round_: int, phase: str, results: list[dict], wall_seconds: float,
+              who: list[int] | None = None) -> None:
+        """One row per participant (those in `who`, default all) for a phase they ran."""
+        names = list(self.models)
+        chosen = names if who is None else [names[i] for i in who]
+        for name, res in zip(chosen, results, strict=True):
             self._row(round_, name, phase, accuracy=res.get("accuracy"), loss=res.get("loss"),
                       seconds=res.get("seconds"), wall_seconds=wall_seconds,
                       bytes_sent=res.get("bytes_sent", 0), bytes_received=res.get("bytes_received", 0))
@@ -96,13 +101,29 @@ class Recorder:
             self.say(f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]")
             self.flush()
 
+    def note(self, round_: int, names: list[str], note: str, phase: str = "communicate") -> None:
+        """Participants that sat a round out, were late, or were restarted."""
+        for name in names:
+            self._row(round_, name, phase, note=note)
+        if names:
+            self.say(f"round {round_:>3}: {', '.join(names)} {note}")
+
+    def resume(self, round_: int) -> None:
+        """Take back the rows of rounds up to `round_` from the run's metrics.parquet."""
+        path = self.out_dir / "metrics.parquet" if self.out_dir is not None else None
+        if path is None or not path.exists():
+            return
+        self.rows = [r for r in pq.read_table(path).to_pylist() if r["round"] <= round_]
+        for r in self.rows:
+            r.setdefault("note", None)
+
     def timing(self, round_: int, phase: str, wall_seconds: float, epsilon: float | None = None) -> None:
         """A whole phase's wall time on the driver (participant '*')."""
         self._row(round_, ALL, phase, wall_seconds=wall_seconds, epsilon=epsilon)
 
     def end_round(self, round_: int, rounds: int) -> None:
         now = [r for r in self.rows if r["round"] == round_]
-        acc = [r["accuracy"] for r in now if r["phase"] == "evaluate"]
+        acc = [r["accuracy"] for r in now if r["phase"] == "evaluate" and r["accuracy"] is not None]
         lower = self._accuracies("transfer")
         gain = np.mean(acc) - np.mean(list(lower.values())) if lower else float("nan")
         walls = {r["phase"]: r["wall_seconds"] for r in now if r["wall_seconds"] is not None}
@@ -122,7 +143,8 @@ class Recorder:
     def _accuracies(self, phase: str, round_: int | None = None) -> dict[str, float]:
         out = {}
         for r in self.rows:
-            if r["phase"] == phase and r["participant"] != ALL and (round_ is None or r["round"] == round_):
+            if (r["phase"] == phase and r["participant"] != ALL and r["accuracy"] is not None
+                    and (round_ is None or r["round"] == round_)):
                 out[r["participant"]] = r["accuracy"]
         return out
 
@@ -133,7 +155,7 @@ class Recorder:
         final = self._accuracies("evaluate")  # the last round wins
         best: dict[str, float] = {}
         for r in self.rows:
-            if r["phase"] == "evaluate":
+            if r["phase"] == "evaluate" and r["accuracy"] is not None:
                 best[r["participant"]] = max(best.get(r["participant"], 0.0), r["accuracy"])
         params = {d["participant"]: d.get("parameters") for d in self.info}
         moved: dict[str, list[int]] = {}
@@ -281,7 +303,7 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, 
     rows = table.to_pylist()
     curves: dict[str, list[tuple[int, float]]] = {r["participant"]: [(0, r["lower_bound"])] for r in summary}
     for r in rows:
-        if r["phase"] == "evaluate":
+        if r["phase"] == "evaluate" and r["accuracy"] is not None:
             curves[r["participant"]].append((r["round"], r["accuracy"]))
     shown = summary[:20]
     cols = min(5, max(1, len(shown)))

@@ -8,7 +8,7 @@ from fedmd_ray import run
 from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
 from tests.conftest import tiny_config
 
-PHASES = {"transfer", "upper_bound", "communicate", "aggregate", "digest", "revisit", "evaluate"}
+PHASES = {"transfer", "upper_bound", "communicate", "aggregate", "digest", "revisit", "evaluate", "checkpoint"}
 
 
 def _accuracies(result):
@@ -56,10 +56,11 @@ def test_digest_pulls_every_participant_towards_the_consensus():
     backend = LocalBackend(config, task, participant_specs(config, task))
     backend.transfer()
     indices = public_subset(np.random.default_rng(0), len(task.public_train), 300)
-    before = backend.logits(indices, 1)
-    consensus = backend.aggregate(before, {"method": "mean"})
-    backend.digest(consensus, indices, 1)
-    after = backend.logits(indices, 1)
+    everyone = [0, 1, 2]
+    _, _, before = backend.logits(everyone, indices, 1)
+    consensus = backend.aggregate(before, backend.names, {"method": "mean"})
+    backend.digest(everyone, consensus, indices, 1)
+    _, _, after = backend.logits(everyone, indices, 1)
     for b, a in zip(before, after):
         assert np.abs(a - consensus).mean() < 0.8 * np.abs(b - consensus).mean()
 
@@ -125,7 +126,7 @@ def test_a_failing_participant_stops_the_run_by_name_and_keeps_results(ray_sessi
 
 
 def test_a_dead_actor_is_reported_by_name(ray_session, out_dir):
-    config = tiny_config(faults=["2:revisit:1:exit"], resources={"backend": "ray"})
+    config = tiny_config(faults=["2:revisit:1:exit"], resources={"backend": "ray", "max_restarts": 0})
     with pytest.raises(ParticipantError, match="'p02-cnn2' failed during revisit: its actor process died"):
         run(config, out_dir, progress=None)
     assert (out_dir / "metrics.parquet").exists()

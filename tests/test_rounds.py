@@ -1,0 +1,52 @@
+"""Who takes part in a round: a seeded fraction of participants, and stragglers that miss
+the consensus when the driver stops waiting for them."""
+
+from fedmd_ray import run
+from fedmd_ray.fedmd import sample_participants
+from tests.conftest import tiny_config
+
+
+def test_participants_are_sampled_per_round_with_a_seed():
+    rounds = [sample_participants(0, r, 10, 0.3) for r in range(1, 6)]
+    assert all(len(chosen) == 3 and chosen == sorted(set(chosen)) for chosen in rounds)
+    assert len({tuple(c) for c in rounds}) > 1  # a fresh draw each round
+    assert rounds == [sample_participants(0, r, 10, 0.3) for r in range(1, 6)]
+    assert sample_participants(0, 1, 10, 1.0) == list(range(10))
+    assert sample_participants(0, 1, 3, 0.01) and len(sample_participants(0, 1, 3, 0.01)) == 1
+
+
+def test_a_fraction_of_participants_per_round(ray_session):
+    settings = {"train": {"rounds": 3, "participation": 0.67}}
+    local = run(tiny_config(**settings), progress=None)
+    on_ray = run(tiny_config(**settings, resources={"backend": "ray"}), progress=None)
+    rows = local.metrics.to_pylist()
+    for round_ in (1, 2, 3):
+        chosen = {f"p{i:02d}" for i in sample_participants(0, round_, 3, 0.67)}
+        digested = {r["participant"][:3] for r in rows if r["round"] == round_ and r["phase"] == "digest"}
+        sat_out = {r["participant"][:3] for r in rows if r["round"] == round_ and r["note"] == "sat out"}
+        evaluated = [r for r in rows if r["round"] == round_ and r["phase"] == "evaluate"]
+        assert digested == chosen and len(chosen) == 2 and sat_out == {"p00", "p01", "p02"} - chosen
+        assert len(evaluated) == 3  # those sitting out are still measured
+    keep = ("round", "participant", "phase", "accuracy", "loss", "note")
+    assert [{k: r[k] for k in keep} for r in rows if r["participant"] != "*"] == [
+        {k: r[k] for k in keep} for r in on_ray.metrics.to_pylist() if r["participant"] != "*"
+    ]
+
+
+def test_a_straggler_misses_the_consensus_and_is_recorded_late(ray_session):
+    config = tiny_config(
+        resources={"backend": "ray", "quorum": 0.6, "deadline_s": 1.0},
+        train={"rounds": 3},
+        faults=["2:communicate:2:sleep8"],
+    )
+    result = run(config, progress=None)
+    rows = result.metrics.to_pylist()
+    late = [(r["round"], r["participant"]) for r in rows if r["note"] == "late"]
+    assert late == [(2, "p02-cnn2")]
+    digest_2 = {r["participant"] for r in rows if r["round"] == 2 and r["phase"] == "digest"}
+    assert digest_2 == {"p00-cnn2", "p01-cnn3"}
+    # It rejoins the next round.
+    assert {r["participant"] for r in rows if r["round"] == 3 and r["phase"] == "digest"} == {
+        "p00-cnn2", "p01-cnn3", "p02-cnn2"}
+    consensus_bytes = {r["bytes_received"] for r in rows if r["round"] == 2 and r["phase"] == "digest"}
+    assert consensus_bytes == {300 * 16 * 4}
