@@ -403,7 +403,7 @@ class RayBackend:
             i = call.index
             refs = actor.call.options(num_returns=3).remote(
                 self.specs[i], self.private[i], call.state, replay, call.method, *call.args)
-            call.new_state = refs[2]
+            call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
             return refs[0], refs[1]
         return tuple(actor.call.options(num_returns=2).remote(call.method, *call.args))
 

@@ -1,0 +1,35 @@
+"""More participants than actors: a pool of actors takes participants in turn, their state
+(weights, optimizers) kept in the object store between calls and restored bit-exactly."""
+
+from fedmd_ray import run
+from tests.conftest import tiny_config
+from tests.test_faults import numbers
+
+FIVE = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2", "cnn2:8,8,0.0", "cnn3:8,8,8,0.0"]
+
+
+def test_a_pool_of_two_actors_serves_five_participants_exactly(ray_session):
+    settings = {"models": FIVE, "train": {"rounds": 2}}
+    dedicated = run(tiny_config(**settings, resources={"backend": "ray"}), progress=None)
+    pooled = run(tiny_config(**settings, resources={"backend": "ray", "actors": 2}), progress=None)
+    local = run(tiny_config(**settings), progress=None)
+    assert len(pooled.summary) == 5
+    assert numbers(pooled.metrics.to_pylist()) == numbers(dedicated.metrics.to_pylist())
+    assert numbers(pooled.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
+
+
+def test_a_pool_actor_that_dies_is_replaced(ray_session, tmp_path):
+    settings = {"models": FIVE, "train": {"rounds": 2}}
+    undisturbed = run(tiny_config(**settings, resources={"backend": "ray", "actors": 2}), progress=None)
+    crashed = run(
+        tiny_config(**settings, resources={"backend": "ray", "actors": 2}, faults=["3:revisit:1:exit"]),
+        tmp_path / "run",
+        progress=None,
+    )
+    assert numbers(crashed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
+    notes = {r["note"] for r in crashed.metrics.to_pylist() if r["note"]}
+    assert notes == {"restarted (pool actor 1 (serving p03-cnn2) died)"}
+    # The pool's states also make a resumable checkpoint.
+    longer = {"models": FIVE, "train": {"rounds": 3}, "resources": {"backend": "ray", "actors": 2}}
+    resumed = run(tiny_config(**longer), tmp_path / "run", progress=None, resume=True)
+    assert {r["round"] for r in resumed.metrics.to_pylist()} == {0, 1, 2, 3}
