@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fedmd_ray import config as config_lib
-from fedmd_ray.errors import FedMDError
+from fedmd_ray.errors import CheckpointError, FedMDError
 from fedmd_ray.presets import PRESETS, get_preset, scale
 
 
@@ -43,24 +43,41 @@ def resolve_config(
     return config_lib.from_dict(values)
 
 
+def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path]:
+    """The config a run in `--resume DIR` was started with, with --set/flags on top."""
+    out = Path(args.resume)
+    if args.preset or args.config or args.scale or args.out:
+        raise config_lib.ConfigError(
+            "--resume DIR continues that run with its own config.json; drop --preset/--config/"
+            "--scale/--out (change settings with --set, e.g. --set train.rounds=30).")
+    if not (out / "config.json").exists():
+        raise CheckpointError(f"{out} is not a fedmd-ray run directory (no config.json there).")
+    config = resolve_config(None, str(out / "config.json"), args.set, args.data_dir, args.download,
+                            args.backend, args.address)
+    return config, out
+
+
 def _run(args: argparse.Namespace) -> int:
     from fedmd_ray.fedmd import run
 
-    config = resolve_config(
-        args.preset or (None if args.config else "smoke"),
-        args.config,
-        args.set,
-        args.data_dir,
-        args.download,
-        args.backend,
-        args.address,
-        args.scale,
-    )
-    out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume:
+        config, out = _resumed_config(args)
+    else:
+        config = resolve_config(
+            args.preset or (None if args.config else "smoke"),
+            args.config,
+            args.set,
+            args.data_dir,
+            args.download,
+            args.backend,
+            args.address,
+            args.scale,
+        )
+        out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
-    say(f"fedmd-ray: run '{config.name}' -> {out}")
+    say(f"fedmd-ray: {'resume' if args.resume else 'run'} '{config.name}' -> {out}")
     try:
-        result = run(config, out, progress=say)
+        result = run(config, out, progress=say, resume=bool(args.resume))
     except KeyboardInterrupt:
         print(f"interrupted; results so far are in {out}/", file=sys.stderr)
         return 130
@@ -71,6 +88,18 @@ def _run(args: argparse.Namespace) -> int:
         print((out / "summary.md").read_text())
     del result
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from fedmd_ray.tune import search
+
+    spec = config_lib.load_file(args.config)
+    if args.samples is not None:
+        spec["num_samples"] = args.samples
+    if args.address:
+        spec.setdefault("set", {})["resources.address"] = args.address
+    rows = search(spec, args.out)
+    return 0 if any(r["error"] is None for r in rows) else 1
 
 
 def _list(kind: str) -> int:
@@ -116,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--scale", type=float, help="shrink the preset for a laptop, e.g. 0.1 (public data, "
                        "public epochs, rounds)")
 
+    run_p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+
+    tune_p = sub.add_parser("tune", help="search FedMD hyper-parameters with Ray Tune")
+    tune_p.add_argument("--config", required=True, help="search file (JSON or TOML; see fedmd_ray.tune)")
+    tune_p.add_argument("--out", default="runs/tune", help="where trials and the results table go")
+    tune_p.add_argument("--samples", type=int, help="trials per grid point (overrides num_samples)")
+    tune_p.add_argument("--address", help="join a Ray cluster: 'auto' or 'ray://HOST:10001'")
+
     show = sub.add_parser("config", help="print the resolved config as JSON")
     show.add_argument("--preset")
     show.add_argument("--config")
@@ -132,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "config":
             config = resolve_config(args.preset, args.config, args.set, scale_factor=args.scale)
             print(json.dumps(config.to_dict(), indent=2))

@@ -111,7 +111,8 @@ def run(
     resume: bool = False,
 ) -> RunResult:
     """Run one FedMD simulation; write results to `out_dir` as it goes (when given). With
-    `resume`, continue the run in `out_dir` from its last checkpoint."""
+    `resume`, continue the run in `out_dir` from its last checkpoint. `on_round(round,
+    summary)` is called after each round with the per-participant summary so far."""
     validate(config)
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
@@ -124,7 +125,7 @@ def run(
     saving = out_dir is not None and config.checkpoint_every > 0
     backend = make_backend(config, task, specs)
     try:
-        recorder.participants(backend.describe())
+        recorder.participants(backend.describe(), getattr(backend, "placement", None))
         say(
             f"{len(specs)} participants on the '{backend.name}' backend; "
             f"{len(task.public_train)} public samples, {task.num_classes} classes"
@@ -194,7 +195,7 @@ def run(
                 recorder.timing(round_, "checkpoint", time.perf_counter() - start)
                 recorder.flush()
             if on_round is not None:
-                on_round(round_, evaluated)
+                on_round(round_, recorder.summary())
         recorder.finish(complete=True)
     except BaseException:
         recorder.finish(complete=False)

@@ -71,11 +71,13 @@ class Recorder:
 
     # ------------------------------------------------------------ recording
 
-    def participants(self, info: list[dict]) -> None:
+    def participants(self, info: list[dict], placement: dict | None = None) -> None:
         self.info = info
         self.models = {d["participant"]: d["model"] for d in info}
         if self.out_dir is not None:
             self._write_json("participants.json", info)
+            if placement is not None:
+                self._write_json("placement.json", placement)
 
     def _row(self, round_: int, participant: str, phase: str, **values: Any) -> None:
         row = {name: None for name in SCHEMA.names}

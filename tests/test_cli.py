@@ -91,3 +91,24 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "results in" in proc.stdout and (tmp_path / "r" / "summary.md").exists()
+
+
+def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    quick = ["--set", "train.public_epochs=1", "--backend", "local", "--quiet"]
+    assert main(["run", "--out", str(out), "--set", "train.rounds=1", *quick]) == 0
+    assert main(["run", "--resume", str(out), "--set", "train.rounds=2", "--backend", "local"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed after round 1" in printed and "round   2/2" in printed and "round   1/2" not in printed
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
+    assert main(["run", "--resume", str(out), "--preset", "smoke"]) == 2
+    assert "drop --preset" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a fedmd-ray run directory" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_bad_search_file_clearly(tmp_path, capsys):
+    spec = tmp_path / "search.json"
+    spec.write_text(json.dumps({"preset": "smoke", "search": {"train.round": {"choice": [1, 2]}}}))
+    assert main(["tune", "--config", str(spec), "--out", str(tmp_path / "t")]) == 2
+    assert "Did you mean 'rounds'" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""Ray Tune: one trial is one FedMD simulation.
+
+The trial's placement group reserves the whole simulation (bundle 0 for the trial's own
+process, one bundle per participant actor), so Tune never starts a trial the cluster cannot
+hold, and the participant actors land in the trial's bundles. Each round reports the mean
+accuracy and the gain over the lower bound, so schedulers such as ASHA stop weak trials early.
+
+A search file (JSON or TOML):
+
+    {"preset": "smoke",                       # or "config": {...} / "config_file": "run.json"
+     "set": {"train.rounds": 4},              # fixed overrides
+     "search": {"train.public_subset_size": {"choice": [500, 1000, 2000]},
+                "train.lr": {"loguniform": [1e-4, 1e-2]},
+                "train.digest_loss": {"grid": ["mae", "kl"]}},
+     "num_samples": 2, "scheduler": "asha", "metric": "mean_accuracy"}
+
+Domains: choice, grid, uniform, loguniform, randint (Tune's own).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedmd_ray.config import Config, ConfigError, from_dict, load_file, merge, parse_overrides
+from fedmd_ray.presets import get_preset
+
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+TRIAL_CPU = 0.5
+"""CPU of a trial's own process: it only coordinates, the participants compute."""
+REPORTED = ("round", "mean_accuracy", "mean_gain", "min_gain", "lower_bound")
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    return parse_overrides([f"{k}={json.dumps(v)}" for k, v in dotted.items()])
+
+
+def trial_resources(config: Config):
+    """A PlacementGroupFactory sized from `config`: the trial, then one bundle per actor."""
+    from ray.tune import PlacementGroupFactory
+
+    r = config.resources
+    actors = min(r.actors or config.num_participants, config.num_participants)
+    bundle = {"CPU": r.num_cpus if r.num_cpus is not None else 1.0}
+    if r.num_gpus:
+        bundle["GPU"] = r.num_gpus
+    return PlacementGroupFactory([{"CPU": TRIAL_CPU}] + [dict(bundle) for _ in range(actors)],
+                                 strategy=r.placement or "PACK")
+
+
+def summarise(summary: list[dict]) -> dict[str, float]:
+    """The numbers a trial reports after a round."""
+    lower = [r["lower_bound"] for r in summary]
+    final = [r["fedmd_final"] for r in summary]
+    gains = [r["gain"] for r in summary]
+    return {"mean_accuracy": sum(final) / len(final), "mean_gain": sum(gains) / len(gains),
+            "min_gain": min(gains), "lower_bound": sum(lower) / len(lower)}
+
+
+def trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """The Tune function trainable: `base` config values with the trial's `params` (dotted
+    keys) on top; reports after every round."""
+    from ray import tune
+
+    from fedmd_ray.fedmd import run
+
+    config = from_dict(merge(base, _nest(params)))
+    trial_dir = tune.get_context().get_trial_dir()
+    out = Path(trial_dir) / "fedmd" if trial_dir else None
+    run(config, out, progress=None,
+        on_round=lambda round_, summary: tune.report({"round": round_, **summarise(summary)}))
+
+
+def _domain(key: str, spec: Any):
+    from ray import tune
+
+    if not isinstance(spec, dict):
+        return spec, spec  # a fixed value
+    if len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ConfigError(f"Search key '{key}': give one domain, e.g. {{\"choice\": [1, 2]}}; known: "
+                          f"{', '.join(DOMAINS)}.")
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"Search key '{key}': '{kind}' needs a non-empty list of values.")
+        return (tune.choice(args) if kind == "choice" else tune.grid_search(args)), args[0]
+    if not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+        raise ConfigError(f"Search key '{key}': '{kind}' needs [low, high] with low < high.")
+    if kind == "loguniform" and args[0] <= 0:
+        raise ConfigError(f"Search key '{key}': loguniform needs low > 0.")
+    domain = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind]
+    return domain(*args), args[0]
+
+
+def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Config]:
+    """(base values, Tune param space, a sample Config) from a search file's contents; every
+    searched key is checked against the config before any trial starts."""
+    known = {"preset", "config", "config_file", "set", "search", "num_samples", "scheduler", "metric",
+             "max_concurrent_trials"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"Unknown search-file keys {unknown}; known: {', '.join(sorted(known))}.")
+    base: dict[str, Any] = get_preset(spec["preset"]) if spec.get("preset") else {}
+    if spec.get("config_file"):
+        base = merge(base, load_file(spec["config_file"]))
+    base = merge(base, spec.get("config", {}))
+    base = merge(base, _nest(spec.get("set", {})))
+    if not spec.get("search"):
+        raise ConfigError("The search file has no 'search' section: name at least one key to vary.")
+    space, sample = {}, {}
+    for key, domain in spec["search"].items():
+        space[key], sample[key] = _domain(key, domain)
+    config = from_dict(merge(base, _nest(sample)))  # unknown or invalid keys fail here, named
+    return base, space, config
+
+
+def search(
+    spec: dict[str, Any],
+    out_dir: str | Path,
+    verbose: int = 1,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run the search in `spec`; write results.parquet and results.md into `out_dir`; return
+    one row per trial (its parameters, last round, metrics, error), best first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    base, space, sample = load_search(spec)
+    metric = spec.get("metric", "mean_accuracy")
+    if metric not in REPORTED[1:]:
+        raise ConfigError(f"'metric' is '{metric}'; trials report {', '.join(REPORTED[1:])}.")
+    scheduler_name = spec.get("scheduler", "asha")
+    if scheduler_name == "asha":
+        rounds = max(1, sample.train.rounds)
+        scheduler = ASHAScheduler(time_attr="round", max_t=rounds, grace_period=max(1, math.ceil(rounds / 4)))
+    elif scheduler_name == "fifo":
+        scheduler = FIFOScheduler()
+    else:
+        raise ConfigError(f"'scheduler' is '{scheduler_name}'; use asha or fifo.")
+
+    from fedmd_ray.backends import init_ray
+
+    init_ray(sample.resources.address)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trainable, base=base), trial_resources(sample)),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=int(spec.get("num_samples", 1)),
+                                    scheduler=scheduler,
+                                    max_concurrent_trials=spec.get("max_concurrent_trials")),
+        run_config=tune.RunConfig(name="trials", storage_path=str(out), verbose=verbose),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        params = {k: result.config.get(k) for k in space}
+        last = result.metrics or {}
+        row = {**{f"param:{k}": json.dumps(v) for k, v in params.items()},
+               **{k: last.get(k) for k in REPORTED},
+               "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
+               "path": result.path}
+        rows.append(row)
+    rows.sort(key=lambda r: -(r.get(metric) if r.get(metric) is not None else -math.inf))
+    pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+    (out / "results.md").write_text(render(rows, list(space), metric))
+    progress(render(rows, list(space), metric))
+    progress(f"results in {out}/ (results.parquet, results.md, trials/)")
+    return rows
+
+
+def render(rows: list[dict], keys: list[str], metric: str) -> str:
+    head = "| " + " | ".join([*keys, "rounds", "mean accuracy", "mean gain", "error"]) + " |"
+    lines = [f"# FedMD search (best {metric} first)", "", head, "|" + "---|" * (len(keys) + 4)]
+    for r in rows:
+        cells = [r[f"param:{k}"] for k in keys]
+        acc, gain = r.get("mean_accuracy"), r.get("mean_gain")
+        cells += [str(r.get("round") or "-"), f"{acc:.1%}" if acc is not None else "-",
+                  f"{gain:+.1%}" if gain is not None else "-", r.get("error") or ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

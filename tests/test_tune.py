@@ -1,0 +1,53 @@
+"""Ray Tune: a tiny search end to end (synthetic data, fake GPUs), and search files checked
+before any trial starts."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from fedmd_ray.config import ConfigError
+from fedmd_ray.tune import load_search, search, trial_resources
+from tests.conftest import TINY
+
+
+def tiny_search(**extra):
+    config = json.loads(json.dumps(TINY))
+    config["resources"] = {"backend": "ray", "num_cpus": 0.5, "num_gpus": 0.25, "torch_threads": 1}
+    return {"config": config, "search": {"train.digest_loss": {"grid": ["mae", "kl"]}},
+            "scheduler": "fifo", **extra}
+
+
+def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_path):
+    rows = search(tiny_search(), tmp_path / "tune", verbose=0, progress=lambda _m: None)
+    assert sorted(json.loads(r["param:train.digest_loss"]) for r in rows) == ["kl", "mae"]
+    for row in rows:
+        assert row["error"] is None and row["round"] == 2
+        assert 0 <= row["mean_accuracy"] <= 1
+        assert row["mean_gain"] == pytest.approx(row["mean_accuracy"] - row["lower_bound"])
+        run_dir = tmp_path / "tune" / "trials" / row["path"].rsplit("/", 1)[-1] / "fedmd"
+        placement = json.loads((run_dir / "placement.json").read_text())
+        assert placement["in_trial_group"] and placement["num_gpus"] == 0.25
+        participants = json.loads((run_dir / "participants.json").read_text())
+        assert [p["visible_gpus"] for p in participants] == ["0"] * 3  # fake GPU from the trial's bundles
+    table = pq.read_table(tmp_path / "tune" / "results.parquet").to_pylist()
+    assert [r["mean_accuracy"] for r in table] == [r["mean_accuracy"] for r in rows]
+    report = (tmp_path / "tune" / "results.md").read_text()
+    assert "| train.digest_loss | rounds | mean accuracy | mean gain | error |" in report
+
+
+def test_trial_resources_reserve_the_whole_simulation():
+    _, _, config = load_search(tiny_search())
+    bundles = trial_resources(config).bundles
+    assert bundles == [{"CPU": 0.5}] + [{"CPU": 0.5, "GPU": 0.25}] * 3
+
+
+def test_bad_search_files_fail_before_any_trial():
+    with pytest.raises(ConfigError, match="train.digest_los.*Did you mean 'digest_loss'"):
+        load_search(tiny_search(search={"train.digest_los": {"choice": ["mae"]}}))
+    with pytest.raises(ConfigError, match="known: choice, grid, uniform, loguniform, randint"):
+        load_search(tiny_search(search={"train.lr": {"normal": [0, 1]}}))
+    with pytest.raises(ConfigError, match="low < high"):
+        load_search(tiny_search(search={"train.lr": {"loguniform": [0.1, 0.01]}}))
+    with pytest.raises(ConfigError, match="no 'search' section"):
+        load_search(tiny_search(search={}))
