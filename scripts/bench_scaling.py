@@ -46,30 +46,42 @@ def config(participants: int, subset: int, placement: str | None = None, rounds:
     }
 
 
-def actor_pss_mib() -> float:
+def raylet_pids(nodes: list | None = None) -> set[int]:
+    """The raylets of this script's Ray (every node of a Cluster, or the local ray.init)."""
+    if nodes is None:
+        import ray._private.worker as worker
+
+        nodes = [worker._global_node]
+    return {info.process.pid for node in nodes for info in node.all_processes.get("raylet", [])}
+
+
+def actor_pss_mib(raylets: set[int] | None = None) -> float:
+    """PSS of the worker processes (actors) started by `raylets` (default: this driver's)."""
+    raylets = raylet_pids() if raylets is None else raylets
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read().startswith(b"ray::"):
-                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent not in raylets:
+                continue
             # Proportional set size: shared pages (torch's libraries, the mmapped object
             # store) are split among the processes that map them instead of counted in each.
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Pss:"):
                         total += int(line.split()[1])
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return total / 1024
 
 
-def measure(values: dict) -> dict:
+def measure(values: dict, raylets: set[int] | None = None) -> dict:
     memory: list[float] = []
     start = time.perf_counter()
-    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib()))
+    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets)))
     rows = result.metrics.to_pylist()
     rounds = values["train"]["rounds"]
     moved = sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["phase"] == "digest") / rounds
@@ -97,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        m = measure(config(10, 1000, placement="SPREAD"))
+        m = measure(config(10, 1000, placement="SPREAD"), raylet_pids(cluster.list_all_nodes()))
         ray.shutdown()
         cluster.shutdown()
         rows.append({"sweep": "nodes", "nodes": nodes, "participants": 10, "subset": 1000, **m})
         print(f"{nodes:5d}  {cpus:9d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}",
               flush=True)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     print("\nparticipants  s/round  actor PSS MiB  MiB moved/round")
     for n in [int(x) for x in args.participants.split(",")]:
         m = measure(config(n, 1000))
