@@ -90,6 +90,18 @@ def load_dataset(
     return _load_cifar(name, train, root, download)
 
 
+def location(name: str, data_dir: str | Path | None = None) -> str:
+    """Where a dataset's training split would be read from (for reports)."""
+    name = canonical_name(name)
+    if name == "synthetic":
+        return "made in memory"
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if name in _IDX_DATASETS:
+        found = _find_idx(name, True, root)
+        return str(found[0].parent) if found else f"not found under {root}"
+    return str(root)
+
+
 # ---------------------------------------------------------------- synthetic
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmd_ray.cli import resolve_config
+from fedmd_ray.data import location
 from fedmd_ray.errors import FedMDError
 from fedmd_ray.fedmd import run
 from fedmd_ray.presets import PRESETS
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{command}`",
         f"- data: public `{config.data.public}` ({config.data.public_train_size or 'all'} training images), "
         f"private `{config.data.private}` classes {config.data.private_classes}, partition "
-        f"`{config.partition.kind}`; data dir `{config.data.data_dir or os.environ.get('FEDMD_DATA_DIR', 'data')}`",
+        f"`{config.partition.kind}`; read from `{location(config.data.public, config.data.data_dir)}`"
+        + ("" if config.data.private == config.data.public
+           else f" and `{location(config.data.private, config.data.data_dir)}`"),
         f"- device: {device_description()}; backend `{config.resources.backend}`",
         f"- wall time: {seconds / 60:.1f} min",
         "",
