@@ -131,10 +131,14 @@ def _ray():
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Join `address` ('auto', 'ray://...') or start a local Ray, unless one is running."""
+    """Join `address` ('auto', 'ray://...') or start a local Ray, unless one is running.
+    Without an address, a Ray job's RAY_ADDRESS is honoured; otherwise the run gets a Ray
+    of its own rather than joining whichever `ray start` cluster this machine last ran."""
     ray = _ray()
     if ray.is_initialized():
         return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
     try:
         ray.init(address=address, log_to_driver=True, **kwargs)
     except ConnectionError as exc:
@@ -262,11 +266,11 @@ def torch_threads(threads: int) -> None:
 class _Call:
     """One submitted participant call, kept until it answers so it can be resubmitted."""
 
-    __slots__ = ("index", "method", "args", "state", "metrics", "payload", "new_state")
+    __slots__ = ("index", "method", "args", "state", "metrics", "payload", "new_state", "actor")
 
     def __init__(self, index: int, method: str, args: tuple, state: Any = None):
         self.index, self.method, self.args, self.state = index, method, args, state
-        self.metrics = self.payload = self.new_state = None
+        self.metrics = self.payload = self.new_state = self.actor = None
 
 
 class RayBackend:
@@ -312,6 +316,7 @@ class RayBackend:
             aggregator_options["scheduling_strategy"] = self._in_group(0)
         self.aggregator = ray.remote(Aggregator).options(**aggregator_options).remote()
         self.restarts = [0] * slots
+        self.late: set[int] = set()
         self.journal: list[list[_Call]] = [[] for _ in range(n)]
         self.saved: list[Any] = [None] * n  # last round's state refs (dedicated actors)
         self.state: list[Any] = [None] * n  # current state refs (pool)
@@ -398,7 +403,7 @@ class RayBackend:
         return index % self.pool_size if self.pool_size else index
 
     def _send(self, call: _Call, replay: bool = False) -> tuple[Any, Any]:
-        actor = self.actors[self._slot(call.index)]
+        actor = call.actor = self.actors[self._slot(call.index)]
         if self.pool_size:
             i = call.index
             refs = actor.call.options(num_returns=3).remote(
@@ -428,6 +433,9 @@ class RayBackend:
         """The actor under `call` died: start a new one, bring it back to where the dead one
         was (its last round's state, then this round's calls so far), and resend `call`."""
         slot = self._slot(call.index)
+        if self.actors[slot] is not call.actor:
+            # Another call queued on the same dead pool actor already replaced it.
+            return self._send(call, replay=True)
         who = f"pool actor {slot} (serving {self.names[call.index]})" if self.pool_size else None
         if self.restarts[slot] >= self.config.resources.max_restarts:
             raise ParticipantError(
@@ -459,13 +467,12 @@ class RayBackend:
         done: dict[int, _Call] = {}
         start = time.perf_counter()
         while pending:
-            timeout = None
-            if deadline is not None:
-                timeout = max(0.0, deadline - (time.perf_counter() - start))
-                if timeout == 0 and len(done) >= need:
-                    break
-            elif len(done) >= need:
+            # Before the deadline: wait for everyone. After it (or without one): stop at the
+            # quorum, and until then keep waiting for whoever answers next.
+            left = None if deadline is None else deadline - (time.perf_counter() - start)
+            if len(done) >= need and (left is None or left <= 0):
                 break
+            timeout = left if left is not None and left > 0 else None
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             if not ready:
                 continue  # the deadline passed; go on once the quorum is in
@@ -510,6 +517,7 @@ class RayBackend:
         done = self._gather(self._submit(who, "logits", self._indices, round_), "communicate", need, r.deadline_s)
         answered = [i for i in who if i in done]
         late = [i for i in who if i not in done]
+        self.late = set(late)
         return answered, late, [done[i].payload for i in answered]
 
     def aggregate(self, scores: list, names: list[str], plan: dict):
@@ -538,7 +546,10 @@ class RayBackend:
         restarted from here (a pool keeps every state there anyway)."""
         if self.pool_size or self.config.resources.max_restarts == 0:
             return
-        done = self._gather(self._submit(range(len(self.specs)), "get_state"), "checkpoint")
+        # Late participants are still busy; they keep their older state and longer journal
+        # rather than hold the round up.
+        ready = [i for i in range(len(self.specs)) if i not in self.late]
+        done = self._gather(self._submit(ready, "get_state"), "checkpoint")
         for i, call in done.items():
             self.saved[i] = call.payload
             self.journal[i] = []

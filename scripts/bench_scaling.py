@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{nodes:5d}  {cpus:9d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}",
               flush=True)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     print("\nparticipants  s/round  actor PSS MiB  MiB moved/round")
     for n in [int(x) for x in args.participants.split(",")]:
         m = measure(config(n, 1000))

@@ -24,6 +24,7 @@ def ray_session():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # a fresh Ray of our own, even when another one runs on this machine
         num_cpus=2,
         num_gpus=1,
         _node_ip_address="127.0.0.1",

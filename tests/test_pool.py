@@ -22,13 +22,16 @@ def test_a_pool_actor_that_dies_is_replaced(ray_session, tmp_path):
     settings = {"models": FIVE, "train": {"rounds": 2}}
     undisturbed = run(tiny_config(**settings, resources={"backend": "ray", "actors": 2}), progress=None)
     crashed = run(
-        tiny_config(**settings, resources={"backend": "ray", "actors": 2}, faults=["3:revisit:1:exit"]),
+        # Actor 1 serves p01 and p03: p01 kills it, and p03's call queued behind fails too.
+        tiny_config(**settings, resources={"backend": "ray", "actors": 2}, faults=["1:digest:1:exit"]),
         tmp_path / "run",
         progress=None,
     )
     assert numbers(crashed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
-    notes = {r["note"] for r in crashed.metrics.to_pylist() if r["note"]}
-    assert notes == {"restarted (pool actor 1 (serving p03-cnn2) died)"}
+    notes = [r["note"] for r in crashed.metrics.to_pylist() if r["note"]]
+    # One death, one restart, whichever of the two failed calls the driver saw first.
+    assert len(notes) == 1 and notes[0] in {f"restarted (pool actor 1 (serving {p}) died)"
+                                            for p in ("p01-cnn3", "p03-cnn2")}
     # The pool's states also make a resumable checkpoint.
     longer = {"models": FIVE, "train": {"rounds": 3}, "resources": {"backend": "ray", "actors": 2}}
     resumed = run(tiny_config(**longer), tmp_path / "run", progress=None, resume=True)
