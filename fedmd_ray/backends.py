@@ -149,8 +149,20 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         ) from None
 
 
-def plan_resources(config: Config, cluster: dict[str, float], actors: int | None = None) -> tuple[float, float, int]:
-    """CPUs, GPUs and torch threads for each participant actor, checked against the cluster."""
+def even_share(node_cpus: list[float], n: int) -> float:
+    """The largest CPU share, in hundredths (Ray's resolution for fractions), of which `n`
+    fit on these nodes: an even split of the total may not, when nodes are small (4 nodes of
+    1 CPU hold only 8 actors of 0.4)."""
+    share = math.floor(sum(node_cpus) / n * 100) / 100
+    while share > 0.01 and sum(math.floor(c / share + 1e-9) for c in node_cpus) < n:
+        share = round(share - 0.01, 2)
+    return max(0.01, share)
+
+
+def plan_resources(config: Config, cluster: dict[str, float], actors: int | None = None,
+                   node_cpus: list[float] | None = None) -> tuple[float, float, int]:
+    """CPUs, GPUs and torch threads for each participant actor, checked against the cluster
+    (its total, and with `node_cpus`, what fits node by node)."""
     n = actors or config.num_participants
     what = "actors" if actors else "participants"
     total_cpus = float(cluster.get("CPU", 0))
@@ -164,8 +176,7 @@ def plan_resources(config: Config, cluster: dict[str, float], actors: int | None
         )
     cpus = config.resources.num_cpus
     if cpus is None:
-        # An even share of the cluster, in hundredths (Ray's resolution for fractions).
-        cpus = max(0.01, math.floor(total_cpus / n * 100) / 100)
+        cpus = even_share(node_cpus or [total_cpus], n)
     elif cpus * n > total_cpus + 1e-9:
         raise ResourceError(
             f"{n} {what} x {cpus} CPU need {cpus * n:g} CPUs; the Ray cluster has "
@@ -296,7 +307,8 @@ class RayBackend:
             cpus, gpus = float(bundle.get("CPU", 0)), float(bundle.get("GPU", 0))
             threads = config.resources.torch_threads or max(1, int(cpus))
         else:
-            cpus, gpus, threads = plan_resources(config, ray.cluster_resources(), self.pool_size)
+            node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+            cpus, gpus, threads = plan_resources(config, ray.cluster_resources(), self.pool_size, node_cpus)
             self.group = self._placement_group(config.resources.placement, slots, cpus, gpus)
             self.own_group, offset = self.group is not None, 0
         self.threads = threads

@@ -184,16 +184,20 @@ def run(
             present = [i for i in everyone if i not in late]
             evaluated = backend.evaluate(present, round_)
             recorder.phase(round_, "evaluate", evaluated, time.perf_counter() - start, present)
+            # Checkpoint: the states an actor restart resumes from, and every
+            # checkpoint_every rounds the files a --resume starts from.
+            start = time.perf_counter()
             backend.end_round(round_)
+            snapshot = time.perf_counter() - start
             for event in backend.events:
                 recorder.note(round_, [event["participant"]], event["note"], event["phase"])
             backend.events.clear()
             recorder.end_round(round_, t.rounds)
+            start = time.perf_counter()
             if saving and (round_ % config.checkpoint_every == 0 or round_ == t.rounds):
-                start = time.perf_counter()
                 _save_checkpoint(backend, Path(out_dir), round_, config)
-                recorder.timing(round_, "checkpoint", time.perf_counter() - start)
-                recorder.flush()
+            recorder.timing(round_, "checkpoint", snapshot + time.perf_counter() - start)
+            recorder.flush()
             if on_round is not None:
                 on_round(round_, recorder.summary())
         recorder.finish(complete=True)

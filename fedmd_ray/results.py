@@ -188,6 +188,20 @@ class Recorder:
             )
         return rows
 
+    def _events(self) -> str:
+        """Who sat rounds out, was late, or was restarted (markdown; empty when nobody)."""
+        by_note: dict[str, list[str]] = {}
+        for r in self.rows:
+            if r.get("note"):
+                by_note.setdefault(r["note"], []).append(f"{r['participant']} (round {r['round']})")
+        if not by_note:
+            return ""
+        lines = ["", "Events:", ""]
+        for note, where in by_note.items():
+            shown = ", ".join(where[:12]) + (f", ... ({len(where)} in all)" if len(where) > 12 else "")
+            lines.append(f"- {note}: {shown}")
+        return "\n".join(lines) + "\n"
+
     def epsilon(self) -> float | None:
         """Epsilon spent so far by each participant (None when privacy is off)."""
         spent = [r["epsilon"] for r in self.rows if r.get("epsilon") is not None]
@@ -212,7 +226,8 @@ class Recorder:
             {"complete": complete, "participants": summary, "mean": _mean_row(summary), "epsilon": epsilon,
              "delta": self.config.sharing.delta if epsilon is not None else None},
         )
-        (self.out_dir / "summary.md").write_text(render_summary(summary, self.config, complete, epsilon))
+        (self.out_dir / "summary.md").write_text(
+            render_summary(summary, self.config, complete, epsilon) + self._events())
         try:
             plot_accuracy(self.table(), summary, self.out_dir / "accuracy.png", self.config.name)
         except Exception as exc:  # a plotting problem must not lose the run's results

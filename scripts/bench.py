@@ -36,7 +36,7 @@ MIXES = {
     "paper": PAPER_MODELS,
     "mixed": [*PAPER_MODELS[:6], "resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "cnn3:64,128,192,0.2"],
 }
-PHASES = ("transfer", "communicate", "aggregate", "digest", "revisit", "evaluate")
+PHASES = ("transfer", "communicate", "aggregate", "digest", "revisit", "evaluate", "checkpoint")
 ROUND_PHASES = PHASES[1:]
 
 
@@ -75,6 +75,7 @@ def make_config(args: argparse.Namespace, backend: str) -> dict:
     return {
         "name": f"bench-{backend}",
         "seed": 0,
+        "checkpoint_every": 0,  # no state files: the work measured is FedMD's
         "models": MIXES[args.models],
         "participants": args.participants,
         "data": {"public": args.dataset, "public_classes": list(range(10)),
@@ -105,6 +106,7 @@ def phase_table(metrics: list[dict], task, config, concurrency: int) -> dict[str
         "digest": n * t.public_subset_size * t.digest_epochs * t.rounds,
         "revisit": private * t.revisit_epochs * t.rounds,
         "evaluate": n * len(task.private_test) * t.rounds,
+        "checkpoint": 0,  # the ray backend's per-round state snapshot, for actor restarts
     }
     out = {}
     walls = phase_walls(metrics)

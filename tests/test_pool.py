@@ -32,6 +32,7 @@ def test_a_pool_actor_that_dies_is_replaced(ray_session, tmp_path):
     # One death, one restart, whichever of the two failed calls the driver saw first.
     assert len(notes) == 1 and notes[0] in {f"restarted (pool actor 1 (serving {p}) died)"
                                             for p in ("p01-cnn3", "p03-cnn2")}
+    assert f"- {notes[0]}: " in (tmp_path / "run" / "summary.md").read_text()
     # The pool's states also make a resumable checkpoint.
     longer = {"models": FIVE, "train": {"rounds": 3}, "resources": {"backend": "ray", "actors": 2}}
     resumed = run(tiny_config(**longer), tmp_path / "run", progress=None, resume=True)

@@ -56,3 +56,12 @@ def test_concurrency_window():
     assert concurrency_window(tiny_config(models=["cnn2:8,16,0.1"] * 10, resources={"num_gpus": 0.1}),
                               {"CPU": 2, "GPU": 1}, threads=1) is None
     assert concurrency_window(tiny_config(resources={"max_concurrent": 1}), {"CPU": 8}, threads=1) == 1
+
+
+def test_even_cpu_share_fits_node_by_node():
+    from fedmd_ray.backends import even_share
+
+    assert even_share([2.0], 10) == 0.2
+    assert even_share([1.0] * 4, 10) == 0.33  # 0.4 each would leave two actors without a node
+    assert even_share([1.0, 1.0], 3) == 0.5
+    assert even_share([0.5], 100) == 0.01
