@@ -79,6 +79,8 @@ class TrainConfig:
     """Public samples drawn afresh each round for the consensus ('alignment')."""
     digest_epochs: int = 1
     digest_batch_size: int = 256
+    digest_lr: float | None = None
+    """Learning rate of the digest step; None: train.lr."""
     digest_loss: str = "mae"
     """'mae' on logits (the paper's), 'mse' on logits, or 'kl' on softened scores."""
     temperature: float = 1.0
@@ -380,6 +382,7 @@ def validate(config: Config) -> None:
     _check_choice("train.digest_loss", t.digest_loss, DIGEST_LOSSES)
     _check_choice("train.consensus", t.consensus, tuple(AGGREGATORS))
     _check_positive("train.lr", t.lr)
+    _check_positive("train.digest_lr", t.digest_lr)
     _check_positive("train.temperature", t.temperature)
     _check_positive("train.min_delta", t.min_delta, allow_zero=True)
     for key in (

@@ -98,7 +98,7 @@ class Participant:
         self._seed(phase="init")
         self.model = build_model(spec.model, spec.image_shape, spec.num_classes).to(self.device)
         self.public_state: dict | None = None
-        self.digest_opt = self._optimizer(self.model)
+        self.digest_opt = self._optimizer(self.model, self.cfg.digest_lr)
         self.private_opt = self._optimizer(self.model)
         self._sent_bytes = 0
         self._logits_seconds = 0.0
@@ -179,7 +179,8 @@ class Participant:
                     continue
                 raise RuntimeError(f"simulated fault in {phase} of round {round_}")
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+    def _optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+        lr = lr or self.cfg.lr
         decay = getattr(model, "head_weight_decay", 0.0)
         head = [p for n, p in model.named_parameters() if n.startswith("head.")] if decay else []
         head_ids = {id(p) for p in head}
@@ -188,8 +189,8 @@ class Participant:
         if head:
             groups.append({"params": head, "weight_decay": decay})
         if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=0.9)
-        return torch.optim.Adam(groups, lr=self.cfg.lr)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        return torch.optim.Adam(groups, lr=lr)
 
     def _fit(
         self,

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             "train.digest_loss": {"grid": ["mae", "kl"]},                # how the consensus is matched
             "train.temperature": {"uniform": [1.0, 4.0]},                # for kl
             "train.digest_epochs": {"randint": [1, 3]},                  # randint's high is exclusive
+            "train.digest_lr": {"loguniform": [1e-4, 1e-2]},
             "train.revisit_epochs": {"choice": [1, 2, 4]},
         },
         "num_samples": args.samples,

@@ -148,3 +148,12 @@ def test_public_subsets_are_fresh_each_round():
     a, b = public_subset(rng, 1000, 300), public_subset(rng, 1000, 300)
     assert len(a) == len(np.unique(a)) == 300 and not np.array_equal(a, b)
     assert len(public_subset(rng, 100, 300)) == 100
+
+
+def test_digest_learning_rate_is_its_own_setting():
+    same = run(tiny_config(train={"rounds": 1, "digest_lr": 1e-3}), progress=None)  # = train.lr
+    default = run(tiny_config(train={"rounds": 1}), progress=None)
+    faster = run(tiny_config(train={"rounds": 1, "digest_lr": 1e-2}), progress=None)
+    assert _accuracies(same) == _accuracies(default)
+    digest_loss = [r["loss"] for r in faster.metrics.to_pylist() if r["phase"] == "digest"]
+    assert digest_loss != [r["loss"] for r in default.metrics.to_pylist() if r["phase"] == "digest"]
