@@ -226,10 +226,10 @@ MUTATING = frozenset({"transfer", "load", "logits", "digest", "revisit"})
 calls after which its new state is kept."""
 
 
-def _split(method: str, out: Any) -> tuple[Any, Any]:
+def _split(method: str, out: Any, seconds: float) -> tuple[Any, Any]:
     """(metrics for the driver, payload for the object store) of one participant call."""
     if method == "logits":
-        return {"bytes_sent": int(sharing.nbytes(out))}, out
+        return {"bytes_sent": int(sharing.nbytes(out)), "seconds": seconds}, out
     if method == "get_state":
         return {"bytes": len(out)}, out
     return out, None
@@ -245,7 +245,9 @@ class ParticipantActor(Participant):
         self.restored = restored
 
     def call(self, method: str, *args: Any) -> tuple[Any, Any]:
-        return _split(method, getattr(self, method)(*args))
+        start = time.perf_counter()
+        out = getattr(self, method)(*args)
+        return _split(method, out, time.perf_counter() - start)
 
 
 class PoolWorker:
@@ -264,7 +266,9 @@ class PoolWorker:
         if state is not None:
             participant.set_state(state, restored=replay)
         participant.restored = participant.restored or replay
-        metrics, payload = _split(method, getattr(participant, method)(*args))
+        start = time.perf_counter()
+        out = getattr(participant, method)(*args)
+        metrics, payload = _split(method, out, time.perf_counter() - start)
         return metrics, payload, participant.get_state() if method in MUTATING else None
 
 
@@ -329,6 +333,7 @@ class RayBackend:
         self.aggregator = ray.remote(Aggregator).options(**aggregator_options).remote()
         self.restarts = [0] * slots
         self.late: set[int] = set()
+        self.seconds: dict[str, dict[int, float]] = {}  # method -> participant -> last seconds
         self.journal: list[list[_Call]] = [[] for _ in range(n)]
         self.saved: list[Any] = [None] * n  # last round's state refs (dedicated actors)
         self.state: list[Any] = [None] * n  # current state refs (pool)
@@ -430,6 +435,11 @@ class RayBackend:
         busy actors than cores only adds context switches and cache misses."""
         calls: dict[Any, _Call] = {}
         running: list = []
+        if self.window:
+            # Longest first (by last time's seconds): a window of workers finishes sooner
+            # when the long calls do not come last. Results do not depend on the order.
+            last = self.seconds.get(method, {})
+            who = sorted(who, key=lambda i: -last.get(i, 0.0))
         for i in who:
             if self.window and len(running) >= self.window:
                 _, running = self.ray.wait(running, num_returns=1, fetch_local=False)
@@ -498,6 +508,8 @@ class RayBackend:
             except Exception as exc:  # RayTaskError wraps the participant's own exception
                 raise ParticipantError(self.names[call.index], phase, _describe_ray_error(exc)) from None
             _metrics_only(call.metrics, self.names[call.index], phase)
+            if isinstance(call.metrics, dict) and call.metrics.get("seconds") is not None:
+                self.seconds.setdefault(call.method, {})[call.index] = call.metrics["seconds"]
             if self.pool_size and call.new_state is not None:
                 self.state[call.index] = call.new_state
             done[call.index] = call

@@ -385,7 +385,7 @@ class Participant:
         model.to(self.device)
         opt = self._optimizer(model)
         x = _normalise(pooled_x, self.device)
-        y = torch.as_tensor(pooled_y, device=self.device)
+        y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(self.device)  # object-store arrays are read-only
         loss = float("nan")
         for _ in range(self.cfg.upper_bound_epochs):
             loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy)
