@@ -281,11 +281,12 @@ def torch_threads(threads: int) -> None:
 class _Call:
     """One submitted participant call, kept until it answers so it can be resubmitted."""
 
-    __slots__ = ("index", "method", "args", "state", "metrics", "payload", "new_state", "actor")
+    __slots__ = ("index", "method", "args", "state", "metrics", "payload", "new_state", "actor", "confirms")
 
     def __init__(self, index: int, method: str, args: tuple, state: Any = None):
         self.index, self.method, self.args, self.state = index, method, args, state
         self.metrics = self.payload = self.new_state = self.actor = None
+        self.confirms = False  # queued behind an unconfirmed state snapshot
 
 
 class RayBackend:
@@ -335,7 +336,8 @@ class RayBackend:
         self.late: set[int] = set()
         self.seconds: dict[str, dict[int, float]] = {}  # method -> participant -> last seconds
         self.journal: list[list[_Call]] = [[] for _ in range(n)]
-        self.saved: list[Any] = [None] * n  # last round's state refs (dedicated actors)
+        self.saved: list[Any] = [None] * n  # confirmed state snapshots (dedicated actors)
+        self.snapshot: list[tuple[Any, int] | None] = [None] * n  # (state ref, journal position), unconfirmed
         self.state: list[Any] = [None] * n  # current state refs (pool)
         self.actors = [self._start(k) for k in range(slots)]
         self.window = None if pool else concurrency_window(config, ray.cluster_resources(), threads)
@@ -447,6 +449,7 @@ class RayBackend:
             metrics, call.payload = self._send(call)
             if not self.pool_size and method in MUTATING:
                 self.journal[i].append(call)
+            call.confirms = self.snapshot[i] is not None
             calls[metrics] = call
             running.append(metrics)
         return calls
@@ -471,6 +474,7 @@ class RayBackend:
         if self.pool_size:
             return self._send(call, replay=True)  # the call carries the state it started from
         actor, i = self.actors[slot], call.index
+        self.snapshot[i] = None  # unconfirmed: it may never have been taken
         if self.saved[i] is not None:
             actor.set_state.remote(self.saved[i])
         journal = self.journal[i]
@@ -512,6 +516,12 @@ class RayBackend:
                 self.seconds.setdefault(call.method, {})[call.index] = call.metrics["seconds"]
             if self.pool_size and call.new_state is not None:
                 self.state[call.index] = call.new_state
+            if call.confirms and self.snapshot[call.index] is not None:
+                # The actor answered a call queued after its snapshot, so the snapshot is in.
+                state, position = self.snapshot[call.index]
+                self.saved[call.index] = state
+                del self.journal[call.index][:position]
+                self.snapshot[call.index] = None
             done[call.index] = call
         return done
 
@@ -570,13 +580,14 @@ class RayBackend:
         restarted from here (a pool keeps every state there anyway)."""
         if self.pool_size or self.config.resources.max_restarts == 0:
             return
-        # Late participants are still busy; they keep their older state and longer journal
-        # rather than hold the round up.
-        ready = [i for i in range(len(self.specs)) if i not in self.late]
-        done = self._gather(self._submit(ready, "get_state"), "checkpoint")
-        for i, call in done.items():
-            self.saved[i] = call.payload
-            self.journal[i] = []
+        # Not waited for: the actor takes the snapshot before its next call, and that call's
+        # answer confirms it (until then a restart uses the previous one and a longer
+        # journal). Late participants are still busy and skip this round's snapshot.
+        for i in range(len(self.specs)):
+            if i not in self.late:
+                call = _Call(i, "get_state", ())
+                _, state = self._send(call)
+                self.snapshot[i] = (state, len(self.journal[i]))
 
     def save(self, directory: Path) -> dict[str, dict]:
         """Each participant (or its pool actor) writes its state file into `directory`, which
