@@ -66,6 +66,15 @@ def tiny_config(**sections):
     return from_dict(merge(TINY, sections))
 
 
+def numbers(rows):
+    """Everything a run computes, from its metrics rows, without timings or notes."""
+    return sorted(
+        (r["round"], r["participant"], r["phase"], r["accuracy"], r["loss"], r["bytes_sent"], r["bytes_received"])
+        for r in rows
+        if r["participant"] != "*" and r["note"] is None
+    )
+
+
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

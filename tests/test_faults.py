@@ -10,16 +10,7 @@ import pytest
 
 from fedmd_ray import run
 from fedmd_ray.errors import CheckpointError, ParticipantError
-from tests.conftest import tiny_config
-
-
-def numbers(rows):
-    """Everything a run computes, without timings or notes."""
-    return sorted(
-        (r["round"], r["participant"], r["phase"], r["accuracy"], r["loss"], r["bytes_sent"], r["bytes_received"])
-        for r in rows
-        if r["participant"] != "*" and r["note"] is None
-    )
+from tests.conftest import numbers, tiny_config
 
 
 def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_session):

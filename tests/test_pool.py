@@ -2,8 +2,7 @@
 (weights, optimizers) kept in the object store between calls and restored bit-exactly."""
 
 from fedmd_ray import run
-from tests.conftest import tiny_config
-from tests.test_faults import numbers
+from tests.conftest import numbers, tiny_config
 
 FIVE = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2", "cnn2:8,8,0.0", "cnn3:8,8,8,0.0"]
 
