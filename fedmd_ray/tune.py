@@ -38,17 +38,36 @@ def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
     return parse_overrides([f"{k}={json.dumps(v)}" for k, v in dotted.items()])
 
 
-def trial_resources(config: Config):
-    """A PlacementGroupFactory sized from `config`: the trial, then one bundle per actor."""
+def trial_resources(config: Config, cluster: dict[str, float] | None = None):
+    """A PlacementGroupFactory sized from `config`: the trial, then one bundle per actor.
+    Without resources.num_cpus, each actor gets an even share of `cluster`'s CPUs after the
+    trial's own (trials then run one at a time), or 1 CPU when no cluster is given."""
     from ray.tune import PlacementGroupFactory
 
     r = config.resources
     actors = min(r.actors or config.num_participants, config.num_participants)
-    bundle = {"CPU": r.num_cpus if r.num_cpus is not None else 1.0}
+    cpus = r.num_cpus
+    if cpus is None:
+        cpus = 1.0 if cluster is None else max(0.01, math.floor((cluster.get("CPU", 0) - TRIAL_CPU) / actors * 100) / 100)
+    bundle = {"CPU": cpus}
     if r.num_gpus:
         bundle["GPU"] = r.num_gpus
     return PlacementGroupFactory([{"CPU": TRIAL_CPU}] + [dict(bundle) for _ in range(actors)],
                                  strategy=r.placement or "PACK")
+
+
+def _check_fits(bundles: list[dict[str, float]], cluster: dict[str, float]) -> None:
+    """Refuse a trial larger than the cluster: Tune would otherwise wait for it forever."""
+    for kind in ("CPU", "GPU"):
+        need, have = sum(b.get(kind, 0) for b in bundles), float(cluster.get(kind, 0))
+        if need > have + 1e-9:
+            actors = len(bundles) - 1
+            fit = math.floor((have - bundles[0].get(kind, 0)) / actors * 100) / 100
+            raise ConfigError(
+                f"One trial reserves {need:g} {kind}s ({bundles[0].get(kind, 0):g} for the trial, "
+                f"{bundles[1].get(kind, 0):g} for each of {actors} actors); the Ray cluster has {have:g}. "
+                f"Set resources.num_{kind.lower()}s to {max(fit, 0):g} or less, use resources.actors for a pool, "
+                "or add nodes.")
 
 
 def summarise(summary: list[dict]) -> dict[str, float]:
@@ -127,6 +146,7 @@ def search(
     one row per trial (its parameters, last round, metrics, error), best first."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -146,10 +166,12 @@ def search(
     from fedmd_ray.backends import init_ray
 
     init_ray(sample.resources.address)
+    resources = trial_resources(sample, ray.cluster_resources())
+    _check_fits(resources.bundles, ray.cluster_resources())
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, base=base), trial_resources(sample)),
+        tune.with_resources(tune.with_parameters(trainable, base=base), resources),
         param_space=space,
         tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=int(spec.get("num_samples", 1)),
                                     scheduler=scheduler,

@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     spec = {
         "preset": args.preset,
-        "set": {"train.rounds": args.rounds, "resources.num_gpus": args.gpus,
-                "resources.num_cpus": 0.5, "checkpoint_every": 0},
+        # Each trial takes an even share of the cluster's CPUs unless resources.num_cpus says
+        # otherwise (set it lower to run trials side by side on a bigger machine).
+        "set": {"train.rounds": args.rounds, "resources.num_gpus": args.gpus, "checkpoint_every": 0},
         "search": {
             # The knobs FedMD adds on top of ordinary training:
             "train.public_subset_size": {"choice": [250, 500, 1000]},   # alignment data per round

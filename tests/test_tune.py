@@ -51,3 +51,17 @@ def test_bad_search_files_fail_before_any_trial():
         load_search(tiny_search(search={"train.lr": {"loguniform": [0.1, 0.01]}}))
     with pytest.raises(ConfigError, match="no 'search' section"):
         load_search(tiny_search(search={}))
+
+
+def test_a_trial_larger_than_the_cluster_is_refused_before_tune_waits_forever(ray_session, tmp_path):
+    spec = tiny_search()
+    spec["config"]["resources"]["num_cpus"] = 1.0  # 0.5 + 3 x 1 CPU > the 2 CPUs Ray has
+    with pytest.raises(ConfigError, match=r"One trial reserves 3.5 CPUs .*has 2\. Set resources.num_cpus to 0.5 or less"):
+        search(spec, tmp_path / "t", verbose=0, progress=lambda _m: None)
+
+
+def test_trials_share_the_cluster_evenly_by_default():
+    spec = tiny_search()
+    del spec["config"]["resources"]["num_cpus"]
+    _, _, config = load_search(spec)
+    assert trial_resources(config, {"CPU": 2.0}).bundles[1]["CPU"] == 0.5
