@@ -162,7 +162,7 @@ class Recorder:
         params = {d["participant"]: d.get("parameters") for d in self.info}
         moved: dict[str, list[int]] = {}
         for r in self.rows:
-            if r["phase"] == "digest":
+            if r["phase"] == "digest" and not r.get("note"):
                 moved.setdefault(r["participant"], []).append(r["bytes_sent"] + r["bytes_received"])
         adversaries = {list(self.models)[i] for i in self.config.sharing.adversaries}
         rows = []

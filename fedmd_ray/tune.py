@@ -196,13 +196,17 @@ def search(
     return rows
 
 
+def _show(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def render(rows: list[dict], keys: list[str], metric: str) -> str:
     head = "| " + " | ".join([*keys, "rounds", "mean accuracy", "mean gain", "error"]) + " |"
     lines = [f"# FedMD search (best {metric} first)", "", head, "|" + "---|" * (len(keys) + 4)]
     for r in rows:
-        cells = [r[f"param:{k}"] for k in keys]
+        cells = [_show(json.loads(r[f"param:{k}"])) for k in keys]
         acc, gain = r.get("mean_accuracy"), r.get("mean_gain")
         cells += [str(r.get("round") or "-"), f"{acc:.1%}" if acc is not None else "-",
-                  f"{gain:+.1%}" if gain is not None else "-", r.get("error") or ""]
+                  f"{100 * gain:+.1f} pts" if gain is not None else "-", r.get("error") or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

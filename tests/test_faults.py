@@ -22,6 +22,7 @@ def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_se
     assert numbers(crashed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
     notes = [(r["round"], r["participant"], r["phase"], r["note"]) for r in crashed.metrics.to_pylist() if r["note"]]
     assert notes == [(2, "p01-cnn3", "digest", "restarted (actor died)")]
+    assert crashed.summary == undisturbed.summary  # bytes per round included
 
 
 def test_ray_kill_from_outside_during_a_round(ray_session):
