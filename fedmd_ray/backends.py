@@ -91,7 +91,9 @@ class LocalBackend:
     def aggregate(self, scores: list, names: list[str], plan: dict) -> np.ndarray:
         return form_consensus(scores, names, plan)
 
-    def digest(self, who: Sequence[int], consensus: np.ndarray, indices: np.ndarray, round_: int) -> list[dict]:
+    def digest(
+        self, who: Sequence[int], consensus: np.ndarray, indices: np.ndarray, round_: int
+    ) -> list[dict]:
         return self._each("digest", "digest", who, consensus, indices, round_)
 
     def revisit(self, who: Sequence[int], round_: int) -> list[dict]:
@@ -108,12 +110,17 @@ class LocalBackend:
         saved = {}
         for name, p in zip(self.names, self.participants):
             path = directory / f"{name}.pt"
-            saved[name] = {"file": path.name, **self._guard(name, "checkpoint", lambda p=p, f=path: p.save(str(f)))}
+            saved[name] = {
+                "file": path.name,
+                **self._guard(name, "checkpoint", lambda p=p, f=path: p.save(str(f))),
+            }
         return saved
 
     def restore(self, directory: Path, entries: dict[str, dict]) -> list[dict]:
         return [
-            self._guard(name, "resume", lambda p=p, e=entries[name]: p.load(str(directory / e["file"]), e["sha256"]))
+            self._guard(
+                name, "resume", lambda p=p, e=entries[name]: p.load(str(directory / e["file"]), e["sha256"])
+            )
             for name, p in zip(self.names, self.participants)
         ]
 
@@ -159,8 +166,9 @@ def even_share(node_cpus: list[float], n: int) -> float:
     return max(0.01, share)
 
 
-def plan_resources(config: Config, cluster: dict[str, float], actors: int | None = None,
-                   node_cpus: list[float] | None = None) -> tuple[float, float, int]:
+def plan_resources(
+    config: Config, cluster: dict[str, float], actors: int | None = None, node_cpus: list[float] | None = None
+) -> tuple[float, float, int]:
     """CPUs, GPUs and torch threads for each participant actor, checked against the cluster
     (its total, and with `node_cpus`, what fits node by node)."""
     n = actors or config.num_participants
@@ -260,8 +268,15 @@ class PoolWorker:
         self.shared = (public_x, public_y, val)
         self.test = test
 
-    def call(self, spec: ParticipantSpec, private: tuple, state: bytes | None, replay: bool, method: str,
-             *args: Any) -> tuple[Any, Any, bytes | None]:
+    def call(
+        self,
+        spec: ParticipantSpec,
+        private: tuple,
+        state: bytes | None,
+        replay: bool,
+        method: str,
+        *args: Any,
+    ) -> tuple[Any, Any, bytes | None]:
         participant = Participant(spec, *self.shared, private, self.test)
         if state is not None:
             participant.set_state(state, restored=replay)
@@ -341,10 +356,16 @@ class RayBackend:
         self.state: list[Any] = [None] * n  # current state refs (pool)
         self.actors = [self._start(k) for k in range(slots)]
         self.window = None if pool else concurrency_window(config, ray.cluster_resources(), threads)
-        self.placement = {"num_cpus": cpus, "num_gpus": gpus, "torch_threads": threads, "window": self.window,
-                          "strategy": config.resources.placement, "actors": slots,
-                          "in_trial_group": self.group is not None and not self.own_group,
-                          "nodes": self._bundle_nodes(slots, offset)}
+        self.placement = {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "torch_threads": threads,
+            "window": self.window,
+            "strategy": config.resources.placement,
+            "actors": slots,
+            "in_trial_group": self.group is not None and not self.own_group,
+            "nodes": self._bundle_nodes(slots, offset),
+        }
         ray.get(self.aggregator.__ray_ready__.remote())
 
     # ------------------------------------------------------------ placement
@@ -363,7 +384,8 @@ class RayBackend:
             raise ResourceError(
                 f"The Ray Tune trial's placement group has {len(group.bundle_specs)} bundles; this run "
                 f"needs {slots + 1} (one for the trial, one per participant actor). Size it with "
-                "fedmd_ray.tune.trial_resources(config).")
+                "fedmd_ray.tune.trial_resources(config)."
+            )
         return group, False, 1
 
     def _in_group(self, bundle: int):
@@ -391,7 +413,8 @@ class RayBackend:
             raise ResourceError(
                 f"Could not place {n} participants of {bundle} with strategy {strategy} within "
                 f"{PLACEMENT_TIMEOUT_SECONDS} s; the cluster has {self.ray.cluster_resources()}. "
-                "Use PACK or SPREAD instead of STRICT_*, or fewer resources per participant.")
+                "Use PACK or SPREAD instead of STRICT_*, or fewer resources per participant."
+            )
         return group
 
     def _bundle_nodes(self, slots: int, offset: int) -> list[str] | None:
@@ -415,8 +438,9 @@ class RayBackend:
         spec = self.specs[slot]
         options["name"] = f"fedmd-{self.tag}/{spec.name}{generation}"
         cls = self.ray.remote(ParticipantActor)
-        return cls.options(**options).remote(spec, *self.public, self.val, self.private[slot], self.test,
-                                             restored=restored)
+        return cls.options(**options).remote(
+            spec, *self.public, self.val, self.private[slot], self.test, restored=restored
+        )
 
     def _slot(self, index: int) -> int:
         return index % self.pool_size if self.pool_size else index
@@ -426,7 +450,8 @@ class RayBackend:
         if self.pool_size:
             i = call.index
             refs = actor.call.options(num_returns=3).remote(
-                self.specs[i], self.private[i], call.state, replay, call.method, *call.args)
+                self.specs[i], self.private[i], call.state, replay, call.method, *call.args
+            )
             call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
             return refs[0], refs[1]
         return tuple(actor.call.options(num_returns=2).remote(call.method, *call.args))
@@ -464,12 +489,19 @@ class RayBackend:
         who = f"pool actor {slot} (serving {self.names[call.index]})" if self.pool_size else None
         if self.restarts[slot] >= self.config.resources.max_restarts:
             raise ParticipantError(
-                self.names[call.index], phase,
+                self.names[call.index],
+                phase,
                 f"{error} (restarted {self.restarts[slot]} times already; resources.max_restarts="
-                f"{self.config.resources.max_restarts})")
+                f"{self.config.resources.max_restarts})",
+            )
         self.restarts[slot] += 1
-        self.events.append({"participant": self.names[call.index], "phase": phase,
-                            "note": f"restarted ({who or 'actor'} died)"})
+        self.events.append(
+            {
+                "participant": self.names[call.index],
+                "phase": phase,
+                "note": f"restarted ({who or 'actor'} died)",
+            }
+        )
         self.actors[slot] = self._start(slot, restored=True)
         if self.pool_size:
             return self._send(call, replay=True)  # the call carries the state it started from
@@ -482,8 +514,9 @@ class RayBackend:
             actor.call.options(num_returns=2).remote(earlier.method, *earlier.args)
         return self._send(call)
 
-    def _gather(self, calls: dict[Any, _Call], phase: str, need: int | None = None,
-                deadline: float | None = None) -> dict[int, _Call]:
+    def _gather(
+        self, calls: dict[Any, _Call], phase: str, need: int | None = None, deadline: float | None = None
+    ) -> dict[int, _Call]:
         """Wait for the calls' metrics: all of them, or `need` of them (after `deadline`
         seconds, when given). A participant that raised stops the run, named; one whose actor
         died is restarted and its call resent."""
@@ -548,14 +581,18 @@ class RayBackend:
         self._indices = self.ray.put(indices)
         r = self.config.resources
         need = len(who) if r.quorum >= 1 else max(1, math.ceil(r.quorum * len(who)))
-        done = self._gather(self._submit(who, "logits", self._indices, round_), "communicate", need, r.deadline_s)
+        done = self._gather(
+            self._submit(who, "logits", self._indices, round_), "communicate", need, r.deadline_s
+        )
         answered = [i for i in who if i in done]
         late = [i for i in who if i not in done]
         self.late = set(late)
         return answered, late, [done[i].payload for i in answered]
 
     def aggregate(self, scores: list, names: list[str], plan: dict):
-        status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(plan, names, scores)
+        status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(
+            plan, names, scores
+        )
         try:
             status = self.ray.get(status_ref)
         except Exception as exc:  # the aggregator actor itself failed
@@ -636,8 +673,12 @@ def _metrics_only(value: Any, name: str, phase: str) -> Any:
     items = value.values() if isinstance(value, dict) else [value]
     for item in items:
         if not isinstance(item, (int, float, str, bool, type(None))):
-            raise ParticipantError(name, phase, f"sent the driver a {type(item).__name__}; only "
-                                   "metrics (numbers and strings) may reach the driver")
+            raise ParticipantError(
+                name,
+                phase,
+                f"sent the driver a {type(item).__name__}; only "
+                "metrics (numbers and strings) may reach the driver",
+            )
     return value
 
 

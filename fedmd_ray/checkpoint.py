@@ -53,8 +53,13 @@ def round_dir(out_dir: Path, round_: int) -> Path:
 def write(out_dir: Path, round_: int, config: Config, participants: dict[str, dict]) -> None:
     """Point the manifest at round `round_` (whose files are written), then drop older rounds."""
     folder = Path(out_dir) / FOLDER
-    manifest = {"round": round_, "fingerprint": fingerprint(config), "identity": identity(config),
-                "directory": round_dir(out_dir, round_).name, "participants": participants}
+    manifest = {
+        "round": round_,
+        "fingerprint": fingerprint(config),
+        "identity": identity(config),
+        "directory": round_dir(out_dir, round_).name,
+        "participants": participants,
+    }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, folder / MANIFEST)  # the manifest moves only once the round is complete
@@ -69,12 +74,15 @@ def read(out_dir: Path, config: Config, names: list[str]) -> tuple[int, Path, di
     if not path.exists():
         raise CheckpointError(
             f"No checkpoint in {out_dir}: expected {path}. The run stopped before its first "
-            "checkpoint (after transfer learning) or ran with checkpoint_every=0; start it afresh.")
+            "checkpoint (after transfer learning) or ran with checkpoint_every=0; start it afresh."
+        )
     try:
         manifest = json.loads(path.read_text())
         round_, entries, folder = manifest["round"], manifest["participants"], manifest["directory"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"The checkpoint manifest {path} is damaged ({exc}); start the run afresh.") from None
+        raise CheckpointError(
+            f"The checkpoint manifest {path} is damaged ({exc}); start the run afresh."
+        ) from None
     if manifest.get("fingerprint") != fingerprint(config):
         ours = identity(config)
         theirs = manifest.get("identity", {})
@@ -82,8 +90,11 @@ def read(out_dir: Path, config: Config, names: list[str]) -> tuple[int, Path, di
         shown = ", ".join(f"{k} ({theirs.get(k)!r} -> {ours.get(k)!r})" for k in changed[:5])
         raise CheckpointError(
             f"The checkpoint in {out_dir} was written under a different configuration: {shown or 'unknown'}. "
-            f"Resume with the original settings (only {', '.join(FREE_KEYS)} may change), or start afresh.")
+            f"Resume with the original settings (only {', '.join(FREE_KEYS)} may change), or start afresh."
+        )
     missing = [n for n in names if n not in entries]
     if missing:
-        raise CheckpointError(f"The checkpoint in {out_dir} has no state for {missing}; start the run afresh.")
+        raise CheckpointError(
+            f"The checkpoint in {out_dir} has no state for {missing}; start the run afresh."
+        )
     return int(round_), Path(out_dir) / FOLDER / folder, entries

@@ -49,11 +49,13 @@ def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path]:
     if args.preset or args.config or args.scale or args.out:
         raise config_lib.ConfigError(
             "--resume DIR continues that run with its own config.json; drop --preset/--config/"
-            "--scale/--out (change settings with --set, e.g. --set train.rounds=30).")
+            "--scale/--out (change settings with --set, e.g. --set train.rounds=30)."
+        )
     if not (out / "config.json").exists():
         raise CheckpointError(f"{out} is not a fedmd-ray run directory (no config.json there).")
-    config = resolve_config(None, str(out / "config.json"), args.set, args.data_dir, args.download,
-                            args.backend, args.address)
+    config = resolve_config(
+        None, str(out / "config.json"), args.set, args.data_dir, args.download, args.backend, args.address
+    )
     return config, out
 
 
@@ -142,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--backend", choices=config_lib.BACKENDS, help="ray (default) or local")
     run_p.add_argument("--address", help="join a Ray cluster: 'auto' or 'ray://HOST:10001'")
     run_p.add_argument("--quiet", action="store_true", help="no progress lines")
-    run_p.add_argument("--scale", type=float, help="shrink the preset for a laptop, e.g. 0.1 (public data, "
-                       "public epochs, rounds)")
+    run_p.add_argument(
+        "--scale",
+        type=float,
+        help="shrink the preset for a laptop, e.g. 0.1 (public data, public epochs, rounds)",
+    )
 
     run_p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
 

@@ -17,8 +17,15 @@ from typing import Any
 
 from fedmd_ray.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "DataConfig", "PartitionConfig", "ResourcesConfig", "SharingConfig",
-           "TrainConfig"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "PartitionConfig",
+    "ResourcesConfig",
+    "SharingConfig",
+    "TrainConfig",
+]
 
 
 @dataclass
@@ -416,10 +423,14 @@ def validate(config: Config) -> None:
     if not 0 < sh.delta < 1:
         raise ConfigError(f"'sharing.delta' is {sh.delta}; it must be between 0 and 1.")
     if sh.noise_multiplier > 0 and sh.clip is None:
-        raise ConfigError("'sharing.noise_multiplier' needs 'sharing.clip' (noise is scaled to the clip norm).")
+        raise ConfigError(
+            "'sharing.noise_multiplier' needs 'sharing.clip' (noise is scaled to the clip norm)."
+        )
     bad = [i for i in sh.adversaries if not 0 <= i < config.num_participants]
     if bad:
-        raise ConfigError(f"'sharing.adversaries' names {bad}; participants are 0..{config.num_participants - 1}.")
+        raise ConfigError(
+            f"'sharing.adversaries' names {bad}; participants are 0..{config.num_participants - 1}."
+        )
     if not 0 <= t.trim_fraction < 0.5:
         raise ConfigError(f"'train.trim_fraction' is {t.trim_fraction}; it must be in [0, 0.5).")
     _check_positive("train.era_temperature", t.era_temperature)
@@ -443,9 +454,6 @@ def validate(config: Config) -> None:
     for key, value in (("train.participation", t.participation), ("resources.quorum", r.quorum)):
         if not 0 < value <= 1:
             raise ConfigError(f"'{key}' is {value}; it must be a fraction in (0, 1].")
-    if r.actors is not None and r.placement is not None:
-        raise ConfigError("'resources.actors' (an actor pool) and 'resources.placement' cannot be "
-                          "combined yet; drop one of them.")
     if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
         raise ConfigError(
             f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "

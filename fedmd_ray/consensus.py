@@ -35,8 +35,9 @@ def weighted(scores: np.ndarray, weights: np.ndarray | None = None, **_: float) 
     return np.tensordot(w / w.sum(), scores, axes=1)
 
 
-def confidence(scores: np.ndarray, weights: np.ndarray | None = None, temperature: float = 1.0,
-               **_: float) -> np.ndarray:
+def confidence(
+    scores: np.ndarray, weights: np.ndarray | None = None, temperature: float = 1.0, **_: float
+) -> np.ndarray:
     """Per sample, each participant weighted by its top softmax probability: participants
     that are sure about a sample count more for it."""
     w = _softmax(scores / temperature).max(axis=2)  # (participants, samples)
@@ -44,8 +45,13 @@ def confidence(scores: np.ndarray, weights: np.ndarray | None = None, temperatur
     return (w[..., None] * scores).sum(axis=0)
 
 
-def era(scores: np.ndarray, weights: np.ndarray | None = None, temperature: float = 1.0,
-        era_temperature: float = 0.1, **_: float) -> np.ndarray:
+def era(
+    scores: np.ndarray,
+    weights: np.ndarray | None = None,
+    temperature: float = 1.0,
+    era_temperature: float = 0.1,
+    **_: float,
+) -> np.ndarray:
     """DS-FL's entropy reduction aggregation (Itahara et al., 2020): average the
     temperature-softened probabilities, then sharpen with softmax(average / era_temperature).
     Returned as log-probabilities, so a digest loss on logits targets that distribution."""
@@ -111,6 +117,7 @@ def form_consensus(payloads: Sequence, names: Sequence[str], plan: dict) -> np.n
     (method, weights, options), and cast it for the trip back (float16 travels as float16)."""
     from fedmd_ray.sharing import decode
 
-    consensus = aggregate([decode(p) for p in payloads], plan["method"], plan.get("weights"),
-                          names, **plan.get("options", {}))
+    consensus = aggregate(
+        [decode(p) for p in payloads], plan["method"], plan.get("weights"), names, **plan.get("options", {})
+    )
     return consensus.astype(plan.get("dtype", "float32"))

@@ -256,8 +256,10 @@ def _letters_mat_candidates(root: Path) -> list[Path]:
 
 
 def _leaf_candidates(root: Path) -> list[Path]:
-    return [root / d for d in ("femnist/data/all_data", "leaf/data/femnist/data/all_data", "femnist/all_data",
-                               "femnist")]
+    return [
+        root / d
+        for d in ("femnist/data/all_data", "leaf/data/femnist/data/all_data", "femnist/all_data", "femnist")
+    ]
 
 
 def load_letters_by_writer(data_dir: str | Path | None = None) -> ArrayDataset:

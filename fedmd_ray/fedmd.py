@@ -60,10 +60,16 @@ def consensus_plan(config: Config, task: Task) -> dict:
     """How the consensus is formed: the method, its weights and options, the return dtype."""
     t = config.train
     weights = [float(len(p)) for p in task.private_parts] if t.consensus == "weighted" else None
-    return {"method": t.consensus, "weights": weights,
-            "options": {"temperature": t.temperature, "era_temperature": t.era_temperature,
-                        "trim": t.trim_fraction},
-            "dtype": "float16" if config.sharing.payload == "float16" else "float32"}
+    return {
+        "method": t.consensus,
+        "weights": weights,
+        "options": {
+            "temperature": t.temperature,
+            "era_temperature": t.era_temperature,
+            "trim": t.trim_fraction,
+        },
+        "dtype": "float16" if config.sharing.payload == "float16" else "float32",
+    }
 
 
 def privacy_spent(config: Config, rounds: int, samples: int) -> float | None:
@@ -166,8 +172,12 @@ def run(
 
             start = time.perf_counter()
             answered, late, scores = backend.logits(chosen, indices, round_)  # communicate
-            recorder.timing(round_, "communicate", time.perf_counter() - start,
-                            epsilon=privacy_spent(config, round_, len(indices)))
+            recorder.timing(
+                round_,
+                "communicate",
+                time.perf_counter() - start,
+                epsilon=privacy_spent(config, round_, len(indices)),
+            )
             recorder.note(round_, [names[i] for i in everyone if i not in chosen], "sat out")
             recorder.note(round_, [names[i] for i in late], "late")
 
@@ -179,7 +189,9 @@ def run(
             digested = backend.digest(answered, consensus, indices, round_)
             recorder.phase(round_, "digest", digested, time.perf_counter() - start, answered)
             start = time.perf_counter()
-            recorder.phase(round_, "revisit", backend.revisit(answered, round_), time.perf_counter() - start, answered)
+            recorder.phase(
+                round_, "revisit", backend.revisit(answered, round_), time.perf_counter() - start, answered
+            )
             start = time.perf_counter()
             present = [i for i in everyone if i not in late]
             evaluated = backend.evaluate(present, round_)

@@ -154,8 +154,10 @@ class Participant:
                 "run directory must be on storage every node sees."
             ) from None
         if hashlib.sha256(blob).hexdigest() != sha256:
-            raise CheckpointError(f"{self.name}: checkpoint {path} is damaged (its checksum does not "
-                                  "match the manifest). Resume from an intact copy or start afresh.")
+            raise CheckpointError(
+                f"{self.name}: checkpoint {path} is damaged (its checksum does not "
+                "match the manifest). Resume from an intact copy or start afresh."
+            )
         self.set_state(blob)
         return {"bytes": len(blob)}
 
@@ -175,7 +177,7 @@ class Participant:
                 if mode == "exit":
                     os._exit(1)  # a crash, as if killed: no exception, no cleanup
                 if mode.startswith("sleep"):
-                    time.sleep(float(mode[len("sleep"):]))  # a straggler
+                    time.sleep(float(mode[len("sleep") :]))  # a straggler
                     continue
                 raise RuntimeError(f"simulated fault in {phase} of round {round_}")
 
@@ -385,7 +387,9 @@ class Participant:
         model.to(self.device)
         opt = self._optimizer(model)
         x = _normalise(pooled_x, self.device)
-        y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(self.device)  # object-store arrays are read-only
+        y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(
+            self.device
+        )  # object-store arrays are read-only
         loss = float("nan")
         for _ in range(self.cfg.upper_bound_epochs):
             loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy)

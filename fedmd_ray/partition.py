@@ -69,8 +69,9 @@ def dirichlet(
     return parts
 
 
-def by_writer(labels: np.ndarray, writers: np.ndarray, participants: int, min_samples: int,
-              seed: int) -> list[np.ndarray]:
+def by_writer(
+    labels: np.ndarray, writers: np.ndarray, participants: int, min_samples: int, seed: int
+) -> list[np.ndarray]:
     """The paper's imbalanced FEMNIST: each participant holds every sample of one writer.
     Writers with fewer than `min_samples` samples (of the private classes) are not drawn."""
     ids, counts = np.unique(writers, return_counts=True)
@@ -84,8 +85,9 @@ def by_writer(labels: np.ndarray, writers: np.ndarray, participants: int, min_sa
     return [np.flatnonzero(writers == w) for w in chosen]
 
 
-def one_subclass_per_class(labels: np.ndarray, subclasses: np.ndarray, participants: int,
-                           samples_per_class: int, seed: int) -> list[np.ndarray]:
+def one_subclass_per_class(
+    labels: np.ndarray, subclasses: np.ndarray, participants: int, samples_per_class: int, seed: int
+) -> list[np.ndarray]:
     """The paper's imbalanced CIFAR: the task is the superclass (`labels`), and each
     participant sees one random subclass of each superclass, `samples_per_class` of it."""
     rng = np.random.default_rng(seed)

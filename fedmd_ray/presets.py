@@ -127,17 +127,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cifar10-cifar100-superclass": {
         "name": "cifar10-cifar100-superclass",
         "models": PAPER_MODELS,
-        "data": {"public": "cifar10", "private": "cifar100", "private_label": "coarse",
-                 "private_classes": [0, 1, 7, 9, 12, 18]},
+        "data": {
+            "public": "cifar10",
+            "private": "cifar100",
+            "private_label": "coarse",
+            "private_classes": [0, 1, 7, 9, 12, 18],
+        },
         "partition": {"kind": "one_subclass_per_class", "samples_per_class": 20},
-        "train": {**_PAPER_TRAIN, "min_delta": 0.005, "rounds": 13, "digest_batch_size": 128,
-                  "revisit_epochs": 10, "revisit_batch_size": 10},
+        "train": {
+            **_PAPER_TRAIN,
+            "min_delta": 0.005,
+            "rounds": 13,
+            "digest_batch_size": 128,
+            "revisit_epochs": 10,
+            "revisit_batch_size": 10,
+        },
     },
 }
 
 # Public training and test set sizes, for --scale.
-_FULL_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000), "fashion_mnist": (60000, 10000),
-               "synthetic": (4800, 960)}
+_FULL_SIZES = {
+    "mnist": (60000, 10000),
+    "cifar10": (50000, 10000),
+    "fashion_mnist": (60000, 10000),
+    "synthetic": (4800, 960),
+}
 
 
 def scale(values: dict[str, Any], factor: float) -> dict[str, Any]:
@@ -154,8 +168,9 @@ def scale(values: dict[str, Any], factor: float) -> dict[str, Any]:
     data["test_size"] = max(500, round(factor * (data.get("test_size") or full_test)))
     subset = train.get("public_subset_size", 5000)
     train["public_subset_size"] = max(200, round(factor * subset))
-    train["digest_batch_size"] = max(16, round(train.get("digest_batch_size", 256) * train["public_subset_size"]
-                                               / subset))
+    train["digest_batch_size"] = max(
+        16, round(train.get("digest_batch_size", 256) * train["public_subset_size"] / subset)
+    )
     # Private data is a few samples per participant: its epochs cost little and stay as they are.
     for key, floor in (("public_epochs", 1), ("rounds", 5)):
         train[key] = max(floor, math.ceil(factor * train.get(key, 20)))

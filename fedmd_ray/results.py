@@ -81,26 +81,43 @@ class Recorder:
 
     def _row(self, round_: int, participant: str, phase: str, **values: Any) -> None:
         row = {name: None for name in SCHEMA.names}
-        row.update(round=round_, participant=participant, model=self.models.get(participant), phase=phase,
-                   bytes_sent=0, bytes_received=0)
+        row.update(
+            round=round_,
+            participant=participant,
+            model=self.models.get(participant),
+            phase=phase,
+            bytes_sent=0,
+            bytes_received=0,
+        )
         row.update(values)
         self.rows.append(row)
 
-    def phase(self, round_: int, phase: str, results: list[dict], wall_seconds: float,
-              who: list[int] | None = None) -> None:
+    def phase(
+        self, round_: int, phase: str, results: list[dict], wall_seconds: float, who: list[int] | None = None
+    ) -> None:
         """One row per participant (those in `who`, default all) for a phase they ran."""
         names = list(self.models)
         chosen = names if who is None else [names[i] for i in who]
         for name, res in zip(chosen, results, strict=True):
-            self._row(round_, name, phase, accuracy=res.get("accuracy"), loss=res.get("loss"),
-                      seconds=res.get("seconds"), wall_seconds=wall_seconds,
-                      bytes_sent=res.get("bytes_sent", 0), bytes_received=res.get("bytes_received", 0))
+            self._row(
+                round_,
+                name,
+                phase,
+                accuracy=res.get("accuracy"),
+                loss=res.get("loss"),
+                seconds=res.get("seconds"),
+                wall_seconds=wall_seconds,
+                bytes_sent=res.get("bytes_sent", 0),
+                bytes_received=res.get("bytes_received", 0),
+            )
             if "communicate_seconds" in res:
                 # The scores' compute time, reported by the participant with its digest.
                 self._row(round_, name, "communicate", seconds=res["communicate_seconds"])
         if phase in ("transfer", "upper_bound"):
             label = "lower bound (transfer learning)" if phase == "transfer" else "upper bound (pooled)"
-            self.say(f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]")
+            self.say(
+                f"{label}: {_describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]"
+            )
             self.flush()
 
     def note(self, round_: int, names: list[str], note: str, phase: str = "communicate") -> None:
@@ -145,8 +162,12 @@ class Recorder:
     def _accuracies(self, phase: str, round_: int | None = None) -> dict[str, float]:
         out = {}
         for r in self.rows:
-            if (r["phase"] == phase and r["participant"] != ALL and r["accuracy"] is not None
-                    and (round_ is None or r["round"] == round_)):
+            if (
+                r["phase"] == phase
+                and r["participant"] != ALL
+                and r["accuracy"] is not None
+                and (round_ is None or r["round"] == round_)
+            ):
                 out[r["participant"]] = r["accuracy"]
         return out
 
@@ -223,11 +244,17 @@ class Recorder:
         epsilon = self.epsilon()
         self._write_json(
             "summary.json",
-            {"complete": complete, "participants": summary, "mean": _mean_row(summary), "epsilon": epsilon,
-             "delta": self.config.sharing.delta if epsilon is not None else None},
+            {
+                "complete": complete,
+                "participants": summary,
+                "mean": _mean_row(summary),
+                "epsilon": epsilon,
+                "delta": self.config.sharing.delta if epsilon is not None else None,
+            },
         )
         (self.out_dir / "summary.md").write_text(
-            render_summary(summary, self.config, complete, epsilon) + self._events())
+            render_summary(summary, self.config, complete, epsilon) + self._events()
+        )
         try:
             plot_accuracy(self.table(), summary, self.out_dir / "accuracy.png", self.config.name)
         except Exception as exc:  # a plotting problem must not lose the run's results
@@ -244,8 +271,15 @@ def _describe_accuracy(values: list[float]) -> str:
 def _mean_row(summary: list[dict]) -> dict:
     """Means over the honest participants, of the values that exist (no upper bound when it
     was skipped). Adversaries are left out: their accuracy is not what a defence protects."""
-    keys = ("lower_bound", "fedmd_final", "fedmd_best", "upper_bound", "gain", "bytes_per_round",
-            "fedavg_bytes_per_round")
+    keys = (
+        "lower_bound",
+        "fedmd_final",
+        "fedmd_best",
+        "upper_bound",
+        "gain",
+        "bytes_per_round",
+        "fedavg_bytes_per_round",
+    )
     honest = [r for r in summary if not r.get("adversary")]
     out = {}
     for k in keys:
@@ -258,8 +292,9 @@ def _kib(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{x / 1024:,.0f}"
 
 
-def render_summary(summary: list[dict], config: Config, complete: bool = True,
-                   epsilon: float | None = None) -> str:
+def render_summary(
+    summary: list[dict], config: Config, complete: bool = True, epsilon: float | None = None
+) -> str:
     """The paper's comparison as a Markdown table, with what each participant moved."""
 
     def pct(x: float) -> str:
@@ -276,14 +311,20 @@ def render_summary(summary: list[dict], config: Config, complete: bool = True,
         "",
     ]
     if sh.adversaries:
-        lines += [f"Adversaries (`{sh.attack}`, scale {sh.attack_scale:g}): "
-                  f"{', '.join(r['participant'] for r in summary if r['adversary'])}; "
-                  "the mean row covers honest participants only.", ""]
+        lines += [
+            f"Adversaries (`{sh.attack}`, scale {sh.attack_scale:g}): "
+            f"{', '.join(r['participant'] for r in summary if r['adversary'])}; "
+            "the mean row covers honest participants only.",
+            "",
+        ]
     if sh.clip is not None:
         eps = "∞ (no noise)" if epsilon is None or math.isinf(epsilon) else f"{epsilon:.3g}"
-        lines += [f"Differential privacy: scores clipped to L2 {sh.clip:g}, noise multiplier "
-                  f"{sh.noise_multiplier:g}; epsilon {eps} at delta {sh.delta:g} per participant "
-                  "over the run (Gaussian DP accountant).", ""]
+        lines += [
+            f"Differential privacy: scores clipped to L2 {sh.clip:g}, noise multiplier "
+            f"{sh.noise_multiplier:g}; epsilon {eps} at delta {sh.delta:g} per participant "
+            "over the run (Gaussian DP accountant).",
+            "",
+        ]
     lines += [
         "Test accuracy (%) on the private task, and KiB each participant moved per round "
         "(FedMD: scores out + consensus in; FedAvg: its float32 parameters up and down):",
@@ -363,7 +404,7 @@ def _participant_panels(fig, shown: list[dict], curves: dict, colors, grid_rows:
         a.set_title(f"{r['participant']}  {100 * r['gain']:+.1f} pts", fontsize=8)
         a.tick_params(labelsize=7)
         a.grid(alpha=0.3)
-    for a in axes[len(shown):]:
+    for a in axes[len(shown) :]:
         a.axis("off")
     fig.suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)
 

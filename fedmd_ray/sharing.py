@@ -28,8 +28,9 @@ def corrupt(scores: np.ndarray, attack: str, scale: float, rng: np.random.Genera
     raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
 
 
-def privatise(scores: np.ndarray, clip: float, noise_multiplier: float,
-              rng: np.random.Generator) -> np.ndarray:
+def privatise(
+    scores: np.ndarray, clip: float, noise_multiplier: float, rng: np.random.Generator
+) -> np.ndarray:
     """Clip every row to L2 norm `clip`, then add N(0, (noise_multiplier x sensitivity)^2)."""
     norms = np.linalg.norm(scores, axis=1, keepdims=True)
     clipped = scores * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
@@ -45,9 +46,11 @@ def encode(scores: np.ndarray, payload: str, topk: int) -> np.ndarray | dict:
     if payload == "topk":
         k = min(topk, scores.shape[1])
         index = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        return {"indices": index.astype(np.int16),
-                "values": np.take_along_axis(scores, index, axis=1).astype(np.float32),
-                "classes": scores.shape[1]}
+        return {
+            "indices": index.astype(np.int16),
+            "values": np.take_along_axis(scores, index, axis=1).astype(np.float32),
+            "classes": scores.shape[1],
+        }
     return scores.astype(np.float32)
 
 

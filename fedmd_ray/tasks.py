@@ -62,8 +62,9 @@ def _cap(ds: ArrayDataset, size: int | None, seed: int) -> ArrayDataset:
     return ds.subset(index)
 
 
-def _classes_of(ds: ArrayDataset, chosen: list[int] | None, key: str, name: str,
-                coarse: bool = False) -> list[int]:
+def _classes_of(
+    ds: ArrayDataset, chosen: list[int] | None, key: str, name: str, coarse: bool = False
+) -> list[int]:
     present = sorted(int(c) for c in np.unique(_labels(ds, coarse)))
     if chosen is None:
         return present
@@ -134,8 +135,9 @@ def build_task(config: Config) -> Task:
     else:
         if not coarse:
             raise ConfigError("partition.kind='one_subclass_per_class' needs data.private_label='coarse'.")
-        parts = partition_lib.one_subclass_per_class(private_pool.y, private_pool.groups, n,
-                                                     p.samples_per_class, seed)
+        parts = partition_lib.one_subclass_per_class(
+            private_pool.y, private_pool.groups, n, p.samples_per_class, seed
+        )
     names = participant_names(config)
     report = partition_lib.report(private_pool.y, parts, names)
     return Task(
@@ -156,11 +158,19 @@ def _writer_pool(d) -> ArrayDataset:
     if name == "emnist_letters":
         return load_letters_by_writer(d.data_dir)
     if name == "synthetic":
-        return load_dataset(name, True, synthetic={"image_size": d.synthetic_image_size,
-                                                   "train_per_class": d.synthetic_train_per_class,
-                                                   "test_per_class": d.synthetic_test_per_class})
-    raise ConfigError(f"partition.kind='by_writer' needs writer ids, which '{d.private}' lacks; "
-                      "use emnist_letters (FEMNIST) or another partition kind.")
+        return load_dataset(
+            name,
+            True,
+            synthetic={
+                "image_size": d.synthetic_image_size,
+                "train_per_class": d.synthetic_train_per_class,
+                "test_per_class": d.synthetic_test_per_class,
+            },
+        )
+    raise ConfigError(
+        f"partition.kind='by_writer' needs writer ids, which '{d.private}' lacks; "
+        "use emnist_letters (FEMNIST) or another partition kind."
+    )
 
 
 def participant_names(config: Config) -> list[str]:

@@ -48,12 +48,17 @@ def trial_resources(config: Config, cluster: dict[str, float] | None = None):
     actors = min(r.actors or config.num_participants, config.num_participants)
     cpus = r.num_cpus
     if cpus is None:
-        cpus = 1.0 if cluster is None else max(0.01, math.floor((cluster.get("CPU", 0) - TRIAL_CPU) / actors * 100) / 100)
+        cpus = (
+            1.0
+            if cluster is None
+            else max(0.01, math.floor((cluster.get("CPU", 0) - TRIAL_CPU) / actors * 100) / 100)
+        )
     bundle = {"CPU": cpus}
     if r.num_gpus:
         bundle["GPU"] = r.num_gpus
-    return PlacementGroupFactory([{"CPU": TRIAL_CPU}] + [dict(bundle) for _ in range(actors)],
-                                 strategy=r.placement or "PACK")
+    return PlacementGroupFactory(
+        [{"CPU": TRIAL_CPU}] + [dict(bundle) for _ in range(actors)], strategy=r.placement or "PACK"
+    )
 
 
 def _check_fits(bundles: list[dict[str, float]], cluster: dict[str, float]) -> None:
@@ -67,7 +72,8 @@ def _check_fits(bundles: list[dict[str, float]], cluster: dict[str, float]) -> N
                 f"One trial reserves {need:g} {kind}s ({bundles[0].get(kind, 0):g} for the trial, "
                 f"{bundles[1].get(kind, 0):g} for each of {actors} actors); the Ray cluster has {have:g}. "
                 f"Set resources.num_{kind.lower()}s to {max(fit, 0):g} or less, use resources.actors for a pool, "
-                "or add nodes.")
+                "or add nodes."
+            )
 
 
 def summarise(summary: list[dict]) -> dict[str, float]:
@@ -75,8 +81,12 @@ def summarise(summary: list[dict]) -> dict[str, float]:
     lower = [r["lower_bound"] for r in summary]
     final = [r["fedmd_final"] for r in summary]
     gains = [r["gain"] for r in summary]
-    return {"mean_accuracy": sum(final) / len(final), "mean_gain": sum(gains) / len(gains),
-            "min_gain": min(gains), "lower_bound": sum(lower) / len(lower)}
+    return {
+        "mean_accuracy": sum(final) / len(final),
+        "mean_gain": sum(gains) / len(gains),
+        "min_gain": min(gains),
+        "lower_bound": sum(lower) / len(lower),
+    }
 
 
 def trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
@@ -89,8 +99,12 @@ def trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     config = from_dict(merge(base, _nest(params)))
     trial_dir = tune.get_context().get_trial_dir()
     out = Path(trial_dir) / "fedmd" if trial_dir else None
-    run(config, out, progress=None,
-        on_round=lambda round_, summary: tune.report({"round": round_, **summarise(summary)}))
+    run(
+        config,
+        out,
+        progress=None,
+        on_round=lambda round_, summary: tune.report({"round": round_, **summarise(summary)}),
+    )
 
 
 def _domain(key: str, spec: Any):
@@ -99,8 +113,9 @@ def _domain(key: str, spec: Any):
     if not isinstance(spec, dict):
         return spec, spec  # a fixed value
     if len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        raise ConfigError(f"Search key '{key}': give one domain, e.g. {{\"choice\": [1, 2]}}; known: "
-                          f"{', '.join(DOMAINS)}.")
+        raise ConfigError(
+            f"Search key '{key}': give one domain, e.g. {{\"choice\": [1, 2]}}; known: {', '.join(DOMAINS)}."
+        )
     kind, args = next(iter(spec.items()))
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
@@ -117,8 +132,17 @@ def _domain(key: str, spec: Any):
 def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Config]:
     """(base values, Tune param space, a sample Config) from a search file's contents; every
     searched key is checked against the config before any trial starts."""
-    known = {"preset", "config", "config_file", "set", "search", "num_samples", "scheduler", "metric",
-             "max_concurrent_trials"}
+    known = {
+        "preset",
+        "config",
+        "config_file",
+        "set",
+        "search",
+        "num_samples",
+        "scheduler",
+        "metric",
+        "max_concurrent_trials",
+    }
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"Unknown search-file keys {unknown}; known: {', '.join(sorted(known))}.")
@@ -173,9 +197,13 @@ def search(
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, base=base), resources),
         param_space=space,
-        tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=int(spec.get("num_samples", 1)),
-                                    scheduler=scheduler,
-                                    max_concurrent_trials=spec.get("max_concurrent_trials")),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            num_samples=int(spec.get("num_samples", 1)),
+            scheduler=scheduler,
+            max_concurrent_trials=spec.get("max_concurrent_trials"),
+        ),
         run_config=tune.RunConfig(name="trials", storage_path=str(out), verbose=verbose),
     )
     grid = tuner.fit()
@@ -183,10 +211,12 @@ def search(
     for result in grid:
         params = {k: result.config.get(k) for k in space}
         last = result.metrics or {}
-        row = {**{f"param:{k}": json.dumps(v) for k, v in params.items()},
-               **{k: last.get(k) for k in REPORTED},
-               "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
-               "path": result.path}
+        row = {
+            **{f"param:{k}": json.dumps(v) for k, v in params.items()},
+            **{k: last.get(k) for k in REPORTED},
+            "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
+            "path": result.path,
+        }
         rows.append(row)
     rows.sort(key=lambda r: -(r.get(metric) if r.get(metric) is not None else -math.inf))
     pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
@@ -206,7 +236,11 @@ def render(rows: list[dict], keys: list[str], metric: str) -> str:
     for r in rows:
         cells = [_show(json.loads(r[f"param:{k}"])) for k in keys]
         acc, gain = r.get("mean_accuracy"), r.get("mean_gain")
-        cells += [str(r.get("round") or "-"), f"{acc:.1%}" if acc is not None else "-",
-                  f"{100 * gain:+.1f} pts" if gain is not None else "-", r.get("error") or ""]
+        cells += [
+            str(r.get("round") or "-"),
+            f"{acc:.1%}" if acc is not None else "-",
+            f"{100 * gain:+.1f} pts" if gain is not None else "-",
+            r.get("error") or "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

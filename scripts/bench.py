@@ -34,7 +34,13 @@ from fedmd_ray.tasks import build_task
 MIXES = {
     "small": PRESETS["smoke"]["models"],
     "paper": PAPER_MODELS,
-    "mixed": [*PAPER_MODELS[:6], "resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "cnn3:64,128,192,0.2"],
+    "mixed": [
+        *PAPER_MODELS[:6],
+        "resnet18",
+        "mobilenet_v3_small",
+        "shufflenet_v2_x0_5",
+        "cnn3:64,128,192,0.2",
+    ],
 }
 PHASES = ("transfer", "communicate", "aggregate", "digest", "revisit", "evaluate", "checkpoint")
 ROUND_PHASES = PHASES[1:]
@@ -51,8 +57,12 @@ class GpuSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 self.samples.append(float(out.split()[0]))
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 return
@@ -78,17 +88,30 @@ def make_config(args: argparse.Namespace, backend: str) -> dict:
         "checkpoint_every": 0,  # no state files: the work measured is FedMD's
         "models": MIXES[args.models],
         "participants": args.participants,
-        "data": {"public": args.dataset, "public_classes": list(range(10)),
-                 "private": args.dataset, "private_classes": list(range(10, 16)),
-                 "synthetic_image_size": args.image_size, "synthetic_train_per_class": args.public_train // 10,
-                 "data_dir": args.data_dir},
+        "data": {
+            "public": args.dataset,
+            "public_classes": list(range(10)),
+            "private": args.dataset,
+            "private_classes": list(range(10, 16)),
+            "synthetic_image_size": args.image_size,
+            "synthetic_train_per_class": args.public_train // 10,
+            "data_dir": args.data_dir,
+        },
         "partition": {"kind": "per_class", "samples_per_class": 3},
-        "train": {"public_epochs": 1, "private_epochs": 5, "rounds": args.rounds,
-                  "public_subset_size": args.public_subset, "upper_bound": False},
+        "train": {
+            "public_epochs": 1,
+            "private_epochs": 5,
+            "rounds": args.rounds,
+            "public_subset_size": args.public_subset,
+            "upper_bound": False,
+        },
         "sharing": {"payload": args.payload},
-        "resources": {"backend": backend, "device": args.device,
-                      "num_gpus": args.gpu_fraction if (backend == "ray" and args.device == "cuda") else 0.0,
-                      "torch_threads": None},
+        "resources": {
+            "backend": backend,
+            "device": args.device,
+            "num_gpus": args.gpu_fraction if (backend == "ray" and args.device == "cuda") else 0.0,
+            "torch_threads": None,
+        },
     }
 
 
@@ -118,9 +141,14 @@ def phase_table(metrics: list[dict], task, config, concurrency: int) -> dict[str
         wall = float(sum(s for (_, ph), s in walls.items() if ph == phase))
         ideal = float(sum(max(max(v), sum(v) / concurrency) for v in by_round.values())) if by_round else 0.0
         total = float(sum(sum(v) for v in by_round.values())) if by_round else 0.0
-        out[phase] = {"wall_seconds": wall, "ideal_compute": ideal, "total_compute": total,
-                      "overhead_seconds": wall - ideal if by_round else None,
-                      "samples": samples[phase], "samples_per_second": samples[phase] / wall if wall else None}
+        out[phase] = {
+            "wall_seconds": wall,
+            "ideal_compute": ideal,
+            "total_compute": total,
+            "overhead_seconds": wall - ideal if by_round else None,
+            "samples": samples[phase],
+            "samples_per_second": samples[phase] / wall if wall else None,
+        }
     return out
 
 
@@ -155,22 +183,37 @@ def main(argv: list[str] | None = None) -> int:
         phases = phase_table(metrics, task, config, _concurrency(config))
         round_seconds = seconds_per_round(metrics)
         # Aggregation is all overhead: no participant computes during it.
-        overhead = sum(phases[ph]["overhead_seconds"] or phases[ph]["wall_seconds"]
-                       for ph in ROUND_PHASES) / config.train.rounds
+        overhead = (
+            sum(phases[ph]["overhead_seconds"] or phases[ph]["wall_seconds"] for ph in ROUND_PHASES)
+            / config.train.rounds
+        )
         results[backend] = {
-            "phases": phases, "seconds_per_round": round_seconds, "rounds_per_hour": 3600 / round_seconds,
+            "phases": phases,
+            "seconds_per_round": round_seconds,
+            "rounds_per_hour": 3600 / round_seconds,
             "overhead_seconds_per_round": overhead if backend == "ray" else None,
             "overhead_fraction": overhead / round_seconds if backend == "ray" else None,
-            "gpu_utilisation": getattr(gpu, "mean", None), "total_seconds": time.perf_counter() - start,
+            "gpu_utilisation": getattr(gpu, "mean", None),
+            "total_seconds": time.perf_counter() - start,
             "mean_final_accuracy": float(np.mean([r["fedmd_final"] for r in result.summary])),
         }
-        print(f"{backend}: {round_seconds:.2f} s/round, total {results[backend]['total_seconds']:.0f} s", flush=True)
+        print(
+            f"{backend}: {round_seconds:.2f} s/round, total {results[backend]['total_seconds']:.0f} s",
+            flush=True,
+        )
 
     print_table(args, results)
-    rows = [{"backend": b, "phase": ph, **vals} for b, r in results.items() for ph, vals in r["phases"].items()]
+    rows = [
+        {"backend": b, "phase": ph, **vals} for b, r in results.items() for ph, vals in r["phases"].items()
+    ]
     pq.write_table(pa.Table.from_pylist(rows), out / "bench.parquet")
-    meta = {"args": vars(args), "machine": platform.node(), "cpus": os.cpu_count(), "time": time.ctime(),
-            "results": results}
+    meta = {
+        "args": vars(args),
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "time": time.ctime(),
+        "results": results,
+    }
     (out / "bench.json").write_text(json.dumps(meta, indent=2, default=str))
     print(f"\nwritten: {out}/bench.parquet, bench.json")
     return 0
@@ -198,11 +241,16 @@ class _null:
 
 def print_table(args: argparse.Namespace, results: dict) -> None:
     local, ray = results.get("local"), results.get("ray")
-    print(f"\n{args.participants} participants ({args.models}), public subset {args.public_subset}, "
-          f"{args.rounds} rounds, device {args.device}"
-          + (f", {args.gpu_fraction} GPU each" if args.device == "cuda" else "") + f", {os.cpu_count()} CPUs\n")
-    print(f"{'phase':12s} {'local s':>9s} {'ray s':>9s} {'ray/local':>9s} {'ray ovh s':>9s} "
-          f"{'local smp/s':>11s} {'ray smp/s':>11s}")
+    print(
+        f"\n{args.participants} participants ({args.models}), public subset {args.public_subset}, "
+        f"{args.rounds} rounds, device {args.device}"
+        + (f", {args.gpu_fraction} GPU each" if args.device == "cuda" else "")
+        + f", {os.cpu_count()} CPUs\n"
+    )
+    print(
+        f"{'phase':12s} {'local s':>9s} {'ray s':>9s} {'ray/local':>9s} {'ray ovh s':>9s} "
+        f"{'local smp/s':>11s} {'ray smp/s':>11s}"
+    )
     for ph in PHASES:
         lw = local["phases"][ph]["wall_seconds"] if local else float("nan")
         rw = ray["phases"][ph]["wall_seconds"] if ray else float("nan")
@@ -210,14 +258,20 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
         ovh = rw if ray and ovh is None else (ovh if ovh is not None else float("nan"))
         ls = local["phases"][ph]["samples_per_second"] if local else None
         rs = ray["phases"][ph]["samples_per_second"] if ray else None
-        print(f"{ph:12s} {lw:9.2f} {rw:9.2f} {rw / lw if lw else float('nan'):9.2f} {ovh:9.2f} "
-              f"{ls or float('nan'):11.0f} {rs or float('nan'):11.0f}")
+        print(
+            f"{ph:12s} {lw:9.2f} {rw:9.2f} {rw / lw if lw else float('nan'):9.2f} {ovh:9.2f} "
+            f"{ls or float('nan'):11.0f} {rs or float('nan'):11.0f}"
+        )
     if local and ray:
-        print(f"\nper round: local {local['seconds_per_round']:.2f} s, ray {ray['seconds_per_round']:.2f} s "
-              f"-> ray round throughput {local['seconds_per_round'] / ray['seconds_per_round']:.2f}x local")
+        print(
+            f"\nper round: local {local['seconds_per_round']:.2f} s, ray {ray['seconds_per_round']:.2f} s "
+            f"-> ray round throughput {local['seconds_per_round'] / ray['seconds_per_round']:.2f}x local"
+        )
     if ray:
-        print(f"ray overhead: {ray['overhead_seconds_per_round']:.3f} s/round = "
-              f"{100 * ray['overhead_fraction']:.1f}% of the round")
+        print(
+            f"ray overhead: {ray['overhead_seconds_per_round']:.3f} s/round = "
+            f"{100 * ray['overhead_fraction']:.1f}% of the round"
+        )
         if ray["gpu_utilisation"] is not None:
             print(f"GPU utilisation during the ray run: {ray['gpu_utilisation']:.0f}%")
 

@@ -34,14 +34,30 @@ MODELS = ["cnn2:4,8,0.0", "cnn3:4,8,8,0.0"]
 
 def config(participants: int, actors: int | None, rounds: int) -> dict:
     return {
-        "name": "participants", "models": MODELS, "participants": participants, "checkpoint_every": 0,
-        "data": {"public": "synthetic", "public_classes": list(range(10)), "private": "synthetic",
-                 "private_classes": list(range(10, 16)), "synthetic_image_size": 16,
-                 "synthetic_train_per_class": max(300, 2 * participants + 50), "synthetic_test_per_class": 30,
-                 "public_train_size": 500},
+        "name": "participants",
+        "models": MODELS,
+        "participants": participants,
+        "checkpoint_every": 0,
+        "data": {
+            "public": "synthetic",
+            "public_classes": list(range(10)),
+            "private": "synthetic",
+            "private_classes": list(range(10, 16)),
+            "synthetic_image_size": 16,
+            "synthetic_train_per_class": max(300, 2 * participants + 50),
+            "synthetic_test_per_class": 30,
+            "public_train_size": 500,
+        },
         "partition": {"kind": "per_class", "samples_per_class": 2},
-        "train": {"public_epochs": 1, "private_epochs": 2, "rounds": rounds, "public_subset_size": 200,
-                  "digest_batch_size": 50, "revisit_epochs": 1, "upper_bound": False},
+        "train": {
+            "public_epochs": 1,
+            "private_epochs": 2,
+            "rounds": rounds,
+            "public_subset_size": 200,
+            "digest_batch_size": 50,
+            "revisit_epochs": 1,
+            "upper_bound": False,
+        },
         "resources": {"backend": "ray", "actors": actors, "torch_threads": 1},
     }
 
@@ -69,24 +85,35 @@ def measure(values: dict) -> dict:
     result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib()))
     rows = result.metrics.to_pylist()
     transfer = next(r["wall_seconds"] for r in rows if r["phase"] == "transfer")
-    return {"seconds_per_round": seconds_per_round(rows), "transfer_seconds": transfer,
-            "actor_pss_mib": max(memory), "driver_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "mean_accuracy": sum(r["fedmd_final"] for r in result.summary) / len(result.summary),
-            "total_seconds": time.perf_counter() - start}
+    return {
+        "seconds_per_round": seconds_per_round(rows),
+        "transfer_seconds": transfer,
+        "actor_pss_mib": max(memory),
+        "driver_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "mean_accuracy": sum(r["fedmd_final"] for r in result.summary) / len(result.summary),
+        "total_seconds": time.perf_counter() - start,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--participants", default="10,100,1000")
     p.add_argument("--actors", type=int, default=2, help="pool size")
-    p.add_argument("--dedicated-up-to", type=int, default=10,
-                   help="also run one actor per participant for N up to this")
+    p.add_argument(
+        "--dedicated-up-to", type=int, default=10, help="also run one actor per participant for N up to this"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="runs/participants")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     one_state = state_bytes(config(2, None, 1))
     rows = []
     print(f"one participant's state: {one_state / 1024:.1f} KiB")
@@ -94,13 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(x) for x in args.participants.split(",")]:
         for actors in ([None] if n <= args.dedicated_up_to else []) + [args.actors]:
             m = measure(config(n, actors, args.rounds))
-            row = {"participants": n, "actors": actors or n, "pool": actors is not None,
-                   "states_mib": one_state * n / 2**20 if actors else None, **m}
+            row = {
+                "participants": n,
+                "actors": actors or n,
+                "pool": actors is not None,
+                "states_mib": one_state * n / 2**20 if actors else None,
+                **m,
+            }
             rows.append(row)
             states = f"{row['states_mib']:10.1f}" if actors else f"{'(in actors)':>10s}"
-            print(f"{n:12d}  {row['actors']:6d}  {m['seconds_per_round']:7.2f}  {m['transfer_seconds']:10.1f}  "
-                  f"{m['actor_pss_mib']:13.0f}  {states}  {m['driver_rss_mib']:14.0f}  {m['mean_accuracy']:8.1%}",
-                  flush=True)
+            print(
+                f"{n:12d}  {row['actors']:6d}  {m['seconds_per_round']:7.2f}  {m['transfer_seconds']:10.1f}  "
+                f"{m['actor_pss_mib']:13.0f}  {states}  {m['driver_rss_mib']:14.0f}  {m['mean_accuracy']:8.1%}",
+                flush=True,
+            )
     ray.shutdown()
     pq.write_table(pa.Table.from_pylist(rows), out / "participants.parquet")
     print(f"\nwritten: {out}/participants.parquet")

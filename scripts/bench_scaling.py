@@ -35,13 +35,27 @@ TINY = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2", "cnn3:8,8,16,0.1"
 
 def config(participants: int, subset: int, placement: str | None = None, rounds: int = 2) -> dict:
     return {
-        "name": "scaling", "models": TINY, "participants": participants,
-        "data": {"public": "synthetic", "public_classes": list(range(10)), "private": "synthetic",
-                 "private_classes": list(range(10, 16)), "synthetic_train_per_class": max(300, subset // 10 + 1),
-                 "synthetic_test_per_class": 30},
+        "name": "scaling",
+        "models": TINY,
+        "participants": participants,
+        "data": {
+            "public": "synthetic",
+            "public_classes": list(range(10)),
+            "private": "synthetic",
+            "private_classes": list(range(10, 16)),
+            "synthetic_train_per_class": max(300, subset // 10 + 1),
+            "synthetic_test_per_class": 30,
+        },
         "partition": {"kind": "per_class", "samples_per_class": 1 if participants > 40 else 3},
-        "train": {"public_epochs": 1, "private_epochs": 5, "rounds": rounds, "public_subset_size": subset,
-                  "revisit_epochs": 1, "upper_bound": False, "digest_batch_size": 128},
+        "train": {
+            "public_epochs": 1,
+            "private_epochs": 5,
+            "rounds": rounds,
+            "public_subset_size": subset,
+            "revisit_epochs": 1,
+            "upper_bound": False,
+            "digest_batch_size": 128,
+        },
         "resources": {"backend": "ray", "placement": placement},
     }
 
@@ -81,19 +95,28 @@ def actor_pss_mib(raylets: set[int] | None = None) -> float:
 def measure(values: dict, raylets: set[int] | None = None) -> dict:
     memory: list[float] = []
     start = time.perf_counter()
-    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets)))
+    result = run(
+        from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets))
+    )
     rows = result.metrics.to_pylist()
     rounds = values["train"]["rounds"]
     moved = sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["phase"] == "digest") / rounds
-    return {"seconds_per_round": seconds_per_round(rows), "actor_pss_mib": max(memory) if memory else None,
-            "mib_moved_per_round": moved / 2**20, "total_seconds": time.perf_counter() - start}
+    return {
+        "seconds_per_round": seconds_per_round(rows),
+        "actor_pss_mib": max(memory) if memory else None,
+        "mib_moved_per_round": moved / 2**20,
+        "total_seconds": time.perf_counter() - start,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", default="1,2,4")
-    p.add_argument("--participants", default="5,10,20",
-                   help="one actor each: ~480 MiB per actor with torch's CUDA build (see bench_participants.py)")
+    p.add_argument(
+        "--participants",
+        default="5,10,20",
+        help="one actor each: ~480 MiB per actor with torch's CUDA build (see bench_participants.py)",
+    )
     p.add_argument("--subsets", default="500,1000,2000,4000")
     p.add_argument("--out", default="runs/scaling")
     args = p.parse_args(argv)
@@ -105,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     for nodes in [int(n) for n in args.nodes.split(",") if n]:
         # Ray wants whole CPUs per node: with 4 nodes, 4 logical CPUs share the 2 real cores.
         cpus = max(1, 2 // nodes)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1"})
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1"}
+        )
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
@@ -114,22 +139,35 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         cluster.shutdown()
         rows.append({"sweep": "nodes", "nodes": nodes, "participants": 10, "subset": 1000, **m})
-        print(f"{nodes:5d}  {cpus:9d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}",
-              flush=True)
+        print(
+            f"{nodes:5d}  {cpus:9d}  {10:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}",
+            flush=True,
+        )
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     print("\nparticipants  s/round  actor PSS MiB  MiB moved/round")
     for n in [int(x) for x in args.participants.split(",") if x]:
         m = measure(config(n, 1000))
         rows.append({"sweep": "participants", "nodes": 1, "participants": n, "subset": 1000, **m})
-        print(f"{n:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  {m['mib_moved_per_round']:15.2f}",
-              flush=True)
+        print(
+            f"{n:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  {m['mib_moved_per_round']:15.2f}",
+            flush=True,
+        )
     print("\npublic subset  s/round  actor PSS MiB  MiB moved/round")
     for subset in [int(x) for x in args.subsets.split(",") if x]:
         m = measure(config(10, subset))
         rows.append({"sweep": "subset", "nodes": 1, "participants": 10, "subset": subset, **m})
-        print(f"{subset:13d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  "
-              f"{m['mib_moved_per_round']:15.2f}", flush=True)
+        print(
+            f"{subset:13d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  "
+            f"{m['mib_moved_per_round']:15.2f}",
+            flush=True,
+        )
     ray.shutdown()
     pq.write_table(pa.Table.from_pylist(rows), out / "scaling.parquet")
     print(f"\nwritten: {out}/scaling.parquet")

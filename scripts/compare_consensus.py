@@ -43,31 +43,53 @@ VARIANTS: dict[str, dict] = {
     "dp-clip5-noise1": {"sharing": {"clip": 5.0, "noise_multiplier": 1.0}},
     "dp-clip5-noise4": {"sharing": {"clip": 5.0, "noise_multiplier": 4.0}},
     "adv-mean": {"sharing": {"adversaries": ADVERSARIES, "attack": "scaled"}},
-    "adv-median": {"sharing": {"adversaries": ADVERSARIES, "attack": "scaled"}, "train": {"consensus": "median"}},
-    "adv-trimmed": {"sharing": {"adversaries": ADVERSARIES, "attack": "scaled"},
-                    "train": {"consensus": "trimmed_mean"}},
+    "adv-median": {
+        "sharing": {"adversaries": ADVERSARIES, "attack": "scaled"},
+        "train": {"consensus": "median"},
+    },
+    "adv-trimmed": {
+        "sharing": {"adversaries": ADVERSARIES, "attack": "scaled"},
+        "train": {"consensus": "trimmed_mean"},
+    },
 }
 
 
 def base_config(data_dir: str | None, backend: str, rounds: int) -> dict:
     if data_dir:
         values = get_preset("mnist-femnist")
-        values = merge(values, {
-            "data": {"data_dir": data_dir, "public_train_size": 6000, "test_size": 1200},
-            "models": ["cnn2:32,64,0.2", "cnn3:32,64,64,0.2", "cnn2:64,64,0.3", "cnn3:32,32,64,0.2"],
-            "participants": 10,
-            "train": {"public_epochs": 1, "public_subset_size": 1000, "digest_batch_size": 64,
-                      "revisit_epochs": 2},
-        })
+        values = merge(
+            values,
+            {
+                "data": {"data_dir": data_dir, "public_train_size": 6000, "test_size": 1200},
+                "models": ["cnn2:32,64,0.2", "cnn3:32,64,64,0.2", "cnn2:64,64,0.3", "cnn3:32,32,64,0.2"],
+                "participants": 10,
+                "train": {
+                    "public_epochs": 1,
+                    "public_subset_size": 1000,
+                    "digest_batch_size": 64,
+                    "revisit_epochs": 2,
+                },
+            },
+        )
     else:
-        values = merge(get_preset("smoke"), {"participants": 10, "train": {"public_subset_size": 1000,
-                                                                          "digest_batch_size": 64}})
-    return merge(values, {"name": "compare", "train": {"rounds": rounds, "upper_bound": False},
-                          "resources": {"backend": backend}})
+        values = merge(
+            get_preset("smoke"),
+            {"participants": 10, "train": {"public_subset_size": 1000, "digest_batch_size": 64}},
+        )
+    return merge(
+        values,
+        {
+            "name": "compare",
+            "train": {"rounds": rounds, "upper_bound": False},
+            "resources": {"backend": backend},
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", help="MNIST and EMNIST in torchvision's layout; synthetic without it")
     parser.add_argument("--out", default="runs/compare", help="where the table and plot go")
     parser.add_argument("--rounds", type=int, default=5)
@@ -90,33 +112,45 @@ def main(argv: list[str] | None = None) -> int:
         result = run(config, out / name, progress=None, task=task)
         honest = [r for r in result.summary if not r["adversary"]]
         eps = [r["epsilon"] for r in result.metrics.to_pylist() if r["epsilon"] is not None]
-        rows.append({
-            "variant": name,
-            "final_accuracy": float(np.mean([r["fedmd_final"] for r in honest])),
-            "lower_bound": float(np.mean([r["lower_bound"] for r in honest])),
-            "gain": float(np.mean([r["gain"] for r in honest])),
-            "kib_per_round": float(np.mean([r["bytes_per_round"] for r in result.summary])) / 1024,
-            "fedavg_kib_per_round": float(np.mean([r["fedavg_bytes_per_round"] for r in result.summary])) / 1024,
-            "epsilon": eps[-1] if eps else None,
-            "seconds": time.perf_counter() - start,
-        })
+        rows.append(
+            {
+                "variant": name,
+                "final_accuracy": float(np.mean([r["fedmd_final"] for r in honest])),
+                "lower_bound": float(np.mean([r["lower_bound"] for r in honest])),
+                "gain": float(np.mean([r["gain"] for r in honest])),
+                "kib_per_round": float(np.mean([r["bytes_per_round"] for r in result.summary])) / 1024,
+                "fedavg_kib_per_round": float(np.mean([r["fedavg_bytes_per_round"] for r in result.summary]))
+                / 1024,
+                "epsilon": eps[-1] if eps else None,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         r = rows[-1]
-        print(f"{name:18s} final {100 * r['final_accuracy']:5.1f}%  gain {100 * r['gain']:+5.1f}  "
-              f"{r['kib_per_round']:7.1f} KiB/round  eps {r['epsilon'] if r['epsilon'] is not None else '-'}"
-              f"  [{r['seconds']:.0f}s]", flush=True)
+        print(
+            f"{name:18s} final {100 * r['final_accuracy']:5.1f}%  gain {100 * r['gain']:+5.1f}  "
+            f"{r['kib_per_round']:7.1f} KiB/round  eps {r['epsilon'] if r['epsilon'] is not None else '-'}"
+            f"  [{r['seconds']:.0f}s]",
+            flush=True,
+        )
 
     pq.write_table(pa.Table.from_pylist(rows), out / "comparison.parquet")
     data = "MNIST -> EMNIST letters (reduced)" if args.data_dir else "synthetic"
-    lines = [f"# Consensus variants ({data}, {base['participants']} participants, {args.rounds} rounds, "
-             f"seed {base.get('seed', 0)})", "",
-             "Accuracy is the mean over honest participants; adversaries (participants "
-             f"{ADVERSARIES}, scaled scores) only in the adv-* rows.", "",
-             "| variant | final acc % | lower bound % | gain pts | KiB/round | FedAvg KiB/round | epsilon (delta 1e-5) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Consensus variants ({data}, {base['participants']} participants, {args.rounds} rounds, "
+        f"seed {base.get('seed', 0)})",
+        "",
+        "Accuracy is the mean over honest participants; adversaries (participants "
+        f"{ADVERSARIES}, scaled scores) only in the adv-* rows.",
+        "",
+        "| variant | final acc % | lower bound % | gain pts | KiB/round | FedAvg KiB/round | epsilon (delta 1e-5) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         eps = "–" if r["epsilon"] is None else ("∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.2f}")
-        lines.append(f"| {r['variant']} | {100 * r['final_accuracy']:.1f} | {100 * r['lower_bound']:.1f} | "
-                     f"{100 * r['gain']:+.1f} | {r['kib_per_round']:.1f} | {r['fedavg_kib_per_round']:.1f} | {eps} |")
+        lines.append(
+            f"| {r['variant']} | {100 * r['final_accuracy']:.1f} | {100 * r['lower_bound']:.1f} | "
+            f"{100 * r['gain']:+.1f} | {r['kib_per_round']:.1f} | {r['fedavg_kib_per_round']:.1f} | {eps} |"
+        )
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "comparison.png", data)
     print("\n".join(lines))
@@ -132,16 +166,23 @@ def plot(rows: list[dict], path: Path, data: str) -> None:
 
     names = [r["variant"] for r in rows]
     y = np.arange(len(rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True,
-                                 constrained_layout=True)
-    colors = ["tab:red" if n.startswith("adv") else "tab:purple" if n.startswith("dp") else "tab:blue"
-              for n in names]
+    fig, (a1, a2) = plt.subplots(
+        1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True, constrained_layout=True
+    )
+    colors = [
+        "tab:red" if n.startswith("adv") else "tab:purple" if n.startswith("dp") else "tab:blue"
+        for n in names
+    ]
     a1.barh(y, [100 * r["gain"] for r in rows], color=colors)
     for i, r in enumerate(rows):
         a1.text(0, i, f" {100 * r['final_accuracy']:.1f}%", va="center", fontsize=8)
     a1.axvline(0, color="black", lw=0.8)
-    a1.set(yticks=y, yticklabels=names, xlabel="gain over lower bound (points); label: final accuracy",
-           title=f"FedMD variants, {data}")
+    a1.set(
+        yticks=y,
+        yticklabels=names,
+        xlabel="gain over lower bound (points); label: final accuracy",
+        title=f"FedMD variants, {data}",
+    )
     a1.invert_yaxis()
     a2.barh(y, [r["kib_per_round"] for r in rows], color=colors)
     a2.axvline(rows[0]["fedavg_kib_per_round"], color="grey", ls="--", label="FedAvg (same models)")

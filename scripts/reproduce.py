@@ -29,9 +29,11 @@ from fedmd_ray.fedmd import run
 from fedmd_ray.presets import PRESETS
 from fedmd_ray.results import plot_accuracy, render_summary
 
-PAPER_CLAIM = ("FedMD paper (Li & Wang, 2019), both experiments: each of the 10 models gains about 20 "
-               "points of test accuracy over its lower bound (training alone) and ends a few points "
-               "below its upper bound (all private data pooled).")
+PAPER_CLAIM = (
+    "FedMD paper (Li & Wang, 2019), both experiments: each of the 10 models gains about 20 "
+    "points of test accuracy over its lower bound (training alone) and ends a few points "
+    "below its upper bound (all private data pooled)."
+)
 
 
 def device_description() -> str:
@@ -53,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
-        config = resolve_config(args.experiment, None, args.set, args.data_dir, backend=args.backend,
-                                scale_factor=args.scale)
+        config = resolve_config(
+            args.experiment, None, args.set, args.data_dir, backend=args.backend, scale_factor=args.scale
+        )
     except FedMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,14 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     below_upper = [r["upper_bound"] - r["fedmd_final"] for r in result.summary]
     command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = [
-        f"# Reproduction: `{args.experiment}`" + (f" at scale {args.scale:g}" if args.scale else " (full scale)"),
+        f"# Reproduction: `{args.experiment}`"
+        + (f" at scale {args.scale:g}" if args.scale else " (full scale)"),
         "",
         f"- command: `{command}`",
         f"- data: public `{config.data.public}` ({config.data.public_train_size or 'all'} training images), "
         f"private `{config.data.private}` classes {config.data.private_classes}, partition "
         f"`{config.partition.kind}`; read from `{location(config.data.public, config.data.data_dir)}`"
-        + ("" if config.data.private == config.data.public
-           else f" and `{location(config.data.private, config.data.data_dir)}`"),
+        + (
+            ""
+            if config.data.private == config.data.public
+            else f" and `{location(config.data.private, config.data.data_dir)}`"
+        ),
         f"- device: {device_description()}; backend `{config.resources.backend}`",
         f"- wall time: {seconds / 60:.1f} min",
         "",

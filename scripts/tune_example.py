@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         "set": {"train.rounds": args.rounds, "resources.num_gpus": args.gpus, "checkpoint_every": 0},
         "search": {
             # The knobs FedMD adds on top of ordinary training:
-            "train.public_subset_size": {"choice": [250, 500, 1000]},   # alignment data per round
-            "train.digest_loss": {"grid": ["mae", "kl"]},                # how the consensus is matched
-            "train.temperature": {"uniform": [1.0, 4.0]},                # for kl
-            "train.digest_epochs": {"randint": [1, 3]},                  # randint's high is exclusive
+            "train.public_subset_size": {"choice": [250, 500, 1000]},  # alignment data per round
+            "train.digest_loss": {"grid": ["mae", "kl"]},  # how the consensus is matched
+            "train.temperature": {"uniform": [1.0, 4.0]},  # for kl
+            "train.digest_epochs": {"randint": [1, 3]},  # randint's high is exclusive
             "train.digest_lr": {"loguniform": [1e-4, 1e-2]},
             "train.revisit_epochs": {"choice": [1, 2, 4]},
         },
@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = search(spec, args.out)
     best = rows[0]
-    print("best:", {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:")},
-          f"mean accuracy {best['mean_accuracy']:.1%}, gain {best['mean_gain']:+.1%}")
+    print(
+        "best:",
+        {k[len("param:") :]: v for k, v in best.items() if k.startswith("param:")},
+        f"mean accuracy {best['mean_accuracy']:.1%}, gain {best['mean_gain']:+.1%}",
+    )
     return 0
 
 

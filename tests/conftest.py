@@ -69,7 +69,15 @@ def tiny_config(**sections):
 def numbers(rows):
     """Everything a run computes, from its metrics rows, without timings or notes."""
     return sorted(
-        (r["round"], r["participant"], r["phase"], r["accuracy"], r["loss"], r["bytes_sent"], r["bytes_received"])
+        (
+            r["round"],
+            r["participant"],
+            r["phase"],
+            r["accuracy"],
+            r["loss"],
+            r["bytes_sent"],
+            r["bytes_received"],
+        )
         for r in rows
         if r["participant"] != "*" and r["note"] is None
     )

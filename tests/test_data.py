@@ -94,9 +94,14 @@ def test_leaf_femnist_json_gives_letters_with_writer_ids(tmp_path):
     folder = tmp_path / "femnist" / "data" / "all_data"
     folder.mkdir(parents=True)
     white = [1.0] * 784  # LEAF: ink dark on white
-    blob = {"users": ["w1", "w2"], "num_samples": [3, 2],
-            "user_data": {"w1": {"x": [white, white, white], "y": [3, 10, 36]},  # a digit, 'A', 'a'
-                          "w2": {"x": [white, white], "y": [15, 61]}}}  # 'F', 'z'
+    blob = {
+        "users": ["w1", "w2"],
+        "num_samples": [3, 2],
+        "user_data": {
+            "w1": {"x": [white, white, white], "y": [3, 10, 36]},  # a digit, 'A', 'a'
+            "w2": {"x": [white, white], "y": [15, 61]},
+        },
+    }  # 'F', 'z'
     (folder / "all_data_0.json").write_text(json.dumps(blob))
     ds = load_letters_by_writer(tmp_path)
     assert ds.y.tolist() == [0, 0, 5, 25]  # upper and lower case fold together; digits dropped

@@ -20,7 +20,11 @@ def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_se
         progress=None,
     )
     assert numbers(crashed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
-    notes = [(r["round"], r["participant"], r["phase"], r["note"]) for r in crashed.metrics.to_pylist() if r["note"]]
+    notes = [
+        (r["round"], r["participant"], r["phase"], r["note"])
+        for r in crashed.metrics.to_pylist()
+        if r["note"]
+    ]
     assert notes == [(2, "p01-cnn3", "digest", "restarted (actor died)")]
     assert crashed.summary == undisturbed.summary  # bytes per round included
 

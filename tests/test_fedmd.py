@@ -8,7 +8,16 @@ from fedmd_ray import run
 from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
 from tests.conftest import tiny_config
 
-PHASES = {"transfer", "upper_bound", "communicate", "aggregate", "digest", "revisit", "evaluate", "checkpoint"}
+PHASES = {
+    "transfer",
+    "upper_bound",
+    "communicate",
+    "aggregate",
+    "digest",
+    "revisit",
+    "evaluate",
+    "checkpoint",
+}
 
 
 def _accuracies(result):

@@ -19,8 +19,9 @@ from tests.conftest import numbers, tiny_config
 def two_nodes():
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1,
-                                                            "node_ip_address": "127.0.0.1"})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "node_ip_address": "127.0.0.1"}
+    )
     cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -45,25 +46,47 @@ def _nodes(config):
 
 def test_spread_and_pack(two_nodes):
     models = {"models": ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1"]}
-    spread = _nodes(tiny_config(**models, resources={"backend": "ray", "placement": "SPREAD", "num_cpus": 0.5}))
+    spread = _nodes(
+        tiny_config(**models, resources={"backend": "ray", "placement": "SPREAD", "num_cpus": 0.5})
+    )
     pack = _nodes(tiny_config(**models, resources={"backend": "ray", "placement": "PACK", "num_cpus": 0.5}))
     assert len(set(spread)) == 2
     assert len(set(pack)) == 1
 
 
 def test_multi_node_run_matches_the_one_process_run(two_nodes):
-    config = tiny_config(resources={"backend": "ray", "placement": "SPREAD", "torch_threads": 1,
-                                    "num_cpus": 0.5, "num_gpus": 0.5})
+    config = tiny_config(
+        resources={
+            "backend": "ray",
+            "placement": "SPREAD",
+            "torch_threads": 1,
+            "num_cpus": 0.5,
+            "num_gpus": 0.5,
+        }
+    )
     spread = run(config, progress=None)
     local = run(tiny_config(), progress=None)
     assert numbers(spread.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
+
+
+def test_a_pool_spread_over_two_nodes_matches_the_one_process_run(two_nodes):
+    # 3 participants on 2 pool actors, one per node: states move between nodes through the
+    # object store and must come back bit-exactly.
+    config = tiny_config(resources={"backend": "ray", "placement": "SPREAD", "actors": 2, "num_cpus": 0.5})
+    nodes = _nodes(config)
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+    pooled = run(config, progress=None)
+    local = run(tiny_config(), progress=None)
+    assert numbers(pooled.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
 
 
 def test_impossible_placement_is_refused(two_nodes, monkeypatch):
     import fedmd_ray.backends as backends
 
     monkeypatch.setattr(backends, "PLACEMENT_TIMEOUT_SECONDS", 3)
-    config = tiny_config(models=["cnn2:8,16,0.1"] * 3, resources={"backend": "ray", "placement": "STRICT_SPREAD",
-                                                                   "num_cpus": 0.5})
+    config = tiny_config(
+        models=["cnn2:8,16,0.1"] * 3,
+        resources={"backend": "ray", "placement": "STRICT_SPREAD", "num_cpus": 0.5},
+    )
     with pytest.raises(ResourceError, match="Could not place 3 participants .* STRICT_SPREAD"):
         run(config, progress=None)

@@ -29,8 +29,9 @@ def test_a_pool_actor_that_dies_is_replaced(ray_session, tmp_path):
     assert numbers(crashed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
     notes = [r["note"] for r in crashed.metrics.to_pylist() if r["note"]]
     # One death, one restart, whichever of the two failed calls the driver saw first.
-    assert len(notes) == 1 and notes[0] in {f"restarted (pool actor 1 (serving {p}) died)"
-                                            for p in ("p01-cnn3", "p03-cnn2")}
+    assert len(notes) == 1 and notes[0] in {
+        f"restarted (pool actor 1 (serving {p}) died)" for p in ("p01-cnn3", "p03-cnn2")
+    }
     assert f"- {notes[0]}: " in (tmp_path / "run" / "summary.md").read_text()
     # The pool's states also make a resumable checkpoint.
     longer = {"models": FIVE, "train": {"rounds": 3}, "resources": {"backend": "ray", "actors": 2}}

@@ -31,7 +31,11 @@ def test_paper_schedule(name):
 
 def test_paper_data_settings():
     m = get_preset("mnist-femnist")
-    assert m["data"] == {"public": "mnist", "private": "emnist_letters", "private_classes": [0, 1, 2, 3, 4, 5]}
+    assert m["data"] == {
+        "public": "mnist",
+        "private": "emnist_letters",
+        "private_classes": [0, 1, 2, 3, 4, 5],
+    }
     assert m["partition"] == {"kind": "per_class", "samples_per_class": 3}
     assert get_preset("mnist-femnist-writers")["partition"] == {"kind": "by_writer", "min_writer_samples": 30}
     assert get_preset("cifar10-cifar100")["data"]["private_classes"] == [0, 2, 20, 63, 71, 82]
@@ -50,8 +54,16 @@ def _expected(spec: str, c: int, size: int, classes: int) -> int:
         side = (size - 3) // 2 + 1
         return conv1 + f[0] * f[1] * 9 + f[1] + 2 * f[1] + side * side * f[1] * classes
     side = ((size // 2) // 2 - 3) // 2 + 1
-    return (conv1 + f[0] * f[1] * 4 + f[1] + 2 * f[1] + f[1] * f[2] * 9 + f[2] + 2 * f[2]
-            + side * side * f[2] * classes)
+    return (
+        conv1
+        + f[0] * f[1] * 4
+        + f[1]
+        + 2 * f[1]
+        + f[1] * f[2] * 9
+        + f[2]
+        + 2 * f[2]
+        + side * side * f[2] * classes
+    )
 
 
 @pytest.mark.parametrize("spec", PAPER_MODELS)
@@ -62,9 +74,16 @@ def test_paper_model_parameter_counts(spec):
 
 def test_balanced_split_on_stand_in_data():
     # The mnist-femnist split with synthetic digits/letters: 10 participants x 3 x 6 classes.
-    config = resolve_config("mnist-femnist", None, [
-        "data.public=synthetic", "data.private=synthetic", "data.public_classes=[0,1,2,3,4,5,6,7,8,9]",
-        "data.private_classes=[10,11,12,13,14,15]"])
+    config = resolve_config(
+        "mnist-femnist",
+        None,
+        [
+            "data.public=synthetic",
+            "data.private=synthetic",
+            "data.public_classes=[0,1,2,3,4,5,6,7,8,9]",
+            "data.private_classes=[10,11,12,13,14,15]",
+        ],
+    )
     task = build_task(config)
     assert task.num_classes == 16
     assert [len(p) for p in task.private_parts] == [18] * 10
@@ -73,9 +92,17 @@ def test_balanced_split_on_stand_in_data():
 
 
 def test_writer_split_on_stand_in_data():
-    config = resolve_config("mnist-femnist-writers", None, [
-        "data.public=synthetic", "data.private=synthetic", "data.public_classes=[0,1,2,3,4,5,6,7,8,9]",
-        "data.private_classes=[10,11,12,13,14,15]", "partition.min_writer_samples=10"])
+    config = resolve_config(
+        "mnist-femnist-writers",
+        None,
+        [
+            "data.public=synthetic",
+            "data.private=synthetic",
+            "data.public_classes=[0,1,2,3,4,5,6,7,8,9]",
+            "data.private_classes=[10,11,12,13,14,15]",
+            "partition.min_writer_samples=10",
+        ],
+    )
     task = build_task(config)
     sizes = [len(p) for p in task.private_parts]
     assert len(sizes) == 10 and min(sizes) >= 10
@@ -91,12 +118,25 @@ def _write_cifar(root, rng):
     c100.mkdir()
     fine = np.repeat(np.arange(100), 205)  # enough for 10 participants x 20 of one subclass
     coarse = fine // 5  # stand-in superclasses: 5 subclasses each
-    (c100 / "train").write_bytes(pickle.dumps({"data": np.zeros((len(fine), 3072), np.uint8),
-                                               "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist()}))
+    (c100 / "train").write_bytes(
+        pickle.dumps(
+            {
+                "data": np.zeros((len(fine), 3072), np.uint8),
+                "fine_labels": fine.tolist(),
+                "coarse_labels": coarse.tolist(),
+            }
+        )
+    )
     test_fine = np.repeat(np.arange(100), 2)
-    (c100 / "test").write_bytes(pickle.dumps({"data": np.zeros((200, 3072), np.uint8),
-                                              "fine_labels": test_fine.tolist(),
-                                              "coarse_labels": (test_fine // 5).tolist()}))
+    (c100 / "test").write_bytes(
+        pickle.dumps(
+            {
+                "data": np.zeros((200, 3072), np.uint8),
+                "fine_labels": test_fine.tolist(),
+                "coarse_labels": (test_fine // 5).tolist(),
+            }
+        )
+    )
 
 
 def test_superclass_split_on_cifar_format_files(tmp_path):
@@ -127,8 +167,11 @@ def test_scale_shrinks_public_work_only():
 def test_missing_writer_files_say_what_is_needed(tmp_path):
     from fedmd_ray.errors import DatasetError
 
-    config = resolve_config("mnist-femnist-writers", None, ["data.public=synthetic",
-                                                            "data.public_classes=[0,1,2,3,4,5,6,7,8,9]"],
-                            str(tmp_path))
+    config = resolve_config(
+        "mnist-femnist-writers",
+        None,
+        ["data.public=synthetic", "data.public_classes=[0,1,2,3,4,5,6,7,8,9]"],
+        str(tmp_path),
+    )
     with pytest.raises(DatasetError, match="(?s)emnist-letters.mat.*LEAF.*--preset mnist-femnist"):
         build_task(config)

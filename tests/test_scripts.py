@@ -17,15 +17,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
 def test_bench_prints_the_side_by_side_table(tmp_path):
-    proc = _script("bench.py", "--participants", "3", "--rounds", "1", "--public-subset", "200",
-                   "--public-train", "300", "--image-size", "16", "--out", str(tmp_path))
+    proc = _script(
+        "bench.py",
+        "--participants",
+        "3",
+        "--rounds",
+        "1",
+        "--public-subset",
+        "200",
+        "--public-train",
+        "300",
+        "--image-size",
+        "16",
+        "--out",
+        str(tmp_path),
+    )
     assert "ray/local" in proc.stdout and "ray overhead" in proc.stdout
     phases = pq.read_table(tmp_path / "bench.parquet").to_pylist()
     assert {(r["backend"], r["phase"]) for r in phases} >= {("local", "digest"), ("ray", "digest")}
@@ -34,16 +53,35 @@ def test_bench_prints_the_side_by_side_table(tmp_path):
 
 
 def test_compare_consensus_writes_table_and_plot(tmp_path):
-    proc = _script("compare_consensus.py", "--only", "no-consensus,mean,median", "--rounds", "1",
-                   "--backend", "local", "--out", str(tmp_path))
+    proc = _script(
+        "compare_consensus.py",
+        "--only",
+        "no-consensus,mean,median",
+        "--rounds",
+        "1",
+        "--backend",
+        "local",
+        "--out",
+        str(tmp_path),
+    )
     rows = pq.read_table(tmp_path / "comparison.parquet").to_pylist()
     assert [r["variant"] for r in rows] == ["no-consensus", "mean", "median"]
     assert (tmp_path / "comparison.png").stat().st_size > 0 and "| median |" in proc.stdout
 
 
 def test_reproduce_writes_report_and_figure(tmp_path):
-    _script("reproduce.py", "smoke", "--backend", "local", "--set", "train.rounds=1",
-            "--set", "train.public_epochs=1", "--out", str(tmp_path))
+    _script(
+        "reproduce.py",
+        "smoke",
+        "--backend",
+        "local",
+        "--set",
+        "train.rounds=1",
+        "--set",
+        "train.public_epochs=1",
+        "--out",
+        str(tmp_path),
+    )
     report = (tmp_path / "reproduction.md").read_text()
     assert "mean gain" in report and "wall time" in report and "Paper:" in report
     assert (tmp_path / "figure.png").stat().st_size > 0
@@ -53,8 +91,14 @@ def test_concurrency_window():
     many = tiny_config(models=["cnn2:8,16,0.1"] * 10)
     assert concurrency_window(many, {"CPU": 2}, threads=1) == 2
     assert concurrency_window(tiny_config(), {"CPU": 4}, threads=1) is None  # fewer participants than cores
-    assert concurrency_window(tiny_config(models=["cnn2:8,16,0.1"] * 10, resources={"num_gpus": 0.1}),
-                              {"CPU": 2, "GPU": 1}, threads=1) is None
+    assert (
+        concurrency_window(
+            tiny_config(models=["cnn2:8,16,0.1"] * 10, resources={"num_gpus": 0.1}),
+            {"CPU": 2, "GPU": 1},
+            threads=1,
+        )
+        is None
+    )
     assert concurrency_window(tiny_config(resources={"max_concurrent": 1}), {"CPU": 8}, threads=1) == 1
 
 

@@ -61,8 +61,9 @@ def test_confidence_and_era_aggregators():
     assert entropy(probs) < entropy(avg)
 
 
-@pytest.mark.parametrize("payload, per_row", [("float32", 16 * 4 * 2), ("float16", 16 * 2 * 2),
-                                              ("topk", 3 * 6 + 16 * 4)])
+@pytest.mark.parametrize(
+    "payload, per_row", [("float32", 16 * 4 * 2), ("float16", 16 * 2 * 2), ("topk", 3 * 6 + 16 * 4)]
+)
 def test_bytes_per_round_are_counted(payload, per_row):
     result = run(tiny_config(sharing={"payload": payload}, train={"rounds": 1}), progress=None)
     assert all(r["bytes_per_round"] == 300 * per_row for r in result.summary)
@@ -80,11 +81,12 @@ def test_dp_epsilon_is_reported_per_run(out_dir):
 def test_median_protects_honest_participants_from_scaled_scores():
     honest = {}
     for method in ("mean", "median", "trimmed_mean"):
-        config = tiny_config(models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2",
-                                     "cnn3:8,8,16,0.1", "cnn2:8,8,0.1"],
-                             sharing={"adversaries": [0], "attack": "scaled", "attack_scale": 20.0},
-                             train={"consensus": method, "rounds": 3, "private_epochs": 20},
-                             partition={"samples_per_class": 2})
+        config = tiny_config(
+            models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2", "cnn3:8,8,16,0.1", "cnn2:8,8,0.1"],
+            sharing={"adversaries": [0], "attack": "scaled", "attack_scale": 20.0},
+            train={"consensus": method, "rounds": 3, "private_epochs": 20},
+            partition={"samples_per_class": 2},
+        )
         result = run(config, progress=None)
         honest[method] = np.mean([r["fedmd_final"] for r in result.summary if not r["adversary"]])
     assert honest["median"] > honest["mean"] + 0.05

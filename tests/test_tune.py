@@ -14,8 +14,12 @@ from tests.conftest import TINY
 def tiny_search(**extra):
     config = json.loads(json.dumps(TINY))
     config["resources"] = {"backend": "ray", "num_cpus": 0.5, "num_gpus": 0.25, "torch_threads": 1}
-    return {"config": config, "search": {"train.digest_loss": {"grid": ["mae", "kl"]}},
-            "scheduler": "fifo", **extra}
+    return {
+        "config": config,
+        "search": {"train.digest_loss": {"grid": ["mae", "kl"]}},
+        "scheduler": "fifo",
+        **extra,
+    }
 
 
 def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_path):
@@ -56,7 +60,9 @@ def test_bad_search_files_fail_before_any_trial():
 def test_a_trial_larger_than_the_cluster_is_refused_before_tune_waits_forever(ray_session, tmp_path):
     spec = tiny_search()
     spec["config"]["resources"]["num_cpus"] = 1.0  # 0.5 + 3 x 1 CPU > the 2 CPUs Ray has
-    with pytest.raises(ConfigError, match=r"One trial reserves 3.5 CPUs .*has 2\. Set resources.num_cpus to 0.5 or less"):
+    with pytest.raises(
+        ConfigError, match=r"One trial reserves 3.5 CPUs .*has 2\. Set resources.num_cpus to 0.5 or less"
+    ):
         search(spec, tmp_path / "t", verbose=0, progress=lambda _m: None)
 
 
