@@ -11,7 +11,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -456,10 +456,13 @@ class RayBackend:
             return refs[0], refs[1]
         return tuple(actor.call.options(num_returns=2).remote(call.method, *call.args))
 
-    def _submit(self, who: Sequence[int], method: str, *args: Any) -> dict[Any, _Call]:
-        """Call `method` on each participant in `who`; returns metrics ref -> call. With a
-        window (CPU runs with more actors than cores), at most that many run at once: more
-        busy actors than cores only adds context switches and cache misses."""
+    def _submit(
+        self, who: Sequence[int], method: str, *args: Any, args_for: Callable[[int], tuple] | None = None
+    ) -> dict[Any, _Call]:
+        """Call `method` on each participant in `who` with `args` (participant i with
+        `args_for(i)` when given); returns metrics ref -> call. With a window (CPU runs with
+        more actors than cores), at most that many run at once: more busy actors than cores
+        only adds context switches and cache misses."""
         calls: dict[Any, _Call] = {}
         running: list = []
         if self.window:
@@ -470,7 +473,7 @@ class RayBackend:
         for i in who:
             if self.window and len(running) >= self.window:
                 _, running = self.ray.wait(running, num_returns=1, fetch_local=False)
-            call = _Call(i, method, args, self.state[i])
+            call = _Call(i, method, args_for(i) if args_for else args, self.state[i])
             metrics, call.payload = self._send(call)
             if not self.pool_size and method in MUTATING:
                 self.journal[i].append(call)
@@ -631,24 +634,16 @@ class RayBackend:
         must be on storage the actors' nodes see; the driver only learns the checksums."""
         who = range(len(self.specs))
         paths = [str(directory / f"{name}.pt") for name in self.names]
-        calls = {}
-        for i in who:
-            call = _Call(i, "save", (paths[i],), self.state[i])
-            metrics, call.payload = self._send(call)
-            calls[metrics] = call
-        done = self._gather(calls, "checkpoint")
+        done = self._gather(self._submit(who, "save", args_for=lambda i: (paths[i],)), "checkpoint")
         return {self.names[i]: {"file": Path(paths[i]).name, **done[i].metrics} for i in who}
 
     def restore(self, directory: Path, entries: dict[str, dict]) -> list[dict]:
-        calls = {}
-        for i, name in enumerate(self.names):
-            call = _Call(i, "load", (str(directory / entries[name]["file"]), entries[name]["sha256"]))
-            metrics, call.payload = self._send(call)
-            calls[metrics] = call
-            if not self.pool_size:
-                self.journal[i].append(call)
+        def load_args(i: int) -> tuple:
+            entry = entries[self.names[i]]
+            return str(directory / entry["file"]), entry["sha256"]
+
         try:
-            done = self._gather(calls, "resume")
+            done = self._gather(self._submit(range(len(self.names)), "load", args_for=load_args), "resume")
         except ParticipantError as exc:
             if "CheckpointError" in str(exc):
                 raise CheckpointError(str(exc).split("CheckpointError: ", 1)[-1]) from None
