@@ -18,16 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from fedmd_ray import run
 from fedmd_ray.config import from_dict
 from fedmd_ray.results import seconds_per_round
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scaling import actor_pss_mib  # noqa: E402
+from bench_scaling import local_ray, run_sampled, save_rows  # noqa: E402
 
 MODELS = ["cnn2:4,8,0.0", "cnn3:4,8,8,0.0"]
 
@@ -80,15 +77,14 @@ def state_bytes(values: dict) -> int:
 
 
 def measure(values: dict) -> dict:
-    memory: list[float] = []
     start = time.perf_counter()
-    result = run(from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib()))
+    result, pss = run_sampled(values)
     rows = result.metrics.to_pylist()
     transfer = next(r["wall_seconds"] for r in rows if r["phase"] == "transfer")
     return {
         "seconds_per_round": seconds_per_round(rows),
         "transfer_seconds": transfer,
-        "actor_pss_mib": max(memory),
+        "actor_pss_mib": pss,
         "driver_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "mean_accuracy": sum(r["fedmd_final"] for r in result.summary) / len(result.summary),
         "total_seconds": time.perf_counter() - start,
@@ -107,13 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    local_ray()
     one_state = state_bytes(config(2, None, 1))
     rows = []
     print(f"one participant's state: {one_state / 1024:.1f} KiB")
@@ -136,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     ray.shutdown()
-    pq.write_table(pa.Table.from_pylist(rows), out / "participants.parquet")
-    print(f"\nwritten: {out}/participants.parquet")
+    save_rows(rows, out / "participants.parquet")
     return 0
 
 

@@ -26,7 +26,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from fedmd_ray import run  # noqa: E402
+from fedmd_ray import RunResult, run  # noqa: E402
 from fedmd_ray.config import from_dict  # noqa: E402
 from fedmd_ray.results import seconds_per_round  # noqa: E402
 
@@ -92,18 +92,40 @@ def actor_pss_mib(raylets: set[int] | None = None) -> float:
     return total / 1024
 
 
-def measure(values: dict, raylets: set[int] | None = None) -> dict:
+def local_ray() -> None:
+    """This script's own Ray on 2 CPUs and loopback, never a cluster already running here."""
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+
+
+def run_sampled(values: dict, raylets: set[int] | None = None) -> tuple[RunResult, float | None]:
+    """Run `values`, reading the actors' PSS at the end of every round: (result, peak MiB)."""
     memory: list[float] = []
-    start = time.perf_counter()
     result = run(
         from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets))
     )
+    return result, max(memory) if memory else None
+
+
+def save_rows(rows: list[dict], path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    print(f"\nwritten: {path}")
+
+
+def measure(values: dict, raylets: set[int] | None = None) -> dict:
+    start = time.perf_counter()
+    result, pss = run_sampled(values, raylets)
     rows = result.metrics.to_pylist()
     rounds = values["train"]["rounds"]
     moved = sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["phase"] == "digest") / rounds
     return {
         "seconds_per_round": seconds_per_round(rows),
-        "actor_pss_mib": max(memory) if memory else None,
+        "actor_pss_mib": pss,
         "mib_moved_per_round": moved / 2**20,
         "total_seconds": time.perf_counter() - start,
     }
@@ -144,13 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    local_ray()
     print("\nparticipants  s/round  actor PSS MiB  MiB moved/round")
     for n in [int(x) for x in args.participants.split(",") if x]:
         m = measure(config(n, 1000))
@@ -169,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     ray.shutdown()
-    pq.write_table(pa.Table.from_pylist(rows), out / "scaling.parquet")
-    print(f"\nwritten: {out}/scaling.parquet")
+    save_rows(rows, out / "scaling.parquet")
     return 0
 
 
