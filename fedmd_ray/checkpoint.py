@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fedmd_ray.config import Config
 from fedmd_ray.errors import CheckpointError
+from fedmd_ray.files import atomic_write
 
 FOLDER = "checkpoint"
 MANIFEST = "latest.json"
@@ -60,9 +60,9 @@ def write(out_dir: Path, round_: int, config: Config, participants: dict[str, di
         "directory": round_dir(out_dir, round_).name,
         "participants": participants,
     }
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    os.replace(tmp, folder / MANIFEST)  # the manifest moves only once the round is complete
+    # The manifest moves only once the round is complete.
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    atomic_write(folder / MANIFEST, lambda p: p.write_text(text))
     for old in folder.glob("round-*"):
         if old.name != manifest["directory"]:
             shutil.rmtree(old, ignore_errors=True)

@@ -24,6 +24,7 @@ from torch import nn
 from fedmd_ray import sharing
 from fedmd_ray.config import SharingConfig, TrainConfig
 from fedmd_ray.errors import CheckpointError
+from fedmd_ray.files import atomic_write
 from fedmd_ray.models import build_model, parameter_count
 
 EVAL_BATCH_SIZE = 1024
@@ -140,9 +141,7 @@ class Participant:
         blob = self.get_state()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, target)
+        atomic_write(target, lambda p: p.write_bytes(blob))
         return {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
 
     def load(self, path: str, sha256: str) -> dict:

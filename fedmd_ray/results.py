@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmd_ray.config import Config
+from fedmd_ray.files import atomic_write
 
 SCHEMA = pa.schema(
     [
@@ -34,12 +34,6 @@ SCHEMA = pa.schema(
     ]
 )
 ALL = "*"  # the participant column of rows that time a whole phase
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _json_default(value: Any) -> Any:
@@ -64,7 +58,7 @@ class Recorder:
 
     def _write_json(self, name: str, data: Any) -> None:
         assert self.out_dir is not None
-        _atomic_write(
+        atomic_write(
             self.out_dir / name,
             lambda p: p.write_text(json.dumps(data, indent=2, default=_json_default) + "\n"),
         )
@@ -233,7 +227,7 @@ class Recorder:
     def flush(self) -> None:
         if self.out_dir is not None:
             table = self.table()
-            _atomic_write(self.out_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+            atomic_write(self.out_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
 
     def finish(self, complete: bool) -> None:
         self.complete = complete
