@@ -36,6 +36,12 @@ SCHEMA = pa.schema(
 ALL = "*"  # the participant column of rows that time a whole phase
 
 
+def is_result(row: dict, phase: str) -> bool:
+    """Whether `row` is a participant's own result of `phase`: not a whole phase's timing
+    (participant '*') nor an event (sat out, late, restarted), which carry no numbers."""
+    return row["phase"] == phase and row["participant"] != ALL and not row.get("note")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -136,7 +142,7 @@ class Recorder:
 
     def end_round(self, round_: int, rounds: int) -> None:
         now = [r for r in self.rows if r["round"] == round_]
-        acc = [r["accuracy"] for r in now if r["phase"] == "evaluate" and r["accuracy"] is not None]
+        acc = [r["accuracy"] for r in now if is_result(r, "evaluate")]
         lower = self._accuracies("transfer")
         gain = np.mean(acc) - np.mean(list(lower.values())) if lower else float("nan")
         walls = {r["phase"]: r["wall_seconds"] for r in now if r["wall_seconds"] is not None}
@@ -156,12 +162,7 @@ class Recorder:
     def _accuracies(self, phase: str, round_: int | None = None) -> dict[str, float]:
         out = {}
         for r in self.rows:
-            if (
-                r["phase"] == phase
-                and r["participant"] != ALL
-                and r["accuracy"] is not None
-                and (round_ is None or r["round"] == round_)
-            ):
+            if is_result(r, phase) and (round_ is None or r["round"] == round_):
                 out[r["participant"]] = r["accuracy"]
         return out
 
@@ -172,12 +173,12 @@ class Recorder:
         final = self._accuracies("evaluate")  # the last round wins
         best: dict[str, float] = {}
         for r in self.rows:
-            if r["phase"] == "evaluate" and r["accuracy"] is not None:
+            if is_result(r, "evaluate"):
                 best[r["participant"]] = max(best.get(r["participant"], 0.0), r["accuracy"])
         params = {d["participant"]: d.get("parameters") for d in self.info}
         moved: dict[str, list[int]] = {}
         for r in self.rows:
-            if r["phase"] == "digest" and not r.get("note"):
+            if is_result(r, "digest"):
                 moved.setdefault(r["participant"], []).append(r["bytes_sent"] + r["bytes_received"])
         adversaries = {list(self.models)[i] for i in self.config.sharing.adversaries}
         rows = []
@@ -355,7 +356,7 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, 
     rows = table.to_pylist()
     curves: dict[str, list[tuple[int, float]]] = {r["participant"]: [(0, r["lower_bound"])] for r in summary}
     for r in rows:
-        if r["phase"] == "evaluate" and r["accuracy"] is not None:
+        if is_result(r, "evaluate"):
             curves[r["participant"]].append((r["round"], r["accuracy"]))
     shown = summary[:20]
     cols = min(5, max(1, len(shown)))
