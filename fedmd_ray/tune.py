@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedmd_ray.backends import even_share, init_ray
 from fedmd_ray.config import Config, ConfigError, from_dict, load_file, merge, parse_overrides
 from fedmd_ray.presets import get_preset
 
@@ -48,11 +49,7 @@ def trial_resources(config: Config, cluster: dict[str, float] | None = None):
     actors = min(r.actors or config.num_participants, config.num_participants)
     cpus = r.num_cpus
     if cpus is None:
-        cpus = (
-            1.0
-            if cluster is None
-            else max(0.01, math.floor((cluster.get("CPU", 0) - TRIAL_CPU) / actors * 100) / 100)
-        )
+        cpus = 1.0 if cluster is None else even_share([cluster.get("CPU", 0) - TRIAL_CPU], actors)
     bundle = {"CPU": cpus}
     if r.num_gpus:
         bundle["GPU"] = r.num_gpus
@@ -187,8 +184,6 @@ def search(
     else:
         raise ConfigError(f"'scheduler' is '{scheduler_name}'; use asha or fifo.")
 
-    from fedmd_ray.backends import init_ray
-
     init_ray(sample.resources.address)
     resources = trial_resources(sample, ray.cluster_resources())
     _check_fits(resources.bundles, ray.cluster_resources())
@@ -220,8 +215,9 @@ def search(
         rows.append(row)
     rows.sort(key=lambda r: -(r.get(metric) if r.get(metric) is not None else -math.inf))
     pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
-    (out / "results.md").write_text(render(rows, list(space), metric))
-    progress(render(rows, list(space), metric))
+    table = render(rows, list(space), metric)
+    (out / "results.md").write_text(table)
+    progress(table)
     progress(f"results in {out}/ (results.parquet, results.md, trials/)")
     return rows
 
