@@ -20,7 +20,7 @@ import numpy as np
 from fedmd_ray import sharing
 from fedmd_ray.config import Config
 from fedmd_ray.consensus import form_consensus
-from fedmd_ray.errors import CheckpointError, ConsensusError, FedMDError, ParticipantError, ResourceError
+from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError, ResourceError
 from fedmd_ray.participant import Participant, ParticipantSpec
 from fedmd_ray.tasks import Task
 
@@ -546,6 +546,9 @@ class RayBackend:
                 pending[metrics] = call
                 continue
             except Exception as exc:  # RayTaskError wraps the participant's own exception
+                if isinstance(getattr(exc, "cause", None), FedMDError):
+                    # Ours already says what is wrong and how to fix it, as on the local backend.
+                    raise exc.cause from None
                 raise ParticipantError(self.names[call.index], phase, _describe_ray_error(exc)) from None
             _metrics_only(call.metrics, self.names[call.index], phase)
             if isinstance(call.metrics, dict) and call.metrics.get("seconds") is not None:
@@ -642,12 +645,7 @@ class RayBackend:
             entry = entries[self.names[i]]
             return str(directory / entry["file"]), entry["sha256"]
 
-        try:
-            done = self._gather(self._submit(range(len(self.names)), "load", args_for=load_args), "resume")
-        except ParticipantError as exc:
-            if "CheckpointError" in str(exc):
-                raise CheckpointError(str(exc).split("CheckpointError: ", 1)[-1]) from None
-            raise
+        done = self._gather(self._submit(range(len(self.names)), "load", args_for=load_args), "resume")
         return [done[i].metrics for i in range(len(self.names))]
 
     def shutdown(self) -> None:

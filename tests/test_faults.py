@@ -92,3 +92,13 @@ def test_mismatched_damaged_or_missing_checkpoints_are_refused(tmp_path):
         run(tiny_config(train={"rounds": 2}), out, progress=None, resume=True)
     with pytest.raises(CheckpointError, match=r"No checkpoint in .*nothing-here"):
         run(tiny_config(), tmp_path / "nothing-here", progress=None, resume=True)
+
+
+def test_a_damaged_checkpoint_is_refused_on_ray_as_on_local(ray_session, tmp_path):
+    # The participant's own CheckpointError comes back through Ray as itself, not wrapped.
+    out = tmp_path / "run"
+    run(tiny_config(resources={"backend": "ray"}, train={"rounds": 1}), out, progress=None)
+    state = out / "checkpoint" / "round-0001" / "p02-cnn2.pt"
+    state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match=r"^p02-cnn2: checkpoint .*p02-cnn2.pt is damaged"):
+        run(tiny_config(resources={"backend": "ray"}, train={"rounds": 2}), out, progress=None, resume=True)
