@@ -76,20 +76,30 @@ def _run(args: argparse.Namespace) -> int:
             args.scale,
         )
         out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    say = (lambda _m: None) if args.quiet else (lambda m: print(m, flush=True))
-    say(f"fedmd-ray: {'resume' if args.resume else 'run'} '{config.name}' -> {out}")
+    from fedmd_ray.progress import Progress
+
+    display = Progress("none" if args.quiet else args.progress)
+    display.say(f"fedmd-ray: {'resume' if args.resume else 'run'} '{config.name}' -> {out}")
     try:
-        result = run(config, out, progress=say, resume=bool(args.resume))
+        run(config, out, progress=display.say, resume=bool(args.resume), report=display.event)
     except KeyboardInterrupt:
-        print(f"interrupted; results so far are in {out}/", file=sys.stderr)
+        display.close()
+        print(f"interrupted; {_kept(out)}", file=sys.stderr)
         return 130
     except FedMDError as exc:
-        print(f"error: {exc}\nResults written so far are in {out}/", file=sys.stderr)
+        display.close()
+        print(f"error: {exc}", file=sys.stderr)
+        if out.exists():
+            print(_kept(out), file=sys.stderr)
         return 1
+    display.close()
     if not args.quiet:
         print((out / "summary.md").read_text())
-    del result
     return 0
+
+
+def _kept(out: Path) -> str:
+    return f"results written so far are in {out}/" if out.exists() else "nothing was written."
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -143,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     run_p.add_argument("--backend", choices=config_lib.BACKENDS, help="ray (default) or local")
     run_p.add_argument("--address", help="join a Ray cluster: 'auto' or 'ray://HOST:10001'")
-    run_p.add_argument("--quiet", action="store_true", help="no progress lines")
+    run_p.add_argument("--quiet", action="store_true", help="no progress display and no summary")
+    run_p.add_argument(
+        "--progress",
+        choices=("auto", "live", "plain"),
+        default="auto",
+        help="live display in a terminal, plain lines elsewhere (auto, the default)",
+    )
     run_p.add_argument(
         "--scale",
         type=float,
@@ -183,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return _list(args.command)
     except FedMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -312,19 +312,32 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a dict."""
+    """Read a JSON or TOML config file into a dict (its top level must be a mapping)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"Config file '{path}' is not UTF-8 text; a config is a JSON or TOML file "
+            "(e.g. one written by `fedmd-ray config --preset smoke > my.json`)."
+        ) from None
     try:
         if path.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
     except Exception as exc:  # both parsers raise their own error types
         raise ConfigError(f"Config file '{path}' could not be parsed: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"Config file '{path}' holds a {type(values).__name__}; its top level must be an object "
+            'of keys, e.g. {"train": {"rounds": 5}}.'
+        )
+    return values
 
 
 # ---------------------------------------------------------------- validation

@@ -7,7 +7,6 @@ written. Nothing here imports Ray.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,30 +114,45 @@ def run(
     task: Task | None = None,
     on_round: Callable[[int, list[dict]], None] | None = None,
     resume: bool = False,
+    report: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Run one FedMD simulation; write results to `out_dir` as it goes (when given). With
-    `resume`, continue the run in `out_dir` from its last checkpoint. `on_round(round,
-    summary)` is called after each round with the per-participant summary so far."""
+    `resume`, continue the run in `out_dir` from its last checkpoint. `progress` takes
+    summary lines; `report` takes progress events as they happen (see `progress.py`).
+    `on_round(round, summary)` is called after each round with the per-participant summary
+    so far. A run refused before any work (bad data, too few resources, a model that cannot
+    be built) leaves no results folder behind."""
     validate(config)
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
     say = progress or (lambda _msg: None)
+    tell = report or (lambda _event: None)
     task = task or build_task(config)
     specs = participant_specs(config, task)
     names = [s.name for s in specs]
-    recorder = Recorder(out_dir, config, task, say)
     t = config.train
     saving = out_dir is not None and config.checkpoint_every > 0
-    backend = make_backend(config, task, specs)
+    recorder: Recorder | None = None
+
+    def phase(name: str, round_: int, who: list[int] | None = None) -> None:
+        chosen = names if who is None else [names[i] for i in who]
+        tell({"kind": "phase", "phase": name, "round": round_, "rounds": t.rounds, "participants": chosen})
+
+    phase("setup", 0)
+    say(f"starting {len(specs)} participants on the '{config.resources.backend}' backend ...")
+    backend = make_backend(config, task, specs, report)
     try:
-        recorder.participants(backend.describe(), getattr(backend, "placement", None))
+        described = backend.describe()
+        recorder = Recorder(out_dir, config, task, say)
+        recorder.participants(described, getattr(backend, "placement", None))
         say(
-            f"{len(specs)} participants on the '{backend.name}' backend; "
+            f"{len(specs)} participants ready on the '{backend.name}' backend; "
             f"{len(task.public_train)} public samples, {task.num_classes} classes"
         )
         first_round = 1
         if resume:
             done, folder, entries = checkpoint.read(Path(out_dir), config, names)
+            phase("resume", done)
             backend.restore(folder, entries)
             recorder.resume(done)
             backend.end_round(done)
@@ -146,16 +160,18 @@ def run(
             say(f"resumed after round {done} from {folder}")
         else:
             # 1. Transfer learning: public data, then private data. This is the lower bound.
-            start = time.perf_counter()
-            recorder.phase(0, "transfer", backend.transfer(), time.perf_counter() - start)
+            phase("transfer", 0)
+            with recorder.timer() as clock:
+                transferred = backend.transfer()
+            recorder.phase(0, "transfer", transferred, clock.seconds)
 
             # 3. Upper bound: each architecture trained on all private data pooled.
             if t.upper_bound:
                 pooled = task.pooled_private()
-                start = time.perf_counter()
-                recorder.phase(
-                    0, "upper_bound", backend.upper_bound(pooled.x, pooled.y), time.perf_counter() - start
-                )
+                phase("upper_bound", 0)
+                with recorder.timer() as clock:
+                    bounds = backend.upper_bound(pooled.x, pooled.y)
+                recorder.phase(0, "upper_bound", bounds, clock.seconds)
             backend.end_round(0)
             if saving:
                 _save_checkpoint(backend, Path(out_dir), 0, config)
@@ -170,51 +186,52 @@ def run(
             indices = public_subset(rng, len(task.public_train), t.public_subset_size)
             chosen = sample_participants(config.seed, round_, len(specs), t.participation)
 
-            start = time.perf_counter()
-            answered, late, scores = backend.logits(chosen, indices, round_)  # communicate
+            phase("communicate", round_, chosen)
+            with recorder.timer() as clock:
+                answered, late, scores = backend.logits(chosen, indices, round_)
             recorder.timing(
-                round_,
-                "communicate",
-                time.perf_counter() - start,
-                epsilon=privacy_spent(config, round_, len(indices)),
+                round_, "communicate", clock.seconds, epsilon=privacy_spent(config, round_, len(indices))
             )
             recorder.note(round_, [names[i] for i in everyone if i not in chosen], "sat out")
             recorder.note(round_, [names[i] for i in late], "late")
 
-            start = time.perf_counter()
-            consensus = backend.aggregate(scores, [names[i] for i in answered], _plan_for(plan, answered))
-            recorder.timing(round_, "aggregate", time.perf_counter() - start)
+            with recorder.timer() as clock:
+                consensus = backend.aggregate(scores, [names[i] for i in answered], _plan_for(plan, answered))
+            recorder.timing(round_, "aggregate", clock.seconds)
 
-            start = time.perf_counter()
-            digested = backend.digest(answered, consensus, indices, round_)
-            recorder.phase(round_, "digest", digested, time.perf_counter() - start, answered)
-            start = time.perf_counter()
-            recorder.phase(
-                round_, "revisit", backend.revisit(answered, round_), time.perf_counter() - start, answered
-            )
-            start = time.perf_counter()
+            phase("digest", round_, answered)
+            with recorder.timer() as clock:
+                digested = backend.digest(answered, consensus, indices, round_)
+            recorder.phase(round_, "digest", digested, clock.seconds, answered)
+            phase("revisit", round_, answered)
+            with recorder.timer() as clock:
+                revisited = backend.revisit(answered, round_)
+            recorder.phase(round_, "revisit", revisited, clock.seconds, answered)
             present = [i for i in everyone if i not in late]
-            evaluated = backend.evaluate(present, round_)
-            recorder.phase(round_, "evaluate", evaluated, time.perf_counter() - start, present)
+            phase("evaluate", round_, present)
+            with recorder.timer() as clock:
+                evaluated = backend.evaluate(present, round_)
+            recorder.phase(round_, "evaluate", evaluated, clock.seconds, present)
             # Checkpoint: the states an actor restart resumes from, and every
             # checkpoint_every rounds the files a --resume starts from.
-            start = time.perf_counter()
-            backend.end_round(round_)
-            snapshot = time.perf_counter() - start
+            with recorder.timer() as snapshot:
+                backend.end_round(round_, busy=late)
             for event in backend.events:
                 recorder.note(round_, [event["participant"]], event["note"], event["phase"])
             backend.events.clear()
-            recorder.end_round(round_, t.rounds)
-            start = time.perf_counter()
-            if saving and (round_ % config.checkpoint_every == 0 or round_ == t.rounds):
-                _save_checkpoint(backend, Path(out_dir), round_, config)
-            recorder.timing(round_, "checkpoint", snapshot + time.perf_counter() - start)
+            tell({"kind": "round", "round": round_, "rounds": t.rounds})
+            recorder.end_round(round_, t.rounds)  # the round's metrics are on disk before its checkpoint
+            with recorder.timer() as clock:
+                if saving and (round_ % config.checkpoint_every == 0 or round_ == t.rounds):
+                    _save_checkpoint(backend, Path(out_dir), round_, config)
+            recorder.timing(round_, "checkpoint", snapshot.seconds + clock.seconds)
             recorder.flush()
             if on_round is not None:
                 on_round(round_, recorder.summary())
         recorder.finish(complete=True)
     except BaseException:
-        recorder.finish(complete=False)
+        if recorder is not None:
+            recorder.finish(complete=False)
         raise
     finally:
         backend.shutdown()

@@ -28,6 +28,38 @@ from fedmd_ray.files import atomic_write
 from fedmd_ray.models import build_model, parameter_count
 
 EVAL_BATCH_SIZE = 1024
+PROGRESS_EVERY_SECONDS = 2.0
+
+
+class _Ticker:
+    """Progress of one long call (transfer, upper bound) as a fraction of its samples, sent
+    through `report` at most every PROGRESS_EVERY_SECONDS (and whenever `force`d)."""
+
+    def __init__(self, report, participant: str, phase: str, total_samples: int):
+        self.report, self.participant, self.phase = report, participant, phase
+        self.total = max(1, total_samples)
+        self.samples = 0
+        self.text = ""
+        self.last = 0.0
+
+    def advance(self, samples: int = 0, text: str | None = None, force: bool = False) -> None:
+        if self.report is None:
+            return
+        self.samples += samples
+        if text is not None:
+            self.text = text
+        now = time.monotonic()
+        if force or now - self.last >= PROGRESS_EVERY_SECONDS:
+            self.last = now
+            self.report(
+                {
+                    "kind": "progress",
+                    "participant": self.participant,
+                    "phase": self.phase,
+                    "fraction": min(1.0, self.samples / self.total),
+                    "text": self.text,
+                }
+            )
 
 
 @dataclass
@@ -73,6 +105,10 @@ def digest_loss(
     )
 
 
+def _val(accuracy: float) -> str:
+    return "" if accuracy != accuracy else f", val acc {accuracy:.3f}"  # NaN before the first epoch
+
+
 class Participant:
     def __init__(
         self,
@@ -104,6 +140,8 @@ class Participant:
         self._sent_bytes = 0
         self._logits_seconds = 0.0
         self.restored = False
+        self.report = None
+        """Where progress events go (set by the backend); None: nowhere."""
 
     # ------------------------------------------------------------ state
 
@@ -202,6 +240,7 @@ class Participant:
         batch_size: int,
         rng: np.random.Generator,
         loss_fn,
+        ticker: _Ticker | None = None,
     ) -> float:
         """One epoch over (x, targets); returns the mean loss."""
         model.train()
@@ -229,6 +268,8 @@ class Participant:
             opt.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
+            if ticker is not None:
+                ticker.advance(len(idx))
         return total / max(count, 1)
 
     @torch.no_grad()
@@ -270,9 +311,21 @@ class Participant:
         opt = self._optimizer(self.model)
         best, stale, public_epochs, public_acc = -1.0, 0, 0, float("nan")
         val_x, val_y = self.public_val
-        for _ in range(cfg.public_epochs):
+        public_n, private_n = len(self.public_y), len(self.private_y)
+        ticker = _Ticker(
+            self.report, self.name, "transfer", cfg.public_epochs * public_n + cfg.private_epochs * private_n
+        )
+        for epoch in range(1, cfg.public_epochs + 1):
+            ticker.advance(text=f"public epoch {epoch}/{cfg.public_epochs}" + _val(public_acc))
             self._fit(
-                self.model, opt, self.public_x, self.public_y, cfg.public_batch_size, rng, F.cross_entropy
+                self.model,
+                opt,
+                self.public_x,
+                self.public_y,
+                cfg.public_batch_size,
+                rng,
+                F.cross_entropy,
+                ticker,
             )
             public_epochs += 1
             public_acc, _ = self._accuracy(self.model, val_x, val_y)
@@ -281,11 +334,18 @@ class Participant:
             else:
                 stale += 1
                 if stale >= cfg.patience:
+                    # What the skipped epochs would have cost no longer counts as work left.
+                    ticker.total -= (cfg.public_epochs - epoch) * public_n
+                    ticker.advance(
+                        text=f"public: early stop after epoch {epoch}" + _val(public_acc), force=True
+                    )
                     break
+            ticker.advance(text=f"public epoch {epoch}/{cfg.public_epochs} done" + _val(public_acc))
         self.public_state = copy.deepcopy(self.model.state_dict())
         loss = float("nan")
         private_opt = self._optimizer(self.model)
-        for _ in range(cfg.private_epochs):
+        for epoch in range(1, cfg.private_epochs + 1):
+            ticker.advance(text=f"private epoch {epoch}/{cfg.private_epochs}")
             loss = self._fit(
                 self.model,
                 private_opt,
@@ -294,6 +354,7 @@ class Participant:
                 cfg.private_batch_size,
                 rng,
                 F.cross_entropy,
+                ticker,
             )
         accuracy, test_loss = self._accuracy(self.model, self.test_x, self.test_y)
         return {
@@ -390,8 +451,11 @@ class Participant:
             self.device
         )  # object-store arrays are read-only
         loss = float("nan")
-        for _ in range(self.cfg.upper_bound_epochs):
-            loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy)
+        epochs = self.cfg.upper_bound_epochs
+        ticker = _Ticker(self.report, self.name, "upper_bound", epochs * len(y))
+        for epoch in range(1, epochs + 1):
+            ticker.advance(text=f"pooled epoch {epoch}/{epochs}")
+            loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy, ticker)
         accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y)
         return {
             "accuracy": accuracy,

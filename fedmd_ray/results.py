@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,10 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+class Clock:
+    seconds: float = 0.0
+
+
 class Recorder:
     def __init__(self, out_dir: str | Path | None, config: Config, task, say: Callable[[str], None]):
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -70,6 +76,18 @@ class Recorder:
         )
 
     # ------------------------------------------------------------ recording
+
+    @staticmethod
+    @contextmanager
+    def timer() -> Iterator[Clock]:
+        """Time a phase on the driver: `with recorder.timer() as clock: ...`, then
+        `clock.seconds`."""
+        clock = Clock()
+        start = time.perf_counter()
+        try:
+            yield clock
+        finally:
+            clock.seconds = time.perf_counter() - start
 
     def participants(self, info: list[dict], placement: dict | None = None) -> None:
         self.info = info
@@ -380,12 +398,20 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, 
         title=f"{title}: FedMD per participant (dashed: upper bound)",
     )
     ax.grid(alpha=0.3)
+    integer_rounds(ax)
     if len(summary) <= 12:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     if panels:
         _participant_panels(sub[1], shown, curves, colors, grid_rows, cols)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def integer_rounds(ax) -> None:
+    """Rounds are whole numbers: no tick at round 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _participant_panels(fig, shown: list[dict], curves: dict, colors, grid_rows: int, cols: int) -> None:
@@ -399,6 +425,7 @@ def _participant_panels(fig, shown: list[dict], curves: dict, colors, grid_rows:
         a.set_title(f"{r['participant']}  {100 * r['gain']:+.1f} pts", fontsize=8)
         a.tick_params(labelsize=7)
         a.grid(alpha=0.3)
+        integer_rounds(a)
     for a in axes[len(shown) :]:
         a.axis("off")
     fig.suptitle("dotted: lower bound   dashed: upper bound", fontsize=8)

@@ -138,6 +138,12 @@ def build_task(config: Config) -> Task:
         parts = partition_lib.one_subclass_per_class(
             private_pool.y, private_pool.groups, n, p.samples_per_class, seed
         )
+    num_classes = offset + num_private
+    if config.sharing.topk > num_classes:
+        raise ConfigError(
+            f"'sharing.topk' is {config.sharing.topk}; this task has {num_classes} classes "
+            f"({offset} public + {num_private} private), so it must be at most {num_classes}."
+        )
     names = participant_names(config)
     report = partition_lib.report(private_pool.y, parts, names)
     return Task(
@@ -145,7 +151,7 @@ def build_task(config: Config) -> Task:
         public_val=public_val,
         private_parts=[private_pool.subset(ix) for ix in parts],
         private_test=private_test,
-        num_classes=offset + num_private,
+        num_classes=num_classes,
         public_classes=public_classes,
         private_classes=private_classes,
         partition_report=report,

@@ -61,7 +61,7 @@ def config(participants: int, actors: int | None, rounds: int) -> dict:
 
 def state_bytes(values: dict) -> int:
     """Bytes of one participant's state (weights and both optimizers), as the pool stores it."""
-    from fedmd_ray.backends import _participant_args
+    from fedmd_ray.backends import participant_args
     from fedmd_ray.fedmd import participant_specs
     from fedmd_ray.participant import Participant
     from fedmd_ray.tasks import build_task
@@ -69,7 +69,7 @@ def state_bytes(values: dict) -> int:
     small = from_dict({**values, "participants": 2})
     task = build_task(small)
     spec = participant_specs(small, task)[0]
-    p = Participant(spec, task.public_train.x, task.public_train.y, *_participant_args(task, 0))
+    p = Participant(spec, task.public_train.x, task.public_train.y, *participant_args(task, 0))
     p.transfer()
     p.logits(list(range(50)), 1)  # Adam states exist once both optimizers have stepped
     p.revisit(1)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fedmd_ray.cli import main
 
 
@@ -32,12 +34,12 @@ def test_run_smoke_preset_writes_results(ray_session, tmp_path, capsys):
 
 
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, capsys):
-    assert main(["run", "--preset", "smoke", "--set", 'models=["resnet19"]']) == 2
+    assert main(["run", "--preset", "smoke", "--set", 'models=["resnet19"]']) == 1
     err = capsys.readouterr().err
     assert (
         err.startswith("error: Unknown model 'resnet19'. Did you mean 'resnet18'") and "Traceback" not in err
     )
-    assert main(["run", "--preset", "smoke", "--set", "train.rouns=3"]) == 2
+    assert main(["run", "--preset", "smoke", "--set", "train.rouns=3"]) == 1
     assert "Did you mean 'rounds'" in capsys.readouterr().err
     assert (
         main(
@@ -67,6 +69,7 @@ def test_listing_commands(capsys):
     assert json.loads(capsys.readouterr().out)["seed"] == 3
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_subprocess(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
@@ -101,14 +104,42 @@ def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "resumed after round 1" in printed and "round   2/2" in printed and "round   1/2" not in printed
     assert json.loads((out / "summary.json").read_text())["complete"] is True
-    assert main(["run", "--resume", str(out), "--preset", "smoke"]) == 2
+    assert main(["run", "--resume", str(out), "--preset", "smoke"]) == 1
     assert "drop --preset" in capsys.readouterr().err
-    assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert main(["run", "--resume", str(tmp_path / "nowhere")]) == 1
     assert "not a fedmd-ray run directory" in capsys.readouterr().err
 
 
 def test_tune_refuses_a_bad_search_file_clearly(tmp_path, capsys):
     spec = tmp_path / "search.json"
     spec.write_text(json.dumps({"preset": "smoke", "search": {"train.round": {"choice": [1, 2]}}}))
-    assert main(["tune", "--config", str(spec), "--out", str(tmp_path / "t")]) == 2
+    assert main(["tune", "--config", str(spec), "--out", str(tmp_path / "t")]) == 1
     assert "Did you mean 'rounds'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'["train", 3]', "holds a list; its top level must be an object"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not UTF-8 text"),
+        (b"{not json", "could not be parsed"),
+    ],
+)
+def test_bad_config_files_get_one_line_for_run_and_tune(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    for argv in (["run", "--config", str(bad), "--out", str(tmp_path / "o")], ["tune", "--config", str(bad)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "refused"
+    argv = ["run", "--backend", "local", "--out", str(out), "--set", "sharing.topk=99"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "'sharing.topk' is 99; this task has 16 classes" in err
+    assert "results written so far" not in err and not out.exists()

@@ -13,6 +13,7 @@ from fedmd_ray.errors import CheckpointError, ParticipantError
 from tests.conftest import numbers, tiny_config
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_session):
     undisturbed = run(tiny_config(resources={"backend": "ray"}, train={"rounds": 3}), progress=None)
     crashed = run(
@@ -29,6 +30,7 @@ def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_se
     assert crashed.summary == undisturbed.summary  # bytes per round included
 
 
+@pytest.mark.slow
 def test_ray_kill_from_outside_during_a_round(ray_session):
     """The driver's view of an actor killed by someone else (an OOM killer, an operator)."""
     undisturbed = run(tiny_config(resources={"backend": "ray"}, train={"rounds": 3}), progress=None)
@@ -57,7 +59,7 @@ def test_restarts_are_bounded(ray_session):
         run(config, progress=None)
 
 
-@pytest.mark.parametrize("backend", ["local", "ray"])
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_the_same(ray_session, tmp_path, backend):
     settings = {"resources": {"backend": backend}, "train": {"rounds": 3}}
     whole = run(tiny_config(**settings), tmp_path / "whole", progress=None)
@@ -94,6 +96,7 @@ def test_mismatched_damaged_or_missing_checkpoints_are_refused(tmp_path):
         run(tiny_config(), tmp_path / "nothing-here", progress=None, resume=True)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_refused_on_ray_as_on_local(ray_session, tmp_path):
     # The participant's own CheckpointError comes back through Ray as itself, not wrapped.
     out = tmp_path / "run"

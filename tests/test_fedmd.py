@@ -101,7 +101,7 @@ def test_fractional_gpus_are_placed(ray_session):
     )
     result = run(config, progress=None)
     assert len(result.summary) == 4
-    from fedmd_ray.backends import RayBackend
+    from fedmd_ray.backends.ray_backend import RayBackend
     from fedmd_ray.fedmd import participant_specs
     from fedmd_ray.tasks import build_task
 

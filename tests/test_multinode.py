@@ -8,7 +8,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from fedmd_ray import run
-from fedmd_ray.backends import RayBackend
+from fedmd_ray.backends.ray_backend import RayBackend
 from fedmd_ray.errors import ResourceError
 from fedmd_ray.fedmd import participant_specs
 from fedmd_ray.tasks import build_task
@@ -54,6 +54,7 @@ def test_spread_and_pack(two_nodes):
     assert len(set(pack)) == 1
 
 
+@pytest.mark.slow
 def test_multi_node_run_matches_the_one_process_run(two_nodes):
     config = tiny_config(
         resources={
@@ -69,6 +70,7 @@ def test_multi_node_run_matches_the_one_process_run(two_nodes):
     assert numbers(spread.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
 
 
+@pytest.mark.slow
 def test_a_pool_spread_over_two_nodes_matches_the_one_process_run(two_nodes):
     # 3 participants on 2 pool actors, one per node: states move between nodes through the
     # object store and must come back bit-exactly.
@@ -80,8 +82,9 @@ def test_a_pool_spread_over_two_nodes_matches_the_one_process_run(two_nodes):
     assert numbers(pooled.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
 
 
+@pytest.mark.slow
 def test_impossible_placement_is_refused(two_nodes, monkeypatch):
-    import fedmd_ray.backends as backends
+    import fedmd_ray.backends.resources as backends
 
     monkeypatch.setattr(backends, "PLACEMENT_TIMEOUT_SECONDS", 3)
     config = tiny_config(

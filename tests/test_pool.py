@@ -1,6 +1,8 @@
 """More participants than actors: a pool of actors takes participants in turn, their state
 (weights, optimizers) kept in the object store between calls and restored bit-exactly."""
 
+import pytest
+
 from fedmd_ray import run
 from tests.conftest import numbers, tiny_config
 
@@ -17,6 +19,7 @@ def test_a_pool_of_two_actors_serves_five_participants_exactly(ray_session):
     assert numbers(pooled.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
 
 
+@pytest.mark.slow
 def test_a_pool_actor_that_dies_is_replaced(ray_session, tmp_path):
     settings = {"models": FIVE, "train": {"rounds": 2}}
     undisturbed = run(tiny_config(**settings, resources={"backend": "ray", "actors": 2}), progress=None)

@@ -11,6 +11,8 @@ from fedmd_ray.cli import resolve_config
 from fedmd_ray.data import _find_idx, default_data_dir
 from tests.conftest import real_data_dir
 
+pytestmark = pytest.mark.slow
+
 
 def _has(name: str) -> bool:
     root = real_data_dir() or default_data_dir()

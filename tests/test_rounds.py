@@ -1,6 +1,8 @@
 """Who takes part in a round: a seeded fraction of participants, and stragglers that miss
 the consensus when the driver stops waiting for them."""
 
+import pytest
+
 from fedmd_ray import run
 from fedmd_ray.fedmd import sample_participants
 from tests.conftest import tiny_config
@@ -33,6 +35,7 @@ def test_a_fraction_of_participants_per_round(ray_session):
     ]
 
 
+@pytest.mark.slow
 def test_a_straggler_misses_the_consensus_and_is_recorded_late(ray_session):
     config = tiny_config(
         resources={"backend": "ray", "quorum": 0.6, "deadline_s": 1.0},

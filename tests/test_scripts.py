@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from fedmd_ray.backends import concurrency_window
 from tests.conftest import tiny_config
@@ -29,6 +30,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_bench_prints_the_side_by_side_table(tmp_path):
     proc = _script(
         "bench.py",
@@ -52,6 +54,7 @@ def test_bench_prints_the_side_by_side_table(tmp_path):
     assert meta["results"]["ray"]["seconds_per_round"] > 0
 
 
+@pytest.mark.slow
 def test_compare_consensus_writes_table_and_plot(tmp_path):
     proc = _script(
         "compare_consensus.py",
@@ -69,6 +72,7 @@ def test_compare_consensus_writes_table_and_plot(tmp_path):
     assert (tmp_path / "comparison.png").stat().st_size > 0 and "| median |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_writes_report_and_figure(tmp_path):
     _script(
         "reproduce.py",

@@ -94,9 +94,9 @@ def test_median_protects_honest_participants_from_scaled_scores():
 
 
 def test_only_metrics_reach_the_driver(ray_session):
-    from fedmd_ray.backends import _metrics_only
+    from fedmd_ray.backends.actors import metrics_only
 
     result = run(tiny_config(resources={"backend": "ray"}, train={"rounds": 1}), progress=None)
     assert result.summary  # every participant result passed the check on its way in
     with pytest.raises(ParticipantError, match="sent the driver a ndarray"):
-        _metrics_only({"accuracy": 0.5, "weights": np.zeros(3)}, "p00", "evaluate")
+        metrics_only({"accuracy": 0.5, "weights": np.zeros(3)}, "p00", "evaluate")

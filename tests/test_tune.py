@@ -22,6 +22,7 @@ def tiny_search(**extra):
     }
 
 
+@pytest.mark.slow
 def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_path):
     rows = search(tiny_search(), tmp_path / "tune", verbose=0, progress=lambda _m: None)
     assert sorted(json.loads(r["param:train.digest_loss"]) for r in rows) == ["kl", "mae"]

@@ -1,0 +1,165 @@
+"""The Ray actors: a participant with its own actor, a pool worker that serves many
+participants in turn, and the consensus actor. What crosses from them to the driver is
+metrics only; scores and states stay in the object store."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from fedmd_ray import sharing
+from fedmd_ray.consensus import form_consensus
+from fedmd_ray.errors import ConsensusError, ParticipantError
+from fedmd_ray.participant import Participant, ParticipantSpec
+
+MUTATING = frozenset({"transfer", "load", "logits", "digest", "revisit"})
+"""Calls that change a participant's state: replayed after a restart, and in a pool, the
+calls after which its new state is kept."""
+
+
+def split_answer(method: str, out: Any, seconds: float) -> tuple[Any, Any]:
+    """(metrics for the driver, payload for the object store) of one participant call."""
+    if method == "logits":
+        return {"bytes_sent": int(sharing.nbytes(out)), "seconds": seconds}, out
+    if method == "get_state":
+        return {"bytes": len(out)}, out
+    return out, None
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _reporter(sink: Any):
+    """Progress events from inside an actor go to the driver's sink actor, fire and forget:
+    the participant never waits on the display."""
+    if sink is None:
+        return None
+    return lambda event: sink.post.remote(event)
+
+
+class ParticipantActor(Participant):
+    """A participant as a Ray actor. Every call answers (metrics, payload) as two objects, so
+    the driver reads the small metrics (and learns of failures) while the payload (scores,
+    state) stays in the object store for whoever needs it."""
+
+    def __init__(self, *args: Any, restored: bool = False, sink: Any = None):
+        super().__init__(*args)
+        self.restored = restored
+        self.report = _reporter(sink)
+
+    def call(self, method: str, *args: Any) -> tuple[Any, Any]:
+        start = time.perf_counter()
+        out = getattr(self, method)(*args)
+        return split_answer(method, out, time.perf_counter() - start)
+
+
+class PoolWorker:
+    """One actor of a pool serving many participants: for each call it rebuilds the
+    participant from its spec, private data and state, runs the call, and hands the new
+    state back to the object store. The public data and test set stay mapped here."""
+
+    def __init__(
+        self,
+        public_x: np.ndarray,
+        public_y: np.ndarray,
+        val: tuple,
+        test: tuple,
+        threads: int,
+        sink: Any = None,
+    ):
+        torch_threads(threads)
+        self.shared = (public_x, public_y, val)
+        self.test = test
+        self.report = _reporter(sink)
+
+    def call(
+        self,
+        spec: ParticipantSpec,
+        private: tuple,
+        state: bytes | None,
+        replay: bool,
+        method: str,
+        *args: Any,
+    ) -> tuple[Any, Any, bytes | None]:
+        participant = Participant(spec, *self.shared, private, self.test)
+        participant.report = self.report
+        if state is not None:
+            participant.set_state(state, restored=replay)
+        participant.restored = participant.restored or replay
+        start = time.perf_counter()
+        out = getattr(participant, method)(*args)
+        metrics, payload = split_answer(method, out, time.perf_counter() - start)
+        return metrics, payload, participant.get_state() if method in MUTATING else None
+
+
+class Aggregator:
+    """Forms the consensus next to the data, as a long-lived actor (a plain task's worker
+    would be reaped between rounds and cost a process start each time).
+
+    The score refs come wrapped in a list so this actor, not Ray, reads them and can name a
+    participant whose scores failed. Returns (status, consensus): the driver reads only the
+    small status; the consensus stays in the object store for the participants."""
+
+    def aggregate(self, plan: dict, names: list[str], wrapped: list) -> tuple[dict, Any]:
+        import ray
+
+        scores = []
+        for name, ref in zip(names, wrapped):
+            try:
+                scores.append(ray.get(ref))
+            except Exception as exc:  # the participant's own failure, re-raised by Ray
+                return {"participant": name, "phase": "communicate", "error": describe_ray_error(exc)}, None
+        try:
+            consensus = form_consensus(scores, names, plan)
+        except ConsensusError as exc:
+            return {"consensus_error": str(exc)}, None
+        return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
+
+
+class ProgressSink:
+    """Collects progress events from participant actors until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def post(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+def metrics_only(value: Any, name: str, phase: str) -> Any:
+    """The driver takes only metrics from participants: scores go to the consensus actor,
+    weights and private data never leave. An array here would be a protocol breach."""
+    items = value.values() if isinstance(value, dict) else [value]
+    for item in items:
+        if not isinstance(item, (int, float, str, bool, type(None))):
+            raise ParticipantError(
+                name,
+                phase,
+                f"sent the driver a {type(item).__name__}; only "
+                "metrics (numbers and strings) may reach the driver",
+            )
+    return value
+
+
+def describe_ray_error(exc: Exception) -> str:
+    """The participant's own error, not Ray's wrapping of it."""
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(exc).strip().splitlines()
+    kind = type(exc).__name__
+    if "ActorDied" in kind or "ActorError" in kind or "ActorUnavailable" in kind:
+        return (
+            "its actor process died (killed, out of memory, or crashed). "
+            f"Ray said: {text[0] if text else kind}"
+        )
+    return f"{kind}: {text[-1] if text else ''}"

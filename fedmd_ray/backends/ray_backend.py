@@ -1,0 +1,290 @@
+"""The `ray` backend: participants as Ray actors (one each, or a pool), the public data put
+once, score refs gathered into a consensus actor and one consensus ref broadcast back."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error, metrics_only
+from fedmd_ray.backends.resources import concurrency_window, init_ray, place
+from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
+from fedmd_ray.config import Config
+from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
+from fedmd_ray.participant import ParticipantSpec
+from fedmd_ray.tasks import Task
+
+PROGRESS_POLL_SECONDS = 0.5
+
+
+class RayBackend:
+    """Participants as Ray actors: one stateful actor each, or (resources.actors) a pool of
+    actors that participants take turns on, their state kept in the object store."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        config: Config,
+        task: Task,
+        specs: Sequence[ParticipantSpec],
+        report: Callable[[dict], None] | None = None,
+    ):
+        import ray
+
+        self.ray = ray
+        init_ray(config.resources.address)
+        self.config = config
+        self.specs = list(specs)
+        self.names = [s.name for s in specs]
+        self.events: list[dict] = []
+        self.report = report
+        n = len(specs)
+        pooled = config.resources.actors is not None and config.resources.actors < n
+        self.placement_plan = place(config, config.resources.actors if pooled else n, pooled)
+        plan = self.placement_plan
+        for spec in specs:
+            spec.torch_threads = plan.threads
+        self.tag = uuid.uuid4().hex[:6]
+        # num_cpus=0: the participants may hold every CPU, and aggregation must still run.
+        helper: dict[str, Any] = {"num_cpus": 0}
+        if plan.group is not None and not plan.own:
+            helper["scheduling_strategy"] = plan.strategy(-1)
+        self.aggregator = (
+            ray.remote(Aggregator).options(name=f"fedmd-{self.tag}/consensus", **helper).remote()
+        )
+        self.sink = None
+        if report is not None:
+            self.sink = ray.remote(ProgressSink).options(name=f"fedmd-{self.tag}/progress", **helper).remote()
+        # The public data enters the object store once; actors map it read-only. Private
+        # data goes to its participant's actor (or, in a pool, travels with each call).
+        shared = Shared(
+            public=(ray.put(task.public_train.x), ray.put(task.public_train.y)),
+            val=ray.put((task.public_val.x, task.public_val.y)),
+            test=ray.put((task.private_test.x, task.private_test.y)),
+            private=[ray.put((p.x, p.y)) for p in task.private_parts],
+            sink=self.sink,
+        )
+        slots_class = ActorPool if pooled else DedicatedActors
+        self.slots = slots_class(ray, self.specs, shared, plan, self.tag)
+        self.restarts = [0] * plan.slots
+        self.seconds: dict[str, dict[int, float]] = {}  # method -> participant -> last seconds
+        self.window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
+        self.placement = {
+            "num_cpus": plan.cpus,
+            "num_gpus": plan.gpus,
+            "torch_threads": plan.threads,
+            "window": self.window,
+            "strategy": config.resources.placement,
+            "actors": plan.slots,
+            "in_trial_group": plan.group is not None and not plan.own,
+            "nodes": plan.nodes(),
+        }
+        ray.get(self.aggregator.__ray_ready__.remote())
+
+    # ------------------------------------------------------------ calls
+
+    def _submit(
+        self, who: Sequence[int], method: str, *args: Any, args_for: Callable[[int], tuple] | None = None
+    ) -> dict[Any, Call]:
+        """Call `method` on each participant in `who` with `args` (participant i with
+        `args_for(i)` when given); returns metrics ref -> call. With a window (CPU runs with
+        more actors than cores), at most that many run at once: more busy actors than cores
+        only adds context switches and cache misses."""
+        calls: dict[Any, Call] = {}
+        running: list = []
+        if self.window:
+            # Longest first (by last time's seconds): a window of workers finishes sooner
+            # when the long calls do not come last. Results do not depend on the order.
+            last = self.seconds.get(method, {})
+            who = sorted(who, key=lambda i: -last.get(i, 0.0))
+        for i in who:
+            if self.window and len(running) >= self.window:
+                _, running = self.ray.wait(running, num_returns=1, fetch_local=False)
+            call = Call(i, method, args_for(i) if args_for else args)
+            metrics, call.payload = self.slots.send(call)
+            calls[metrics] = call
+            running.append(metrics)
+        return calls
+
+    def _restart(self, call: Call, phase: str, error: str) -> tuple[Any, Any]:
+        """The actor under `call` died: start a new one, bring it back to where the dead one
+        was, and resend `call` (see restarts.py for how that stays exact)."""
+        slot = self.slots.slot(call.index)
+        if self.slots.actors[slot] is not call.actor:
+            # Another call queued on the same dead pool actor already replaced it.
+            return self.slots.send(call, replay=True)
+        limit = self.config.resources.max_restarts
+        if self.restarts[slot] >= limit:
+            raise ParticipantError(
+                self.names[call.index],
+                phase,
+                f"{error} (restarted {self.restarts[slot]} times already; resources.max_restarts={limit})",
+            )
+        self.restarts[slot] += 1
+        who = (
+            f"pool actor {slot} (serving {self.names[call.index]})"
+            if isinstance(self.slots, ActorPool)
+            else "actor"
+        )
+        self.events.append(
+            {"participant": self.names[call.index], "phase": phase, "note": f"restarted ({who} died)"}
+        )
+        return self.slots.bring_back(call, self.restarts[slot])
+
+    def _wait(self, pending: list, timeout: float | None) -> list:
+        """ray.wait for one answer, draining the progress sink while nobody answers."""
+        if self.sink is None:
+            ready, _ = self.ray.wait(pending, num_returns=1, timeout=timeout)
+            return ready
+        stop = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            step = (
+                PROGRESS_POLL_SECONDS
+                if stop is None
+                else min(PROGRESS_POLL_SECONDS, stop - time.perf_counter())
+            )
+            ready, _ = self.ray.wait(pending, num_returns=1, timeout=max(0.0, step))
+            self._drain()
+            if ready or (stop is not None and time.perf_counter() >= stop):
+                return ready
+
+    def _drain(self) -> None:
+        if self.sink is not None:
+            for event in self.ray.get(self.sink.drain.remote()):
+                self.report(event)
+
+    def _gather(
+        self, calls: dict[Any, Call], phase: str, need: int | None = None, deadline: float | None = None
+    ) -> dict[int, Call]:
+        """Wait for the calls' metrics: all of them, or `need` of them (after `deadline`
+        seconds, when given). A participant that raised stops the run, named; one whose actor
+        died is restarted and its call resent."""
+        ray = self.ray
+        need = len(calls) if need is None else need
+        pending = dict(calls)
+        done: dict[int, Call] = {}
+        start = time.perf_counter()
+        while pending:
+            # Before the deadline: wait for everyone. After it (or without one): stop at the
+            # quorum, and until then keep waiting for whoever answers next.
+            left = None if deadline is None else deadline - (time.perf_counter() - start)
+            if len(done) >= need and (left is None or left <= 0):
+                break
+            ready = self._wait(list(pending), left if left is not None and left > 0 else None)
+            if not ready:
+                continue  # the deadline passed; go on once the quorum is in
+            call = pending.pop(ready[0])
+            try:
+                call.metrics = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                metrics, call.payload = self._restart(call, phase, describe_ray_error(exc))
+                pending[metrics] = call
+                continue
+            except Exception as exc:  # RayTaskError wraps the participant's own exception
+                if isinstance(getattr(exc, "cause", None), FedMDError):
+                    # Ours already says what is wrong and how to fix it, as on the local backend.
+                    raise exc.cause from None
+                raise ParticipantError(self.names[call.index], phase, describe_ray_error(exc)) from None
+            metrics_only(call.metrics, self.names[call.index], phase)
+            if isinstance(call.metrics, dict) and call.metrics.get("seconds") is not None:
+                self.seconds.setdefault(call.method, {})[call.index] = call.metrics["seconds"]
+            self.slots.answered(call)
+            done[call.index] = call
+            if self.report is not None:
+                self.report({"kind": "done", "participant": self.names[call.index], "phase": phase})
+        self._drain()
+        return done
+
+    def _each(self, phase: str, method: str, who: Sequence[int] | None, *args: Any) -> list:
+        who = range(len(self.specs)) if who is None else who
+        done = self._gather(self._submit(who, method, *args), phase)
+        return [done[i].metrics for i in who]
+
+    # ------------------------------------------------------------ the FedMD steps
+
+    def describe(self) -> list[dict]:
+        return self._each("setup", "describe", None)
+
+    def transfer(self) -> list[dict]:
+        return self._each("transfer", "transfer", None)
+
+    def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> list[dict]:
+        x, y = self.ray.put(pooled_x), self.ray.put(pooled_y)
+        return self._each("upper_bound", "upper_bound", None, x, y)
+
+    def logits(self, who: Sequence[int], indices: np.ndarray, round_: int) -> tuple[list, list, list]:
+        """(answered, late, score refs): waits for everyone, or with resources.quorum and
+        deadline_s, for those that answer in time."""
+        r = self.config.resources
+        need = len(who) if r.quorum >= 1 else max(1, math.ceil(r.quorum * len(who)))
+        calls = self._submit(who, "logits", self.ray.put(indices), round_)
+        done = self._gather(calls, "communicate", need, r.deadline_s)
+        answered = [i for i in who if i in done]
+        late = [i for i in who if i not in done]
+        return answered, late, [done[i].payload for i in answered]
+
+    def aggregate(self, scores: list, names: list[str], plan: dict):
+        status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(
+            plan, names, scores
+        )
+        try:
+            status = self.ray.get(status_ref)
+        except Exception as exc:  # the aggregator actor itself failed
+            raise ParticipantError("consensus", "aggregate", describe_ray_error(exc)) from None
+        if "consensus_error" in status:
+            raise ConsensusError(status["consensus_error"])
+        if "participant" in status:
+            raise ParticipantError(status["participant"], status["phase"], status["error"])
+        return consensus_ref
+
+    def digest(self, who: Sequence[int], consensus, indices: np.ndarray, round_: int) -> list[dict]:
+        return self._each("digest", "digest", who, consensus, self.ray.put(indices), round_)
+
+    def revisit(self, who: Sequence[int], round_: int) -> list[dict]:
+        return self._each("revisit", "revisit", who, round_)
+
+    def evaluate(self, who: Sequence[int], round_: int) -> list[dict]:
+        return self._each("evaluate", "evaluate", who, round_)
+
+    def end_round(self, round_: int, busy: Sequence[int] = ()) -> None:
+        """Keep each participant's state where a restart can find it. Participants in `busy`
+        (late ones, still computing) skip this round's snapshot."""
+        if self.config.resources.max_restarts == 0:
+            return
+        self.slots.snapshot([i for i in range(len(self.specs)) if i not in set(busy)])
+
+    def save(self, directory: Path) -> dict[str, dict]:
+        """Each participant (or its pool actor) writes its state file into `directory`, which
+        must be on storage the actors' nodes see; the driver only learns the checksums."""
+        who = range(len(self.specs))
+        paths = [str(directory / f"{name}.pt") for name in self.names]
+        done = self._gather(self._submit(who, "save", args_for=lambda i: (paths[i],)), "checkpoint")
+        return {self.names[i]: {"file": Path(paths[i]).name, **done[i].metrics} for i in who}
+
+    def restore(self, directory: Path, entries: dict[str, dict]) -> list[dict]:
+        def load_args(i: int) -> tuple:
+            entry = entries[self.names[i]]
+            return str(directory / entry["file"]), entry["sha256"]
+
+        done = self._gather(self._submit(range(len(self.names)), "load", args_for=load_args), "resume")
+        return [done[i].metrics for i in range(len(self.names))]
+
+    def shutdown(self) -> None:
+        slots = getattr(self, "slots", None)
+        for actor in [
+            *(slots.actors if slots else []),
+            getattr(self, "aggregator", None),
+            getattr(self, "sink", None),
+        ]:
+            if actor is not None:
+                self.ray.kill(actor, no_restart=True)
+        self.slots, self.aggregator, self.sink = None, None, None
+        if getattr(self, "placement_plan", None) is not None:
+            self.placement_plan.release()

@@ -1,0 +1,210 @@
+"""What the Ray backend asks of the cluster: joining or starting Ray, each actor's CPUs,
+GPUs and torch threads, how many may compute at once, and where the actors are placed
+(a placement group of our own, or a Ray Tune trial's)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from fedmd_ray.config import Config
+from fedmd_ray.errors import ResourceError
+
+PLACEMENT_TIMEOUT_SECONDS = 60
+
+
+def _quiet_ray_startup() -> None:
+    """Ray's start-up notices (dashboard, token authentication, deprecations) say nothing a
+    FedMD user can act on, and would be the first thing they read on every run."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*Ray.*")
+    for name in ("ray", "ray._private.worker", "ray.util.client", "ray._private.services"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Join `address` ('auto', 'ray://...') or start a local Ray, unless one is running.
+    Without an address, a Ray job's RAY_ADDRESS is honoured; otherwise the run gets a Ray
+    of its own rather than joining whichever `ray start` cluster this machine last ran."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
+    _quiet_ray_startup()
+    if address == "local":
+        kwargs.setdefault("include_dashboard", False)
+    kwargs.setdefault("logging_level", logging.ERROR)
+    try:
+        ray.init(address=address, log_to_driver=True, **kwargs)
+    except ConnectionError as exc:
+        raise ResourceError(
+            f"Could not reach the Ray cluster at '{address}': {exc}. Start it with "
+            "`ray start --head` or `ray up cluster.yaml`, or drop --address to run "
+            "locally."
+        ) from None
+    except (ImportError, RuntimeError) as exc:
+        if "ray[client]" in str(exc) or "Ray Client" in str(exc):
+            raise ResourceError(
+                f"--address {address} uses Ray Client, which needs its extra: "
+                "pip install 'ray[client]' (the README's install command includes it)."
+            ) from None
+        raise
+
+
+def even_share(node_cpus: list[float], n: int) -> float:
+    """The largest CPU share, in hundredths (Ray's resolution for fractions), of which `n`
+    fit on these nodes: an even split of the total may not, when nodes are small (4 nodes of
+    1 CPU hold only 8 actors of 0.4)."""
+    share = math.floor(sum(node_cpus) / n * 100) / 100
+    while share > 0.01 and sum(math.floor(c / share + 1e-9) for c in node_cpus) < n:
+        share = round(share - 0.01, 2)
+    return max(0.01, share)
+
+
+def plan_resources(
+    config: Config, cluster: dict[str, float], actors: int | None = None, node_cpus: list[float] | None = None
+) -> tuple[float, float, int]:
+    """CPUs, GPUs and torch threads for each participant actor, checked against the cluster
+    (its total, and with `node_cpus`, what fits node by node)."""
+    n = actors or config.num_participants
+    what = "actors" if actors else "participants"
+    total_cpus = float(cluster.get("CPU", 0))
+    total_gpus = float(cluster.get("GPU", 0))
+    gpus = config.resources.num_gpus
+    if gpus * n > total_gpus + 1e-9:
+        raise ResourceError(
+            f"{n} {what} x {gpus} GPU need {gpus * n:g} GPUs; the Ray cluster has "
+            f"{total_gpus:g}. Lower resources.num_gpus (e.g. {math.floor(total_gpus / n * 100) / 100 or 0:g}) "
+            "or add GPU nodes."
+        )
+    cpus = config.resources.num_cpus
+    if cpus is None:
+        cpus = even_share(node_cpus or [total_cpus], n)
+    elif cpus * n > total_cpus + 1e-9:
+        raise ResourceError(
+            f"{n} {what} x {cpus} CPU need {cpus * n:g} CPUs; the Ray cluster has "
+            f"{total_cpus:g}. Lower resources.num_cpus or leave it unset to share evenly."
+        )
+    threads = config.resources.torch_threads or max(1, int(cpus))
+    return cpus, gpus, threads
+
+
+def concurrency_window(config: Config, cluster: dict[str, float], threads: int) -> int | None:
+    """How many participants may compute at once: resources.max_concurrent, or on CPU-only
+    runs with more participants than cores, the cores' worth (cores / torch threads). GPU
+    runs are not windowed: kernels from many actors overlap on the device."""
+    if config.resources.max_concurrent is not None:
+        return config.resources.max_concurrent
+    cpus = int(cluster.get("CPU", 0))
+    if config.resources.num_gpus > 0 or cpus == 0 or config.num_participants * threads <= cpus:
+        return None
+    return max(1, cpus // threads)
+
+
+@dataclass
+class Placement:
+    """Where and with what each of `slots` actors runs. `group` is a placement group (ours,
+    when `own`, or a Tune trial's) whose bundles `offset`, `offset + 1`, ... hold the actors."""
+
+    cpus: float
+    gpus: float
+    threads: int
+    slots: int
+    group: Any = None
+    own: bool = False
+    offset: int = 0
+
+    def strategy(self, slot: int) -> Any:
+        """The scheduling strategy of actor `slot` (bundle 0 of a trial's group when `slot`
+        is -1: the trial's own process, where the consensus actor goes)."""
+        if self.group is None:
+            return None
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = 0 if slot < 0 else slot + self.offset
+        return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
+
+    def actor_options(self, slot: int) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus or None, "max_restarts": 0}
+        if self.group is not None:
+            options["scheduling_strategy"] = self.strategy(slot)
+        return options
+
+    def nodes(self) -> list[str] | None:
+        """The node of each actor's bundle."""
+        if self.group is None:
+            return None
+        from ray.util.placement_group import placement_group_table
+
+        table = placement_group_table(self.group).get("bundles_to_node_id", {})
+        return [table.get(k + self.offset) for k in range(self.slots)]
+
+    def release(self) -> None:
+        if self.group is not None and self.own:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+        self.group = None
+
+
+def _trial_group(config: Config, slots: int):
+    """Inside a Ray Tune trial, the trial's placement group: bundle 0 is the trial's own
+    process, bundles 1..n the participants' actors."""
+    if config.resources.placement is not None:
+        return None
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    if group is not None and len(group.bundle_specs) < slots + 1:
+        raise ResourceError(
+            f"The Ray Tune trial's placement group has {len(group.bundle_specs)} bundles; this run "
+            f"needs {slots + 1} (one for the trial, one per participant actor). Size it with "
+            "fedmd_ray.tune.trial_resources(config)."
+        )
+    return group
+
+
+def _reserve(strategy: str, n: int, cpus: float, gpus: float):
+    """One bundle per actor, placed by `strategy`; refused clearly if it cannot fit."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    group = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_SECONDS)
+    if not ready:
+        remove_placement_group(group)
+        raise ResourceError(
+            f"Could not place {n} participants of {bundle} with strategy {strategy} within "
+            f"{PLACEMENT_TIMEOUT_SECONDS} s; the cluster has {ray.cluster_resources()}. "
+            "Use PACK or SPREAD instead of STRICT_*, or fewer resources per participant."
+        )
+    return group
+
+
+def place(config: Config, slots: int, pooled: bool) -> Placement:
+    """Resources and placement of `slots` actors: from the Tune trial's bundles when this
+    runs inside a trial, else planned against the cluster (and reserved as a placement group
+    with resources.placement)."""
+    import ray
+
+    group = _trial_group(config, slots)
+    if group is not None:
+        bundle = group.bundle_specs[1]
+        cpus, gpus = float(bundle.get("CPU", 0)), float(bundle.get("GPU", 0))
+        threads = config.resources.torch_threads or max(1, int(cpus))
+        return Placement(cpus, gpus, threads, slots, group, own=False, offset=1)
+    node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    cpus, gpus, threads = plan_resources(
+        config, ray.cluster_resources(), slots if pooled else None, node_cpus
+    )
+    strategy = config.resources.placement
+    group = _reserve(strategy, slots, cpus, gpus) if strategy else None
+    return Placement(cpus, gpus, threads, slots, group, own=group is not None)

@@ -1,0 +1,133 @@
+"""Where a participant's call runs: its own actor, or an actor of a pool. Both offer the
+same four things, so the Ray backend never asks which it has:
+
+- `send(call)`: submit the call, answer (metrics ref, payload ref);
+- `answered(call)`: the call's metrics came back;
+- `bring_back(call)`: the call's actor died; start a new one, restore where it was, resend;
+- `snapshot(who)`: end of round, keep states a restart can start from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedmd_ray.backends.actors import MUTATING, ParticipantActor, PoolWorker
+from fedmd_ray.backends.resources import Placement
+from fedmd_ray.backends.restarts import RestartJournal
+from fedmd_ray.participant import ParticipantSpec
+
+
+class Call:
+    """One submitted participant call, kept until it answers so it can be resubmitted."""
+
+    __slots__ = ("index", "method", "args", "state", "metrics", "payload", "new_state", "actor", "confirms")
+
+    def __init__(self, index: int, method: str, args: tuple):
+        self.index, self.method, self.args = index, method, args
+        self.state = self.metrics = self.payload = self.new_state = self.actor = None
+        self.confirms = False  # its answer confirms a pending state snapshot
+
+
+class Shared:
+    """Object refs every actor is built from: public data, validation and test sets, each
+    participant's private data, and the progress sink."""
+
+    def __init__(self, public: tuple, val: Any, test: Any, private: list, sink: Any):
+        self.public, self.val, self.test, self.private, self.sink = public, val, test, private, sink
+
+
+class DedicatedActors:
+    """One actor per participant, holding its state in memory; restarts use the journal."""
+
+    def __init__(
+        self, ray: Any, specs: Sequence[ParticipantSpec], shared: Shared, placement: Placement, tag: str
+    ):
+        self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
+        self.journal = RestartJournal(len(self.specs))
+        self.actors = [self.start(i) for i in range(len(self.specs))]
+
+    def slot(self, index: int) -> int:
+        return index
+
+    def start(self, slot: int, generation: int = 0) -> Any:
+        spec, s = self.specs[slot], self.shared
+        options = self.placement.actor_options(slot)
+        options["name"] = f"fedmd-{self.tag}/{spec.name}" + (f"-r{generation}" if generation else "")
+        cls = self.ray.remote(ParticipantActor).options(**options)
+        return cls.remote(
+            spec, *s.public, s.val, s.private[slot], s.test, restored=generation > 0, sink=s.sink
+        )
+
+    def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
+        actor = call.actor = self.actors[call.index]
+        if not replay:
+            if call.method in MUTATING:
+                self.journal.record(call.index, call)
+            call.confirms = self.journal.pending[call.index] is not None
+        return tuple(actor.call.options(num_returns=2).remote(call.method, *call.args))
+
+    def answered(self, call: Call) -> None:
+        if call.confirms:
+            self.journal.confirm(call.index)
+
+    def bring_back(self, call: Call, generation: int) -> tuple[Any, Any]:
+        i = call.index
+        actor = self.actors[i] = self.start(i, generation)
+        saved, earlier = self.journal.replay(i, call)
+        if saved is not None:
+            actor.set_state.remote(saved)
+        for c in earlier:
+            actor.call.options(num_returns=2).remote(c.method, *c.args)
+        return self.send(call, replay=True)
+
+    def snapshot(self, who: Sequence[int]) -> None:
+        for i in who:
+            _, state = self.actors[i].call.options(num_returns=2).remote("get_state")
+            self.journal.snapshot(i, state)
+
+
+class ActorPool:
+    """A few actors serving many participants in turn (participant i on actor i mod k); each
+    participant's state waits in the object store between its calls and travels with each."""
+
+    def __init__(
+        self, ray: Any, specs: Sequence[ParticipantSpec], shared: Shared, placement: Placement, tag: str
+    ):
+        self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
+        self.size = placement.slots
+        self.states: list[Any] = [None] * len(self.specs)
+        self.actors = [self.start(k) for k in range(self.size)]
+
+    def slot(self, index: int) -> int:
+        return index % self.size
+
+    def start(self, slot: int, generation: int = 0) -> Any:
+        s = self.shared
+        options = self.placement.actor_options(slot)
+        options["name"] = f"fedmd-{self.tag}/pool-{slot:02d}" + (f"-r{generation}" if generation else "")
+        cls = self.ray.remote(PoolWorker).options(**options)
+        return cls.remote(*s.public, s.val, s.test, self.placement.threads, s.sink)
+
+    def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
+        i = call.index
+        if not replay:
+            call.state = self.states[i]
+        actor = call.actor = self.actors[self.slot(i)]
+        refs = actor.call.options(num_returns=3).remote(
+            self.specs[i], self.shared.private[i], call.state, replay, call.method, *call.args
+        )
+        call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
+        return refs[0], refs[1]
+
+    def answered(self, call: Call) -> None:
+        if call.new_state is not None:
+            self.states[call.index] = call.new_state
+
+    def bring_back(self, call: Call, generation: int) -> tuple[Any, Any]:
+        slot = self.slot(call.index)
+        self.actors[slot] = self.start(slot, generation)
+        return self.send(call, replay=True)  # the call carries the state it started from
+
+    def snapshot(self, who: Sequence[int]) -> None:
+        """Every state is in the object store already."""
