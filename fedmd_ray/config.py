@@ -31,7 +31,11 @@ __all__ = [
 @dataclass
 class DataConfig:
     public: str = "synthetic"
-    """Dataset the participants share (see `fedmd-ray datasets`)."""
+    """Dataset the participants share (see `fedmd-ray datasets`): a built-in name, a
+    registered one, npz:PATH, folder:PATH, torchvision:NAME, or module:function /
+    file.py:function returning (x, y). uint8 images are scaled to [-1, 1]; float samples
+    (tabular features) go to the model as float32 unscaled, integer samples (token ids) as
+    int64."""
     public_classes: list[int] | None = None
     """Classes of the public dataset to use; None means all."""
     private: str = "synthetic"
@@ -49,6 +53,11 @@ class DataConfig:
     """Cap on public training samples (seeded subset), to shrink runs."""
     test_size: int | None = None
     """Cap on test samples per task (seeded subset), to shrink evaluation."""
+    input_shape: list[int] | None = None
+    """(C, H, W) every image is brought to when public and private images differ (e.g.
+    [3, 32, 32] for CIFAR-10 with 28x28 grey letters): grey becomes colour by repeating its
+    channel, colour becomes grey by luminance, then a bilinear antialiased resize. None:
+    shapes must already match."""
     synthetic_image_size: int = 16
     synthetic_train_per_class: int = 300
     synthetic_test_per_class: int = 60
@@ -160,6 +169,9 @@ class ResourcesConfig:
     """Ray backend: a participant whose actor dies is restarted from its last round
     checkpoint (in the object store) and its round replayed, at most this many times per
     run. 0: a dead actor stops the run."""
+    runtime_env: dict[str, Any] | None = None
+    """Ray backend: Ray's runtime_env for every actor (pip, env_vars, working_dir, ...).
+    Model, consensus and digest-loss files named in the config are added to it (py_modules)."""
     actors: int | None = None
     """Ray backend: number of participant actors. None: one per participant. Fewer: a pool
     of actors serves all participants, each participant's state (weights, optimizer) kept
@@ -357,6 +369,25 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"'{key}' is '{value}'; it must be one of {', '.join(choices)}.{hint}")
 
 
+def _check_plugin(key: str, value: str, builtins: tuple[str, ...]) -> None:
+    """A built-in name, or a user's (registered, module:function, file.py:function) that
+    resolves on this machine."""
+    if value in builtins:
+        return
+    import fedmd_ray.participant  # noqa: F401  (registers the built-in digest losses)
+    from fedmd_ray.plugins import CONSENSUS, parse_spec
+    from fedmd_ray.plugins import DIGEST_LOSSES as LOSSES
+
+    registry = CONSENSUS if key == "train.consensus" else LOSSES
+    spec = parse_spec(value) if ":" in value or "?" in value else None
+    if spec is None and registry.get(value) is None:
+        _check_choice(key, value, tuple(registry.names()))
+    try:
+        registry.check(value)
+    except ConfigError as exc:
+        raise ConfigError(f"'{key}': {exc}") from None
+
+
 def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -399,8 +430,8 @@ def validate(config: Config) -> None:
 
     t = config.train
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    _check_choice("train.digest_loss", t.digest_loss, DIGEST_LOSSES)
-    _check_choice("train.consensus", t.consensus, tuple(AGGREGATORS))
+    _check_plugin("train.digest_loss", t.digest_loss, DIGEST_LOSSES)
+    _check_plugin("train.consensus", t.consensus, tuple(AGGREGATORS))
     _check_positive("train.lr", t.lr)
     _check_positive("train.digest_lr", t.digest_lr)
     _check_positive("train.temperature", t.temperature)
@@ -463,6 +494,10 @@ def validate(config: Config) -> None:
     _check_positive("resources.deadline_s", r.deadline_s)
     _check_positive("resources.max_restarts", r.max_restarts, allow_zero=True)
     _check_positive("resources.actors", r.actors)
+    if r.runtime_env is not None and not isinstance(r.runtime_env, dict):
+        raise ConfigError(
+            f'\'resources.runtime_env\' must be a mapping, e.g. {{"pip": ["timm"]}}; got {r.runtime_env!r}.'
+        )
     _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
     for key, value in (("train.participation", t.participation), ("resources.quorum", r.quorum)):
         if not 0 < value <= 1:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedmd_ray.errors import ConsensusError
+from fedmd_ray.errors import ConfigError, ConsensusError
+from fedmd_ray.plugins import CONSENSUS, Code, parse_spec
 
 
 def _softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -83,6 +84,23 @@ AGGREGATORS: dict[str, Callable[..., np.ndarray]] = {
     "trimmed_mean": trimmed_mean,
     "era": era,
 }
+for _name, _function in AGGREGATORS.items():
+    CONSENSUS.add_builtin(_name, _function)
+
+
+def aggregator(
+    method: str, code: Code | None = None, function: Callable | None = None
+) -> tuple[Callable, dict]:
+    """(function, its keyword arguments from the spec) for `method`: a built-in name, a
+    registered one (`function`, carried from the driver), or a module/file spec."""
+    if method in AGGREGATORS:
+        return AGGREGATORS[method], {}
+    if function is not None:
+        return function, parse_spec(method).kwargs
+    try:
+        return CONSENSUS.resolve(method, code)
+    except ConfigError as exc:
+        raise ConsensusError(str(exc)) from None
 
 
 def aggregate(
@@ -90,12 +108,16 @@ def aggregate(
     method: str = "mean",
     weights: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
+    code: Code | None = None,
+    function: Callable | None = None,
     **options: float,
 ) -> np.ndarray:
     """Check the participants' scores and combine them with `method`; `options` are the
-    method's own (temperature, era_temperature, trim)."""
-    if method not in AGGREGATORS:
-        raise ConsensusError(f"Unknown consensus '{method}'; known: {', '.join(AGGREGATORS)}.")
+    built-ins' own (temperature, era_temperature, trim). A user's function gets the spec's
+    `?key=value` options instead, and its answer is checked like the scores."""
+    if method not in AGGREGATORS and function is None and ":" not in method and CONSENSUS.get(method) is None:
+        raise ConsensusError(f"Unknown consensus '{method}'; known: {', '.join(CONSENSUS.names())}.")
+    combine, user_options = aggregator(method, code, function)
     if len(scores) == 0:
         raise ConsensusError("No scores to aggregate: no participant answered.")
     names = list(names) if names is not None else [f"participant {i}" for i in range(len(scores))]
@@ -109,7 +131,20 @@ def aggregate(
             )
     stacked = np.stack([np.asarray(s, dtype=np.float32) for s in scores])
     w = None if weights is None else np.asarray(weights, dtype=np.float64)
-    return np.asarray(AGGREGATORS[method](stacked, w, **options), dtype=np.float32)
+    if method in AGGREGATORS:
+        return np.asarray(combine(stacked, w, **options), dtype=np.float32)
+    try:
+        out = np.asarray(combine(stacked, w, **user_options), dtype=np.float32)
+    except Exception as exc:
+        raise ConsensusError(f"consensus '{method}' raised {type(exc).__name__}: {exc}") from None
+    if out.shape != stacked.shape[1:]:
+        raise ConsensusError(
+            f"consensus '{method}' returned shape {out.shape}; it must return (samples, classes) = "
+            f"{stacked.shape[1:]} for scores of shape {stacked.shape}."
+        )
+    if not np.all(np.isfinite(out)):
+        raise ConsensusError(f"consensus '{method}' returned NaN or infinite values.")
+    return out
 
 
 def form_consensus(payloads: Sequence, names: Sequence[str], plan: dict) -> np.ndarray:
@@ -118,6 +153,12 @@ def form_consensus(payloads: Sequence, names: Sequence[str], plan: dict) -> np.n
     from fedmd_ray.sharing import decode
 
     consensus = aggregate(
-        [decode(p) for p in payloads], plan["method"], plan.get("weights"), names, **plan.get("options", {})
+        [decode(p) for p in payloads],
+        plan["method"],
+        plan.get("weights"),
+        names,
+        plan.get("code"),
+        plan.get("function"),
+        **plan.get("options", {}),
     )
     return consensus.astype(plan.get("dtype", "float32"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmd_ray.errors import ConfigError, DatasetError
+from fedmd_ray.plugins import DATASETS as REGISTRY
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -26,6 +27,11 @@ _IDX_DATASETS = {
 }
 _CIFAR = {"cifar10": 10, "cifar100": 100}
 DATASETS = ("synthetic", *_IDX_DATASETS, *_CIFAR)
+FORMS = ("npz:PATH", "folder:PATH", "torchvision:NAME")
+"""Data of the user's own: an .npz (x_train, y_train, x_test, y_test), an ImageFolder
+layout (PATH/train/<class>/*.png, PATH/test/<class>/...), or any torchvision dataset."""
+for _name in DATASETS:
+    REGISTRY.add_builtin(_name, _name)
 _ALIASES = {
     "fashion": "fashion_mnist",
     "fashion-mnist": "fashion_mnist",
@@ -55,17 +61,38 @@ class ArrayDataset:
 
 
 def canonical_name(name: str) -> str:
+    if ":" in name or name in REGISTRY.user:
+        return name.strip()
     key = name.lower().strip()
     return _ALIASES.get(key, key)
 
 
 def check_dataset_name(name: str) -> None:
-    if canonical_name(name) not in DATASETS:
-        import difflib
+    """Refuse, before any work, a dataset that names nothing: an unknown name, an npz file
+    or image folder that is not there."""
+    form, _, rest = name.partition(":")
+    if form in ("npz", "folder"):
+        path = Path(rest).expanduser()
+        if not (path.is_file() if form == "npz" else path.is_dir()):
+            raise DatasetError(
+                f"Dataset '{name}': {'file' if form == 'npz' else 'folder'} {path.resolve()} not found."
+            )
+        return
+    if form == "torchvision" and rest:
+        return
+    if canonical_name(name) in DATASETS or REGISTRY.get(name.partition("?")[0]) is not None:
+        return
+    if ":" in name:
+        REGISTRY.check(name)  # a user's loader: module:function or file.py:function
+        return
+    import difflib
 
-        close = difflib.get_close_matches(name.lower(), [*DATASETS, *_ALIASES], n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown dataset '{name}'.{hint} Known datasets: {', '.join(DATASETS)}.")
+    known = [*DATASETS, *REGISTRY.user]
+    close = difflib.get_close_matches(name.lower(), [*known, *_ALIASES], n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"Unknown dataset '{name}'.{hint} Known datasets: {', '.join(known)}; or your own: {', '.join(FORMS)}."
+    )
 
 
 def default_data_dir() -> Path:
@@ -79,12 +106,32 @@ def load_dataset(
     download: bool = False,
     synthetic: dict | None = None,
 ) -> ArrayDataset:
-    """Load one split of a dataset by name as uint8 NCHW arrays."""
+    """Load one split of a dataset: images as uint8 NCHW arrays, other data as it comes."""
     name = canonical_name(name)
     check_dataset_name(name)
     if name == "synthetic":
         return make_synthetic(train=train, **(synthetic or {}))
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    form, _, rest = name.partition(":")
+    if form == "npz":
+        return _load_npz(Path(rest).expanduser(), train, name)
+    if form == "folder":
+        return _load_folder(Path(rest).expanduser(), train, name)
+    if form == "torchvision":
+        return _load_torchvision(rest, train, root, download, name)
+    if name not in DATASETS:
+        loader, kwargs = REGISTRY.resolve(name)
+        try:
+            out = loader(train=train, data_dir=str(root), download=download, **kwargs)
+        except FedMDErrorTypes:
+            raise
+        except Exception as exc:
+            raise DatasetError(f"Dataset '{name}': its loader raised {type(exc).__name__}: {exc}") from None
+        if isinstance(out, ArrayDataset):
+            return as_dataset(out.x, out.y, name, out.coarse_y, out.groups)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise DatasetError(f"Dataset '{name}': its loader must return (x, y) arrays or an ArrayDataset.")
+        return as_dataset(out[0], out[1], name)
     if name in _IDX_DATASETS:
         return _load_idx(name, train, root, download)
     return _load_cifar(name, train, root, download)
@@ -95,11 +142,186 @@ def location(name: str, data_dir: str | Path | None = None) -> str:
     name = canonical_name(name)
     if name == "synthetic":
         return "made in memory"
+    form, _, rest = name.partition(":")
+    if form in ("npz", "folder"):
+        return str(Path(rest).expanduser().resolve())
+    if name not in DATASETS and form != "torchvision":
+        return "the user's loader"
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if name in _IDX_DATASETS:
         found = _find_idx(name, True, root)
         return str(found[0].parent) if found else f"not found under {root}"
     return str(root)
+
+
+# ---------------------------------------------------------------- the user's own data
+
+FedMDErrorTypes = (ConfigError, DatasetError)
+
+
+def as_dataset(
+    x: object, y: object, source: str, coarse_y: object = None, groups: object = None
+) -> ArrayDataset:
+    """Check and normalise arrays a user brought: labels are integers, one per sample;
+    uint8 images become (N, C, H, W) (from (N, H, W) or (N, H, W, C)); other data keeps its
+    shape, floats as float32 and integers as int64."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise DatasetError(f"Dataset '{source}': {len(x)} samples but {len(y)} labels; they must match.")
+    if len(y) == 0:
+        raise DatasetError(f"Dataset '{source}' is empty.")
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or _integral(y)):
+        raise DatasetError(
+            f"Dataset '{source}': labels must be integers, one per sample; got {y.dtype} of shape {y.shape}."
+        )
+    if x.dtype == np.uint8:
+        if x.ndim == 3:
+            x = x[:, None]
+        elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+        elif x.ndim != 4:
+            raise DatasetError(
+                f"Dataset '{source}': uint8 images must be (N, H, W), (N, H, W, C) or (N, C, H, W); got {x.shape}."
+            )
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32, copy=False)
+    elif np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
+        x = x.astype(np.int64, copy=False)
+    else:
+        raise DatasetError(f"Dataset '{source}': samples of dtype {x.dtype} cannot be fed to a model.")
+    coarse = None if coarse_y is None else np.asarray(coarse_y)
+    writers = None if groups is None else np.asarray(groups)
+    return ArrayDataset(np.ascontiguousarray(x), y.astype(np.int64), coarse, writers)
+
+
+def _integral(y: np.ndarray) -> bool:
+    return (
+        np.issubdtype(y.dtype, np.floating)
+        and bool(np.all(np.isfinite(y)))
+        and bool(np.all(y == np.round(y)))
+    )
+
+
+def _load_npz(path: Path, train: bool, source: str) -> ArrayDataset:
+    split = "train" if train else "test"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DatasetError(f"Dataset '{source}': {path} is not a readable .npz ({exc}).") from None
+    with archive:
+        missing = [k for k in (f"x_{split}", f"y_{split}") if k not in archive.files]
+        if missing:
+            raise DatasetError(
+                f"Dataset '{source}': {path} has no array {missing[0]} (it has {', '.join(archive.files) or 'none'}); "
+                "an npz dataset holds x_train, y_train, x_test and y_test."
+            )
+        return as_dataset(archive[f"x_{split}"], archive[f"y_{split}"], source)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _load_folder(root: Path, train: bool, source: str) -> ArrayDataset:
+    """torchvision's ImageFolder layout, split in two: root/train/<class>/..., root/test/<class>/...
+    Classes are the folder names in sorted order; images must share one size."""
+    from PIL import Image
+
+    split = root / ("train" if train else "test")
+    if not split.is_dir():
+        raise DatasetError(
+            f"Dataset '{source}': folder {split} not found; expected {root}/train/<class>/*.png and {root}/test/<class>/*.png."
+        )
+    classes = sorted(d.name for d in split.iterdir() if d.is_dir())
+    if not classes:
+        raise DatasetError(f"Dataset '{source}': {split} has no class folders.")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (split / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DatasetError(
+                f"Dataset '{source}': class folder {split / name} holds no images ({', '.join(IMAGE_SUFFIXES)})."
+            )
+        for f in files:
+            with Image.open(f) as img:
+                xs.append(np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "I;16") else "RGB")))
+            ys.append(label)
+    shapes = {a.shape for a in xs}
+    if len(shapes) > 1:
+        raise DatasetError(
+            f"Dataset '{source}': images in {split} differ in size ({sorted(shapes)[:3]}); resize them to one size."
+        )
+    return as_dataset(np.stack(xs), np.asarray(ys), source)
+
+
+def _load_torchvision(name: str, train: bool, root: Path, download: bool, source: str) -> ArrayDataset:
+    """Any torchvision classification dataset by class name (KMNIST, SVHN, USPS, STL10, ...)."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None or not isinstance(cls, type):
+        import difflib
+
+        known = [n for n in dir(tvd) if n[:1].isupper()]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Dataset '{source}': torchvision has no dataset '{name}'.{hint}")
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    attempts = ({"train": train}, {"split": "train" if train else "test"})
+    last: Exception | None = None
+    for kwargs in attempts:
+        try:
+            ds = cls(str(root), download=download, **kwargs)
+            break
+        except TypeError as exc:
+            last = exc
+        except Exception as exc:  # missing files, no network
+            hint = "" if download else " Pass --download to let torchvision fetch it."
+            raise DatasetError(f"Dataset '{source}' could not be loaded from {root}: {exc}.{hint}") from None
+    else:
+        raise DatasetError(
+            f"Dataset '{source}': torchvision's {name} takes neither train= nor split= ({last})."
+        )
+    data = getattr(ds, "data", None)
+    labels = next((getattr(ds, k) for k in ("targets", "labels") if getattr(ds, k, None) is not None), None)
+    if data is not None and labels is not None:
+        x = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
+        y = labels.numpy() if hasattr(labels, "numpy") else np.asarray(labels)
+    else:  # read sample by sample
+        pairs = [ds[i] for i in range(len(ds))]
+        x = np.stack([np.asarray(img) for img, _ in pairs])
+        y = np.asarray([label for _, label in pairs])
+    return as_dataset(x, y, source)
+
+
+def conform_images(ds: ArrayDataset, shape: tuple[int, int, int], source: str) -> ArrayDataset:
+    """Bring uint8 images to `shape` (C, H, W): grey to colour by repeating the channel,
+    colour to grey by luminance (ITU-R 601), then a bilinear, antialiased resize."""
+    if ds.x.dtype != np.uint8 or ds.x.ndim != 4:
+        raise ConfigError(
+            f"data.input_shape converts images only; '{source}' holds {ds.x.dtype} samples of shape {ds.x.shape[1:]}."
+        )
+    c, h, w = shape
+    if c not in (1, 3):
+        raise ConfigError(f"'data.input_shape' must have 1 or 3 channels, got {list(shape)}.")
+    if tuple(ds.x.shape[1:]) == tuple(shape):
+        return ds
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for start in range(0, len(ds.x), 4096):
+        t = torch.from_numpy(np.array(ds.x[start : start + 4096], dtype=np.float32))
+        if t.shape[1] != c:
+            if c == 3:
+                t = t[:, :1].repeat(1, 3, 1, 1)
+            else:
+                weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                t = (t[:, :3] * weights).sum(1, keepdim=True)
+        if t.shape[2:] != (h, w):
+            t = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        out.append(t.round().clamp(0, 255).to(torch.uint8).numpy())
+    return ArrayDataset(np.concatenate(out), ds.y, ds.coarse_y, ds.groups)
 
 
 # ---------------------------------------------------------------- synthetic

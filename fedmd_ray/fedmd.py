@@ -16,7 +16,10 @@ import numpy as np
 from fedmd_ray import checkpoint, privacy
 from fedmd_ray.backends import make_backend
 from fedmd_ray.config import Config, ConfigError, parse_fault, validate
-from fedmd_ray.participant import ParticipantSpec
+from fedmd_ray.consensus import AGGREGATORS
+from fedmd_ray.models import check_model
+from fedmd_ray.participant import ParticipantSpec, prepare
+from fedmd_ray.plugins import CONSENSUS, DIGEST_LOSSES, MODELS, carried
 from fedmd_ray.results import Recorder
 from fedmd_ray.tasks import Task, build_task, participant_names
 
@@ -50,6 +53,8 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
             sharing=config.sharing,
             adversary=i in config.sharing.adversaries,
             faults=tuple((phase, r, mode) for j, phase, r, mode in faults if j == i),
+            model_factory=carried(MODELS, config.model_of(i)),
+            digest_function=carried(DIGEST_LOSSES, config.train.digest_loss),
         )
         for i, name in enumerate(participant_names(config))
     ]
@@ -58,9 +63,12 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
 def consensus_plan(config: Config, task: Task) -> dict:
     """How the consensus is formed: the method, its weights and options, the return dtype."""
     t = config.train
-    weights = [float(len(p)) for p in task.private_parts] if t.consensus == "weighted" else None
+    # A user's function gets the private data sizes too: weighing by them is a common idea.
+    sized = t.consensus == "weighted" or t.consensus not in AGGREGATORS
+    weights = [float(len(p)) for p in task.private_parts] if sized else None
     return {
         "method": t.consensus,
+        "function": carried(CONSENSUS, t.consensus),
         "weights": weights,
         "options": {
             "temperature": t.temperature,
@@ -78,6 +86,21 @@ def privacy_spent(config: Config, rounds: int, samples: int) -> float | None:
     if sh.clip is None:
         return None
     return privacy.epsilon_for_delta(sh.delta, privacy.gdp_mu(sh.noise_multiplier, rounds))
+
+
+def check_models(specs: list[ParticipantSpec], task: Task) -> None:
+    """Build each distinct model once and run it on two real public samples, before any
+    actor starts: a model that cannot be built, or gives scores of the wrong shape, is
+    refused in one line that names its participant."""
+    import torch
+
+    sample = prepare(task.public_train.x[:2], torch.device("cpu"))
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.model not in seen:
+            seen.add(spec.model)
+            torch.manual_seed(0)
+            check_model(spec.model, sample, task.num_classes, f"participant {spec.name}", spec.model_factory)
 
 
 def public_subset(rng: np.random.Generator, public_size: int, subset_size: int) -> np.ndarray:
@@ -129,6 +152,7 @@ def run(
     tell = report or (lambda _event: None)
     task = task or build_task(config)
     specs = participant_specs(config, task)
+    check_models(specs, task)
     names = [s.name for s in specs]
     t = config.train
     saving = out_dir is not None and config.checkpoint_every > 0

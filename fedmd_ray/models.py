@@ -4,6 +4,9 @@ Names:
   cnn2[:n1,n2,dropout]        2-layer CNN of the FedMD paper (default 128,256,0.2)
   cnn3[:n1,n2,n3,dropout]     3-layer CNN of the FedMD paper (default 128,192,256,0.2)
   resnet18, mobilenet_v3_small, shufflenet_v2_x0_5, ...  torchvision, trained from scratch
+  anything else               a user's model: a registered name, package.module:factory or
+                              path/to/file.py:factory, with ?key=value options (plugins.py);
+                              called as factory(num_classes=..., image_shape=(C, H, W), ...)
 
 The paper's CNNs follow the authors' network definitions: each block is conv -> batch norm ->
 ReLU -> dropout -> average pooling, and the head is a bias-free dense layer with L2 1e-3.
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from fedmd_ray.errors import ConfigError
+from fedmd_ray.plugins import MODELS, Code, parse_spec
 
 TORCHVISION_MODELS = (
     "resnet18",
@@ -31,20 +35,28 @@ TORCHVISION_MODELS = (
 )
 PAPER_MODELS = {"cnn2": (128, 256, 0.2), "cnn3": (128, 192, 256, 0.2)}
 KNOWN_MODELS = (*PAPER_MODELS, *TORCHVISION_MODELS)
+for _name in KNOWN_MODELS:
+    MODELS.add_builtin(_name, _name)  # listed with users' models; built by build_model below
 
 # Keras' L2(1e-3) adds 1e-3 * sum(w^2) to the loss, i.e. 2e-3 * w to the gradient.
 HEAD_WEIGHT_DECAY = 2e-3
+
+
+def is_builtin(name: str) -> bool:
+    return name.strip().partition(":")[0] in KNOWN_MODELS
 
 
 def parse_model_name(name: str) -> tuple[str, tuple]:
     """Split 'cnn2:128,384,0.2' into ('cnn2', (128, 384, 0.2)); check it is known."""
     base, _, params = name.strip().partition(":")
     if base not in KNOWN_MODELS:
-        close = difflib.get_close_matches(base, KNOWN_MODELS, n=1)
+        names = [*KNOWN_MODELS, *MODELS.user, *MODELS.entry_points()]
+        close = difflib.get_close_matches(base, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"Unknown model '{name}'.{hint} Known models: {', '.join(KNOWN_MODELS)} "
-            "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2)."
+            f"Unknown model '{name}'.{hint} Known models: {', '.join(names)} "
+            "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2), or your own: "
+            "package.module:factory or path/to/file.py:factory."
         )
     if base not in PAPER_MODELS:
         if params:
@@ -68,7 +80,15 @@ def parse_model_name(name: str) -> tuple[str, tuple]:
 
 
 def check_model_name(name: str) -> None:
-    parse_model_name(name)
+    """Refuse a model spec that names nothing (an unknown name, a missing file or module,
+    a missing factory) before any work."""
+    if is_builtin(name):
+        parse_model_name(name)
+        return
+    spec = parse_spec(name)
+    if spec.kind == "name" and MODELS.get(spec.target) is None:
+        parse_model_name(name)  # raises, with suggestions
+    MODELS.check(name)
 
 
 def _block(c_in: int, c_out: int, kernel: int, stride: int, same: bool, dropout: float) -> list[nn.Module]:
@@ -134,8 +154,27 @@ def _adapt_torchvision(model: nn.Module, in_channels: int) -> nn.Module:
     return model
 
 
-def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """A fresh model (weights from torch's current RNG) for images of `in_shape` (C, H, W)."""
+def build_model(
+    name: str,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    code: Code | None = None,
+    factory: object = None,
+) -> nn.Module:
+    """A fresh model (weights from torch's current RNG) for inputs of `in_shape` ((C, H, W)
+    for images). A user's model comes from its spec (inside an actor, from the shipped
+    `code`), or from `factory` when the driver registered it."""
+    if not is_builtin(name):
+        if factory is not None:
+            make, kwargs = factory, parse_spec(name).kwargs
+        else:
+            make, kwargs = MODELS.resolve(name, code)
+        return make(num_classes=num_classes, image_shape=tuple(in_shape), **kwargs)
+    if len(in_shape) != 3:
+        raise ConfigError(
+            f"Model '{name}' takes images (C, H, W); this data's samples have shape {tuple(in_shape)}. "
+            "Use a model of your own for non-image data (see `fedmd-ray models`)."
+        )
     base, params = parse_model_name(name)
     if base in PAPER_MODELS:
         return PaperCNN(params[:-1], params[-1], in_shape, num_classes)
@@ -147,3 +186,36 @@ def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> 
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_model(
+    name: str, sample: torch.Tensor, num_classes: int, who: str, factory: object = None
+) -> nn.Module:
+    """Build model `name` and run it on `sample` (a batch of two real inputs, prepared as
+    training prepares them); refuse, in one line naming `who`, anything that is not an
+    nn.Module mapping the batch to (2, num_classes) finite scores."""
+
+    def fail(what: str) -> ConfigError:
+        return ConfigError(f"Model '{name}' of {who}: {what}")
+
+    try:
+        model = build_model(name, tuple(sample.shape[1:]), num_classes, factory=factory)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    except Exception as exc:
+        raise fail(f"its factory raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise fail(f"its factory returned a {type(model).__name__}, not a torch.nn.Module.")
+    try:
+        with torch.no_grad():
+            out = model.eval()(sample)
+    except Exception as exc:
+        raise fail(
+            f"it fails on a batch of inputs of shape {tuple(sample.shape)} ({sample.dtype}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    want = (sample.shape[0], num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise fail(f"it maps a batch of shape {tuple(sample.shape)} to {got}; it must give {want} scores.")
+    return model

@@ -26,6 +26,7 @@ from fedmd_ray.config import SharingConfig, TrainConfig
 from fedmd_ray.errors import CheckpointError
 from fedmd_ray.files import atomic_write
 from fedmd_ray.models import build_model, parameter_count
+from fedmd_ray.plugins import DIGEST_LOSSES, Code
 
 EVAL_BATCH_SIZE = 1024
 PROGRESS_EVERY_SECONDS = 2.0
@@ -69,7 +70,8 @@ class ParticipantSpec:
     model: str
     seed: int
     num_classes: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
+    """The shape of one input sample: (C, H, W) for images, (F,) for features, (T,) for tokens."""
     train: TrainConfig
     device: str = "auto"
     torch_threads: int | None = None
@@ -78,13 +80,29 @@ class ParticipantSpec:
     """Sends corrupted scores (sharing.attack) instead of its own."""
     faults: tuple[tuple[str, int, str], ...] = ()
     """Simulated failures for this participant: (phase, round, 'raise' | 'exit')."""
+    code: Code | None = None
+    """Where user code shipped to this participant's actor lives (None: import as usual)."""
+    model_factory: object = None
+    """The factory of a model registered on the driver with register_model (pickled)."""
+    digest_function: object = None
+    """A digest loss registered on the driver with register_digest_loss (pickled)."""
 
 
-def _normalise(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 pixels -> floats in [-1, 1] on `device`. Object-store arrays are read-only, so
-    the batch is copied (it is converted to float anyway)."""
+def prepare(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch as the model sees it: uint8 images scaled to [-1, 1]; other floats as
+    float32; integers (token ids, category codes) as int64, unscaled. Object-store arrays
+    are read-only, so the batch is copied (it is converted anyway)."""
     t = torch.from_numpy(np.array(x, copy=True)).to(device, non_blocking=True)
-    return (t.float() / 127.5) - 1.0
+    if t.dtype == torch.uint8:
+        return (t.float() / 127.5) - 1.0
+    if t.is_floating_point() or t.dtype == torch.bool:
+        return t.float()
+    return t.long()
+
+
+BUILTIN_DIGEST_LOSSES = ("mae", "mse", "kl")
+for _name in BUILTIN_DIGEST_LOSSES:
+    DIGEST_LOSSES.add_builtin(_name, _name)
 
 
 def digest_loss(
@@ -103,6 +121,30 @@ def digest_loss(
         * t
         * t
     )
+
+
+def digest_loss_function(kind: str, temperature: float, code: Code | None = None, function: object = None):
+    """The digest loss as `(outputs, target) -> scalar`: a built-in, or a user's (registered,
+    or a module/file spec), whose answer is checked to be a finite scalar tensor."""
+    if kind in BUILTIN_DIGEST_LOSSES:
+        return lambda out, tgt: digest_loss(out, tgt, kind, temperature)
+    if function is not None:
+        from fedmd_ray.plugins import parse_spec
+
+        user, kwargs = function, parse_spec(kind).kwargs
+    else:
+        user, kwargs = DIGEST_LOSSES.resolve(kind, code)
+
+    def checked(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        loss = user(out, tgt, **kwargs)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"digest loss '{kind}' returned {shape}; it must return a scalar tensor")
+        if not torch.isfinite(loss):
+            raise ValueError(f"digest loss '{kind}' returned {float(loss)}; it must be finite")
+        return loss.reshape(())
+
+    return checked
 
 
 def _val(accuracy: float) -> str:
@@ -129,11 +171,14 @@ class Participant:
         # The public arrays arrive read-only from the object store; they are never copied whole.
         self.public_x, self.public_y = public_x, public_y
         self.public_val = public_val
-        self.private_x = _normalise(private[0], self.device)
+        self.private_x = prepare(private[0], self.device)
         self.private_y = torch.from_numpy(np.array(private[1], dtype=np.int64)).to(self.device)
         self.test_x, self.test_y = test
         self._seed(phase="init")
-        self.model = build_model(spec.model, spec.image_shape, spec.num_classes).to(self.device)
+        self.model = self._build().to(self.device)
+        self.digest_fn = digest_loss_function(
+            self.cfg.digest_loss, self.cfg.temperature, spec.code, spec.digest_function
+        )
         self.public_state: dict | None = None
         self.digest_opt = self._optimizer(self.model, self.cfg.digest_lr)
         self.private_opt = self._optimizer(self.model)
@@ -200,6 +245,10 @@ class Participant:
 
     # ------------------------------------------------------------ helpers
 
+    def _build(self) -> nn.Module:
+        s = self.spec
+        return build_model(s.model, s.image_shape, s.num_classes, s.code, s.model_factory)
+
     def _seed(self, phase: str, round_: int = 0) -> np.random.Generator:
         key = f"{self.spec.seed}/{self.spec.index}/{phase}/{round_}".encode()
         seed = zlib.crc32(key)
@@ -259,7 +308,7 @@ class Participant:
             xb = (
                 x[torch.as_tensor(idx, device=self.device)]
                 if on_device
-                else _normalise(x[np.sort(idx)], self.device)
+                else prepare(x[np.sort(idx)], self.device)
             )
             yb = targets[torch.as_tensor(idx if on_device else np.sort(idx), device=self.device)]
             opt.zero_grad(set_to_none=True)
@@ -278,7 +327,7 @@ class Participant:
         outs = []
         for start in range(0, len(x), EVAL_BATCH_SIZE):
             chunk = x[start : start + EVAL_BATCH_SIZE]
-            xb = chunk if isinstance(chunk, torch.Tensor) else _normalise(chunk, self.device)
+            xb = chunk if isinstance(chunk, torch.Tensor) else prepare(chunk, self.device)
             outs.append(model(xb))
         return torch.cat(outs)
 
@@ -388,7 +437,7 @@ class Participant:
         start = time.perf_counter()
         self._maybe_fail("digest", round_)
         rng = self._seed("digest", round_)
-        x = _normalise(self.public_x[indices], self.device)
+        x = prepare(self.public_x[indices], self.device)
         target = torch.from_numpy(np.array(consensus, dtype=np.float32)).to(self.device)
         cfg = self.cfg
         loss = float("nan")
@@ -400,7 +449,7 @@ class Participant:
                 target,
                 cfg.digest_batch_size,
                 rng,
-                lambda out, tgt: digest_loss(out, tgt, cfg.digest_loss, cfg.temperature),
+                self.digest_fn,
             )
         return {
             "loss": loss,
@@ -442,11 +491,11 @@ class Participant:
         if self.public_state is None:
             raise RuntimeError("upper_bound() needs transfer() first")
         rng = self._seed("upper_bound")
-        model = build_model(self.spec.model, self.spec.image_shape, self.spec.num_classes)
+        model = self._build()
         model.load_state_dict(self.public_state)
         model.to(self.device)
         opt = self._optimizer(model)
-        x = _normalise(pooled_x, self.device)
+        x = prepare(pooled_x, self.device)
         y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(
             self.device
         )  # object-store arrays are read-only

@@ -10,7 +10,7 @@ import numpy as np
 
 from fedmd_ray import partition as partition_lib
 from fedmd_ray.config import Config, ConfigError
-from fedmd_ray.data import ArrayDataset, canonical_name, load_dataset, load_letters_by_writer
+from fedmd_ray.data import ArrayDataset, canonical_name, conform_images, load_dataset, load_letters_by_writer
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Task:
     partition_report: list[dict]
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, ...]:
         return tuple(self.public_train.x.shape[1:])  # type: ignore[return-value]
 
     def pooled_private(self) -> ArrayDataset:
@@ -108,10 +108,16 @@ def build_task(config: Config) -> Task:
             f"{sorted(set(public_classes) & set(private_classes))}; FedMD's private tasks use "
             "classes the public data lacks. Set data.public_classes and data.private_classes apart."
         )
+    if d.input_shape is not None:
+        shape = tuple(d.input_shape)
+        pub_train, pub_test = (conform_images(ds, shape, d.public) for ds in (pub_train, pub_test))
+        priv_train, priv_test = (conform_images(ds, shape, d.private) for ds in (priv_train, priv_test))
     if pub_train.x.shape[1:] != priv_train.x.shape[1:]:
         raise ConfigError(
-            f"Public images {pub_train.x.shape[1:]} and private images "
-            f"{priv_train.x.shape[1:]} differ in shape; pick datasets of one modality."
+            f"Public samples {tuple(pub_train.x.shape[1:])} and private samples "
+            f"{tuple(priv_train.x.shape[1:])} differ in shape. For images, set data.input_shape to "
+            f"the (C, H, W) both are brought to, e.g. --set 'data.input_shape=[{pub_train.x.shape[1]}, "
+            f"{pub_train.x.shape[-2] if pub_train.x.ndim == 4 else 28}, {pub_train.x.shape[-1]}]'."
         )
 
     offset = len(public_classes)
@@ -182,4 +188,16 @@ def _writer_pool(d) -> ArrayDataset:
 def participant_names(config: Config) -> list[str]:
     """Stable, readable names: 'p03-cnn2' (also the Ray actor names on the dashboard)."""
     width = max(2, len(str(config.num_participants - 1)))
-    return [f"p{i:0{width}d}-{config.model_of(i).split(':')[0]}" for i in range(config.num_participants)]
+    return [f"p{i:0{width}d}-{_short(config.model_of(i))}" for i in range(config.num_participants)]
+
+
+def _short(model: str) -> str:
+    """'cnn2:128,256,0.2' -> 'cnn2'; 'nets/mine.py:wide?width=64' -> 'wide' (safe as a file name)."""
+    from fedmd_ray.models import is_builtin
+    from fedmd_ray.plugins import parse_spec
+
+    if is_builtin(model):
+        return model.split(":")[0]
+    spec = parse_spec(model)
+    name = spec.attr or spec.target
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error, metrics_only
 from fedmd_ray.backends.resources import concurrency_window, init_ray, place
+from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
 from fedmd_ray.config import Config
 from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
@@ -49,11 +50,16 @@ class RayBackend:
         pooled = config.resources.actors is not None and config.resources.actors < n
         self.placement_plan = place(config, config.resources.actors if pooled else n, pooled)
         plan = self.placement_plan
+        env, self.code = user_code(config)
+        plan.runtime_env = uploaded(env)
         for spec in specs:
             spec.torch_threads = plan.threads
+            spec.code = self.code
         self.tag = uuid.uuid4().hex[:6]
         # num_cpus=0: the participants may hold every CPU, and aggregation must still run.
         helper: dict[str, Any] = {"num_cpus": 0}
+        if plan.runtime_env:
+            helper["runtime_env"] = plan.runtime_env
         if plan.group is not None and not plan.own:
             helper["scheduling_strategy"] = plan.strategy(-1)
         self.aggregator = (
@@ -232,7 +238,7 @@ class RayBackend:
 
     def aggregate(self, scores: list, names: list[str], plan: dict):
         status_ref, consensus_ref = self.aggregator.aggregate.options(num_returns=2).remote(
-            plan, names, scores
+            {**plan, "code": self.code}, names, scores
         )
         try:
             status = self.ray.get(status_ref)

@@ -120,6 +120,7 @@ class Placement:
     group: Any = None
     own: bool = False
     offset: int = 0
+    runtime_env: dict[str, Any] | None = None
 
     def strategy(self, slot: int) -> Any:
         """The scheduling strategy of actor `slot` (bundle 0 of a trial's group when `slot`
@@ -133,6 +134,8 @@ class Placement:
 
     def actor_options(self, slot: int) -> dict[str, Any]:
         options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus or None, "max_restarts": 0}
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
         if self.group is not None:
             options["scheduling_strategy"] = self.strategy(slot)
         return options
