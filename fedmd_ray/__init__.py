@@ -3,6 +3,17 @@
 from fedmd_ray.config import Config, from_dict
 from fedmd_ray.errors import FedMDError
 from fedmd_ray.fedmd import RunResult, run
+from fedmd_ray.plugins import register_consensus, register_dataset, register_digest_loss, register_model
 
-__all__ = ["Config", "FedMDError", "RunResult", "from_dict", "run"]
+__all__ = [
+    "Config",
+    "FedMDError",
+    "RunResult",
+    "from_dict",
+    "register_consensus",
+    "register_dataset",
+    "register_digest_loss",
+    "register_model",
+    "run",
+]
 __version__ = "0.1.0"

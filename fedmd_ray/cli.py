@@ -123,14 +123,19 @@ def _list(kind: str) -> int:
             )
     elif kind == "models":
         from fedmd_ray.models import KNOWN_MODELS, PAPER_MODELS
+        from fedmd_ray.plugins import MODELS
 
         for name in KNOWN_MODELS:
             extra = f"  (default {','.join(map(str, PAPER_MODELS[name]))})" if name in PAPER_MODELS else ""
             print(f"{name}{extra}")
+        for name in [n for n in MODELS.names() if n not in KNOWN_MODELS]:
+            print(f"{name}  (registered)")
+        print("package.module:factory, path/to/file.py:factory[?key=value&...]  (your own; see README)")
     else:
-        from fedmd_ray.data import DATASETS
+        from fedmd_ray.data import DATASETS, FORMS
+        from fedmd_ray.plugins import DATASETS as REGISTERED
 
-        print("\n".join(DATASETS))
+        print("\n".join([*DATASETS, *(f"{n}  (registered)" for n in REGISTERED.user), *FORMS]))
     return 0
 
 

@@ -265,5 +265,5 @@ def register_digest_loss(name: str, function: Callable[..., Any]) -> Callable[..
 def carried(registry: Registry, text: str) -> Any | None:
     """A user-registered callable travels to actors with the call (pickled by Ray), since
     actors do not run the driver's register_* calls; everything else is found by name."""
-    spec = parse_spec(text)
-    return registry.user.get(spec.target) if spec.kind == "name" else None
+    name = text.strip().partition("?")[0]
+    return None if ":" in name else registry.user.get(name)

@@ -93,3 +93,31 @@ def test_impossible_placement_is_refused(two_nodes, monkeypatch):
     )
     with pytest.raises(ResourceError, match="Could not place 3 participants .* STRICT_SPREAD"):
         run(config, progress=None)
+
+
+def test_user_code_reaches_actors_on_both_nodes(two_nodes, tmp_path, monkeypatch):
+    """A model file and a consensus file in a folder of the user's, outside the package and
+    off the workers' sys.path, shipped by runtime_env to actors on two nodes."""
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "widths.py").write_text("WIDTH = 6\n")
+    (folder / "nets.py").write_text(
+        "from torch import nn\nfrom widths import WIDTH\n\n\n"
+        "def small(num_classes, image_shape, width=WIDTH):\n"
+        "    return nn.Sequential(nn.Conv2d(image_shape[0], width, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(width * 4, num_classes))\n"
+    )
+    (folder / "agg.py").write_text(
+        "def trimmed(scores, weights=None, keep=0.9):\n    return scores.mean(axis=0) * keep\n"
+    )
+    monkeypatch.chdir(folder)
+    settings = {
+        "models": ["nets.py:small", "nets.py:small?width=10"],
+        "train": {"consensus": "agg.py:trimmed?keep=0.8"},
+    }
+    spread = tiny_config(**settings, resources={"backend": "ray", "placement": "SPREAD", "num_cpus": 0.5})
+    on_two = run(spread, folder / "ray", progress=None)
+    placement = (folder / "ray" / "placement.json").read_text()
+    assert len({n for n in __import__("json").loads(placement)["nodes"]}) == 2
+    local = run(tiny_config(**settings), progress=None)
+    assert numbers(on_two.metrics.to_pylist()) == numbers(local.metrics.to_pylist())

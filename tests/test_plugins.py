@@ -1,0 +1,304 @@
+"""Bring your own: a participant's own model, data, consensus and digest loss, by file,
+module or registered name, on the local and the ray backend alike."""
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedmd_ray
+from fedmd_ray import run
+from fedmd_ray.cli import main
+from fedmd_ray.errors import ConfigError, ConsensusError, DatasetError
+from fedmd_ray.plugins import parse_spec
+from tests.conftest import numbers, tiny_config
+
+NETS = """
+import torch
+from torch import nn
+from helpers import HIDDEN  # a neighbour file: shipped with this one
+
+
+def small(num_classes, image_shape, width=8):
+    c = image_shape[0]
+    return nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(width * 4, num_classes))
+
+
+def mlp(num_classes, image_shape, hidden=HIDDEN):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(image_shape).prod()), hidden),
+                         nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def wrong_width(num_classes, image_shape):
+    return small(num_classes + 1, image_shape)
+
+
+def not_a_module(num_classes, image_shape):
+    return "a string"
+
+
+def raises(num_classes, image_shape):
+    raise RuntimeError("no such layer")
+"""
+
+CONSENSUS = """
+import numpy as np
+
+
+def sharp(scores, weights=None, power=2.0):
+    return scores.mean(axis=0) * power
+
+
+def flat(scores, weights=None):
+    return scores.mean(axis=(0, 1))
+"""
+
+LOSSES = """
+import torch
+
+
+def huber(outputs, target, delta=1.0):
+    return torch.nn.functional.huber_loss(outputs, target, delta=delta)
+"""
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """A user's folder outside the repository, as the current directory."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "my_nets.py").write_text(textwrap.dedent(NETS))
+    (folder / "helpers.py").write_text("HIDDEN = 16\n")
+    (folder / "my_consensus.py").write_text(textwrap.dedent(CONSENSUS))
+    (folder / "my_losses.py").write_text(textwrap.dedent(LOSSES))
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def test_specs_parse_names_modules_files_and_options():
+    assert parse_spec("small") == parse_spec("small")
+    s = parse_spec("nets/mine.py:wide?width=64&depth=3&act=gelu&drop=0.1")
+    assert (s.kind, s.target, s.attr) == ("file", "nets/mine.py", "wide")
+    assert s.kwargs == {"width": 64, "depth": 3, "act": "gelu", "drop": 0.1}
+    assert parse_spec("pkg.models:make").kind == "module"
+    with pytest.raises(ConfigError, match="must look like NAME, package.module:function"):
+        parse_spec("mine.py:")
+
+
+def test_a_user_model_file_runs_and_is_summarised_like_a_builtin(ray_session, user_dir):
+    models = ["my_nets.py:small", "my_nets.py:small?width=12", "cnn2:8,16,0.1"]
+    local = run(tiny_config(models=models), user_dir / "local", progress=None)
+    ray_run = run(tiny_config(models=models, resources={"backend": "ray"}), user_dir / "ray", progress=None)
+    assert numbers(local.metrics.to_pylist()) == numbers(ray_run.metrics.to_pylist())
+    rows = {r["participant"]: r for r in ray_run.summary}
+    assert rows["p00-small"]["model"] == "my_nets.py:small"
+    assert rows["p01-small"]["parameters"] == sum(
+        p.numel() for p in nn.Sequential(nn.Conv2d(1, 12, 3), nn.Linear(48, 16)).parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (
+            "my_nets.py:wrong_width",
+            r"p00-wrong_width.*maps a batch of shape \(2, 1, 16, 16\) to \(2, 17\); it must give \(2, 16\)",
+        ),
+        ("my_nets.py:not_a_module", "returned a str, not a torch.nn.Module"),
+        ("my_nets.py:raises", "its factory raised RuntimeError: no such layer"),
+        ("my_nets.py:smal", "has no 'smal'. Did you mean 'small'"),
+        ("missing.py:small", "file missing.py not found"),
+        ("no_such_pkg.models:small", "cannot import module 'no_such_pkg.models'"),
+        ("resnet19", "Did you mean 'resnet18'"),
+    ],
+)
+def test_bad_models_are_refused_before_any_work_naming_the_participant(user_dir, model, message):
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_config(models=[model, "cnn2:8,16,0.1"]), user_dir / "out", progress=None)
+    assert not (user_dir / "out").exists()
+
+
+def test_registered_model_consensus_and_loss_from_a_notebook(ray_session, user_dir):
+    def tiny(num_classes, image_shape, width=4):
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(image_shape)), num_classes))
+
+    fedmd_ray.register_model("notebook_tiny", tiny)
+    fedmd_ray.register_consensus("half_mean", lambda scores, weights=None: scores.mean(axis=0) / 2)
+    fedmd_ray.register_digest_loss("l1_sum", lambda out, tgt: (out - tgt).abs().mean())
+    settings = {
+        "models": ["notebook_tiny", "cnn2:8,16,0.1"],
+        "train": {"consensus": "half_mean", "digest_loss": "l1_sum", "rounds": 1},
+    }
+    local = run(tiny_config(**settings), progress=None)
+    on_ray = run(tiny_config(**settings, resources={"backend": "ray"}), progress=None)  # pickled to actors
+    assert numbers(local.metrics.to_pylist()) == numbers(on_ray.metrics.to_pylist())
+    main(["models"])
+
+
+def test_models_lists_registered_names(capsys):
+    fedmd_ray.register_model("listed_net", lambda num_classes, image_shape: nn.Linear(1, num_classes))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "listed_net" in out and "cnn2" in out and "file.py:factory" in out
+
+
+def test_user_consensus_and_digest_loss_files(ray_session, user_dir):
+    train = {"consensus": "my_consensus.py:sharp?power=1.5", "digest_loss": "my_losses.py:huber?delta=0.5"}
+    local = run(tiny_config(train=train), progress=None)
+    on_ray = run(tiny_config(train=train, resources={"backend": "ray"}), progress=None)
+    assert numbers(local.metrics.to_pylist()) == numbers(on_ray.metrics.to_pylist())
+    plain = run(tiny_config(), progress=None)
+    assert numbers(plain.metrics.to_pylist()) != numbers(local.metrics.to_pylist())
+    with pytest.raises(ConsensusError, match=r"returned shape \(16,\); it must return \(samples, classes\)"):
+        run(tiny_config(train={"consensus": "my_consensus.py:flat"}), progress=None)
+    with pytest.raises(ConfigError, match="train.consensus.*has no 'sharpp'"):
+        tiny_config(train={"consensus": "my_consensus.py:sharpp"})
+
+
+# ---------------------------------------------------------------- data
+
+
+def _npz(path, x_train, y_train, x_test, y_test):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return f"npz:{path}"
+
+
+def _images(n, shape, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    protos = rng.integers(0, 255, size=(classes, *shape))
+    x = np.clip(protos[y] + rng.normal(0, 30, size=(n, *shape)), 0, 255).astype(np.uint8)
+    return x, y
+
+
+def test_an_npz_of_images_in_any_layout(tmp_path):
+    from fedmd_ray.data import load_dataset
+
+    x, y = _images(40, (16, 16, 3), 4)
+    spec = _npz(tmp_path / "hwc.npz", x, y, x[:8], y[:8])
+    ds = load_dataset(spec, train=True)
+    assert ds.x.shape == (40, 3, 16, 16) and ds.y.dtype == np.int64
+    assert np.array_equal(ds.x[5], x[5].transpose(2, 0, 1))
+    grey = load_dataset(_npz(tmp_path / "hw.npz", x[..., 0], y, x[:8, ..., 0], y[:8]), train=False)
+    assert grey.x.shape == (8, 1, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x_train": np.zeros((4, 8, 8), np.uint8), "y_train": np.zeros(4, int)}, "has no array x_test"),
+        (
+            {
+                "x_train": np.zeros((4, 8, 8), np.uint8),
+                "y_train": np.array([0.5, 1, 2, 3]),
+                "x_test": np.zeros((1, 8, 8), np.uint8),
+                "y_test": np.zeros(1, int),
+            },
+            "labels must be integers",
+        ),
+        (
+            {
+                "x_train": np.zeros((4, 8, 8), np.uint8),
+                "y_train": np.zeros(3, int),
+                "x_test": np.zeros((1, 8, 8), np.uint8),
+                "y_test": np.zeros(1, int),
+            },
+            "4 samples but 3 labels",
+        ),
+    ],
+)
+def test_bad_npz_data_is_one_clear_error(tmp_path, arrays, message):
+    from fedmd_ray.data import load_dataset
+
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}", train="x_test" not in message)
+
+
+def test_missing_data_and_missing_classes_are_refused(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        tiny_config(data={"private": f"npz:{tmp_path / 'nope.npz'}"})
+    x, y = _images(40, (16, 16), 4)
+    spec = _npz(tmp_path / "four.npz", x, y, x, y)
+    with pytest.raises(ConfigError, match=r"names classes \[4, 5\] that 'npz:.*four.npz' does not have"):
+        run(tiny_config(data={"private": spec, "private_classes": [0, 4, 5]}), progress=None)
+
+
+def test_an_image_folder_and_its_empty_class(tmp_path):
+    from PIL import Image
+
+    from fedmd_ray.data import load_dataset
+
+    x, y = _images(12, (10, 10), 3)
+    for split in ("train", "test"):
+        for i, (img, label) in enumerate(zip(x, y)):
+            folder = tmp_path / "imgs" / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    ds = load_dataset(f"folder:{tmp_path / 'imgs'}", train=True)
+    assert ds.x.shape == (12, 1, 10, 10) and sorted(set(ds.y.tolist())) == [0, 1, 2]
+    assert np.array_equal(ds.x[ds.y == 1][0, 0], x[y == 1][0])
+    (tmp_path / "imgs" / "train" / "class_9").mkdir()
+    with pytest.raises(DatasetError, match="class_9 holds no images"):
+        load_dataset(f"folder:{tmp_path / 'imgs'}", train=True)
+
+
+def test_tabular_features_with_a_user_model(user_dir):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(16, 12)) * 3
+
+    def table(n):
+        y = np.arange(n) % 16
+        return (centres[y] + rng.normal(size=(n, 12))).astype(np.float32), y
+
+    public = _npz(user_dir / "pub.npz", *table(800), *table(160))
+    config = tiny_config(
+        models=["my_nets.py:mlp", "my_nets.py:mlp?hidden=32"],
+        data={"public": public, "private": public},
+        train={"rounds": 2},
+    )
+    result = run(config, progress=None)
+    assert result.summary[0]["parameters"] == 12 * 16 + 16 + 16 * 16 + 16
+    assert all(r["fedmd_final"] > 1 / 6 for r in result.summary)  # better than chance on 6 classes
+    with pytest.raises(
+        ConfigError, match=r"takes images \(C, H, W\); this data's samples have shape \(12,\)"
+    ):
+        run(tiny_config(models=["cnn2:8,16,0.1"], data={"public": public, "private": public}), progress=None)
+
+
+def test_public_and_private_images_of_different_shapes(tmp_path):
+    colour, labels = _images(200, (3, 20, 20), 10)
+    spec = _npz(tmp_path / "colour.npz", colour, labels, colour[:50], labels[:50])
+    data = {"public": spec, "public_classes": None, "private_classes": None}
+    with pytest.raises(ConfigError, match=r"differ in shape. For images, set data.input_shape"):
+        run(tiny_config(data=data), progress=None)
+    result = run(tiny_config(data={**data, "input_shape": [1, 16, 16]}, train={"rounds": 1}), progress=None)
+    assert len(result.summary) == 3
+
+
+def test_conform_images_converts_channels_and_size():
+    from fedmd_ray.data import ArrayDataset, conform_images
+
+    red = np.zeros((2, 3, 8, 8), np.uint8)
+    red[:, 0] = 200
+    grey = conform_images(ArrayDataset(red, np.zeros(2, int)), (1, 4, 4), "x")
+    assert grey.x.shape == (2, 1, 4, 4) and np.all(grey.x == round(0.299 * 200))
+    back = conform_images(ArrayDataset(grey.x, np.zeros(2, int)), (3, 4, 4), "x")
+    assert back.x.shape == (2, 3, 4, 4) and np.all(back.x == grey.x[:, :1])
+
+
+def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir):
+    from fedmd_ray.errors import ParticipantError
+
+    models = ["my_nets.py:small", "cnn2:8,16,0.1"]
+    whole = run(tiny_config(models=models, train={"rounds": 2}), user_dir / "whole", progress=None)
+    out = user_dir / "stopped"
+    with pytest.raises(ParticipantError):
+        run(tiny_config(models=models, train={"rounds": 2}, faults=["0:revisit:2"]), out, progress=None)
+    resumed = run(tiny_config(models=models, train={"rounds": 2}), out, progress=None, resume=True)
+    assert numbers(resumed.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
+    assert '"my_nets.py:small"' in (out / "config.json").read_text()
+    assert torch.load  # the checkpoint holds tensors only: weights_only loading succeeded
