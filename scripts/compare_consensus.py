@@ -95,21 +95,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backend", default="ray", choices=["ray", "local"])
     parser.add_argument("--only", help="comma-separated variant names (default: all)")
+    parser.add_argument(
+        "--consensus",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a consensus of your own to compare, e.g. my_consensus.py:sharp?power=2 (repeatable)",
+    )
     args = parser.parse_args(argv)
 
+    variants = dict(VARIANTS)
+    for spec in args.consensus:
+        variants[spec] = {"train": {"consensus": spec}}
     names = args.only.split(",") if args.only else list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    names += [s for s in args.consensus if s not in names]
+    unknown = [n for n in names if n not in variants]
     if unknown:
-        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}; known: {', '.join(variants)}")
     base = base_config(args.data_dir, args.backend, args.rounds)
     task = build_task(from_dict(base))  # one task: the same partitions for every variant
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
-        config = from_dict(merge(base, VARIANTS[name]))
+        config = from_dict(merge(base, variants[name]))
         start = time.perf_counter()
-        result = run(config, out / name, progress=None, task=task)
+        folder = "".join(ch if ch.isalnum() or ch in "-_+." else "_" for ch in name)
+        result = run(config, out / folder, progress=None, task=task)
         honest = [r for r in result.summary if not r["adversary"]]
         eps = [r["epsilon"] for r in result.metrics.to_pylist() if r["epsilon"] is not None]
         rows.append(

@@ -56,10 +56,14 @@ def test_bench_prints_the_side_by_side_table(tmp_path):
 
 @pytest.mark.slow
 def test_compare_consensus_writes_table_and_plot(tmp_path):
+    agg = tmp_path / "agg.py"
+    agg.write_text("def half(scores, weights=None):\n    return scores.mean(axis=0) / 2\n")
     proc = _script(
         "compare_consensus.py",
         "--only",
         "no-consensus,mean,median",
+        "--consensus",
+        f"{agg}:half",
         "--rounds",
         "1",
         "--backend",
@@ -68,7 +72,7 @@ def test_compare_consensus_writes_table_and_plot(tmp_path):
         str(tmp_path),
     )
     rows = pq.read_table(tmp_path / "comparison.parquet").to_pylist()
-    assert [r["variant"] for r in rows] == ["no-consensus", "mean", "median"]
+    assert [r["variant"] for r in rows] == ["no-consensus", "mean", "median", f"{agg}:half"]
     assert (tmp_path / "comparison.png").stat().st_size > 0 and "| median |" in proc.stdout
 
 
