@@ -5,7 +5,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 import fedmd_ray
@@ -135,7 +134,6 @@ def test_registered_model_consensus_and_loss_from_a_notebook(ray_session, user_d
     local = run(tiny_config(**settings), progress=None)
     on_ray = run(tiny_config(**settings, resources={"backend": "ray"}), progress=None)  # pickled to actors
     assert numbers(local.metrics.to_pylist()) == numbers(on_ray.metrics.to_pylist())
-    main(["models"])
 
 
 def test_models_lists_registered_names(capsys):
@@ -301,4 +299,3 @@ def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir):
     resumed = run(tiny_config(models=models, train={"rounds": 2}), out, progress=None, resume=True)
     assert numbers(resumed.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
     assert '"my_nets.py:small"' in (out / "config.json").read_text()
-    assert torch.load  # the checkpoint holds tensors only: weights_only loading succeeded
