@@ -47,23 +47,33 @@ ROUND_PHASES = PHASES[1:]
 
 
 class GpuSampler:
-    """Mean GPU utilisation from nvidia-smi, sampled every 200 ms while running."""
+    """GPU utilisation and per-process GPU memory from nvidia-smi, sampled every 200 ms.
+
+    Each Ray actor is its own process, so the per-process peaks are the GPU memory per actor
+    (CUDA context included), and their count is how many participants shared the GPU."""
 
     def __init__(self) -> None:
         self.samples: list[float] = []
+        self.process_peak_mib: dict[int, float] = {}
+        self.peak_used_mib = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _query(*args: str) -> str:
+        return subprocess.run(
+            ["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5
+        ).stdout
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                    capture_output=True,
-                    text=True,
-                    timeout=5,
-                ).stdout
-                self.samples.append(float(out.split()[0]))
+                util, used = self._query("--query-gpu=utilization.gpu,memory.used").splitlines()[0].split(",")
+                self.samples.append(float(util))
+                self.peak_used_mib = max(self.peak_used_mib, float(used))
+                for line in self._query("--query-compute-apps=pid,used_memory").splitlines():
+                    pid, mib = (float(v) for v in line.split(","))
+                    self.process_peak_mib[int(pid)] = max(self.process_peak_mib.get(int(pid), 0.0), mib)
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 return
             self._stop.wait(0.2)
@@ -79,6 +89,16 @@ class GpuSampler:
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.samples)) if self.samples else None
+
+    def report(self) -> dict:
+        peaks = sorted(self.process_peak_mib.values())
+        return {
+            "gpu_utilisation": self.mean,
+            "gpu_processes": len(peaks),
+            "gpu_mib_per_process_median": float(np.median(peaks)) if peaks else None,
+            "gpu_mib_per_process_max": max(peaks) if peaks else None,
+            "gpu_mib_used_peak": self.peak_used_mib,
+        }
 
 
 def make_config(args: argparse.Namespace, backend: str) -> dict:
@@ -111,6 +131,7 @@ def make_config(args: argparse.Namespace, backend: str) -> dict:
             "device": args.device,
             "num_gpus": args.gpu_fraction if (backend == "ray" and args.device == "cuda") else 0.0,
             "torch_threads": None,
+            "actors": args.actors if backend == "ray" else None,
         },
     }
 
@@ -166,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--data-dir")
     p.add_argument("--backends", default="local,ray")
+    p.add_argument("--actors", type=int, help="ray: a pool of this many actors serving the participants")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
 
@@ -193,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds_per_hour": 3600 / round_seconds,
             "overhead_seconds_per_round": overhead if backend == "ray" else None,
             "overhead_fraction": overhead / round_seconds if backend == "ray" else None,
-            "gpu_utilisation": getattr(gpu, "mean", None),
+            **(gpu.report() if isinstance(gpu, GpuSampler) else {"gpu_utilisation": None}),
             "total_seconds": time.perf_counter() - start,
             "mean_final_accuracy": float(np.mean([r["fedmd_final"] for r in result.summary])),
         }
@@ -274,6 +296,13 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
         )
         if ray["gpu_utilisation"] is not None:
             print(f"GPU utilisation during the ray run: {ray['gpu_utilisation']:.0f}%")
+    for name, r in results.items():
+        if r.get("gpu_processes"):
+            print(
+                f"{name}: {r['gpu_utilisation']:.0f}% GPU busy, {r['gpu_processes']} processes on the GPU, "
+                f"memory per process median {r['gpu_mib_per_process_median']:.0f} MiB "
+                f"(max {r['gpu_mib_per_process_max']:.0f}), GPU memory used at peak {r['gpu_mib_used_peak']:.0f} MiB"
+            )
 
 
 if __name__ == "__main__":

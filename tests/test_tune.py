@@ -72,3 +72,15 @@ def test_trials_share_the_cluster_evenly_by_default():
     del spec["config"]["resources"]["num_cpus"]
     _, _, config = load_search(spec)
     assert trial_resources(config, {"CPU": 2.0}).bundles[1]["CPU"] == 0.5
+
+
+def test_gpu_trials_take_at_most_one_cpu_per_actor_so_trials_can_share_a_machine():
+    spec = tiny_search()
+    del spec["config"]["resources"]["num_cpus"]
+    spec["config"]["resources"]["num_gpus"] = 0.1
+    _, _, config = load_search(spec)
+    bundles = trial_resources(config, {"CPU": 16.0, "GPU": 1.0}).bundles
+    assert [b["CPU"] for b in bundles[1:]] == [1.0] * (len(bundles) - 1)
+    assert [b["GPU"] for b in bundles[1:]] == [0.1] * (len(bundles) - 1)
+    # a small machine keeps its even share: below one CPU each
+    assert trial_resources(config, {"CPU": 2.0, "GPU": 1.0}).bundles[1]["CPU"] == 0.5

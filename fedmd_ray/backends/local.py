@@ -3,12 +3,14 @@ debugging, and the reference the benchmarks and the tests compare the Ray backen
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedmd_ray.config import Config
 from fedmd_ray.consensus import form_consensus
@@ -122,3 +124,9 @@ class LocalBackend:
 
     def shutdown(self) -> None:
         self.participants = []
+        # Participants live in the caller's process: hand their GPU memory back, or a
+        # notebook (or a benchmark's next run) keeps the whole cache (11 GiB for the ten
+        # paper CNNs at public subset 5000).
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
