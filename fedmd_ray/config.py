@@ -33,9 +33,9 @@ class DataConfig:
     public: str = "synthetic"
     """Dataset the participants share (see `fedmd-ray datasets`): a built-in name, a
     registered one, npz:PATH, folder:PATH, torchvision:NAME, or module:function /
-    file.py:function returning (x, y). uint8 images are scaled to [-1, 1]; float samples
-    (tabular features) go to the model as float32 unscaled, integer samples (token ids) as
-    int64."""
+    file.py:function returning (x, y). uint8 images are scaled as `data.scaling` says; float
+    samples (tabular features) go to the model as float32 unscaled, integer samples (token
+    ids) as int64."""
     public_classes: list[int] | None = None
     """Classes of the public dataset to use; None means all."""
     private: str = "synthetic"
@@ -58,6 +58,10 @@ class DataConfig:
     [3, 32, 32] for CIFAR-10 with 28x28 grey letters): grey becomes colour by repeating its
     channel, colour becomes grey by luminance, then a bilinear antialiased resize. None:
     shapes must already match."""
+    scaling: str = "symmetric"
+    """How uint8 images reach the models: 'symmetric' maps [0, 255] to [-1, 1];
+    'mean_image' divides by 255 and subtracts each dataset's per-pixel mean image over its
+    training samples, public and private separately (the authors' code)."""
     synthetic_image_size: int = 16
     synthetic_train_per_class: int = 300
     synthetic_test_per_class: int = 60
@@ -112,6 +116,19 @@ class TrainConfig:
     upper_bound: bool = True
     """Train each architecture on all private data pooled (the paper's upper bound)."""
     upper_bound_epochs: int = 25
+    private_patience: int | None = None
+    """Early stopping of the private transfer and of the upper bound as the authors' code
+    has it: stop once the test accuracy has not improved by private_min_delta for this many
+    epochs (their Keras EarlyStopping watches the private test set). None: train the full
+    private_epochs / upper_bound_epochs."""
+    private_min_delta: float = 0.001
+    batchnorm: str = "keras"
+    """BatchNorm of the paper's CNNs: 'keras' (the authors' Keras layers: running averages
+    kept with momentum 0.99, i.e. torch's 0.01, and epsilon 1e-3) or 'torch' (torch's
+    defaults: momentum 0.1, epsilon 1e-5)."""
+    stratified_subset: bool = True
+    """Draw each round's public subset stratified by class (the authors' code); False:
+    uniformly at random."""
     participation: float = 1.0
     """Fraction of participants taking part in each round, drawn afresh per round (seeded;
     at least one). Those left out keep their model and are still evaluated."""
@@ -360,6 +377,8 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_class")
 DIGEST_LOSSES = ("mae", "mse", "kl")
 OPTIMIZERS = ("adam", "sgd")
+SCALINGS = ("symmetric", "mean_image")
+BATCHNORMS = ("keras", "torch")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -422,6 +441,7 @@ def validate(config: Config) -> None:
     ):
         _check_positive(f"data.{key}", getattr(config.data, key))
 
+    _check_choice("data.scaling", config.data.scaling, SCALINGS)
     _check_choice("partition.kind", config.partition.kind, PARTITIONS)
     _check_positive("partition.samples_per_class", config.partition.samples_per_class)
     _check_positive("partition.samples_per_participant", config.partition.samples_per_participant)
@@ -430,6 +450,9 @@ def validate(config: Config) -> None:
 
     t = config.train
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    _check_choice("train.batchnorm", t.batchnorm, BATCHNORMS)
+    _check_positive("train.private_patience", t.private_patience)
+    _check_positive("train.private_min_delta", t.private_min_delta, allow_zero=True)
     _check_plugin("train.digest_loss", t.digest_loss, DIGEST_LOSSES)
     _check_plugin("train.consensus", t.consensus, tuple(AGGREGATORS))
     _check_positive("train.lr", t.lr)

@@ -55,6 +55,8 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
             faults=tuple((phase, r, mode) for j, phase, r, mode in faults if j == i),
             model_factory=carried(MODELS, config.model_of(i)),
             digest_function=carried(DIGEST_LOSSES, config.train.digest_loss),
+            public_mean=task.public_mean,
+            private_mean=task.private_mean,
         )
         for i, name in enumerate(participant_names(config))
     ]
@@ -103,10 +105,25 @@ def check_models(specs: list[ParticipantSpec], task: Task) -> None:
             check_model(spec.model, sample, task.num_classes, f"participant {spec.name}", spec.model_factory)
 
 
-def public_subset(rng: np.random.Generator, public_size: int, subset_size: int) -> np.ndarray:
-    """The round's fresh draw of public samples ('alignment data'), sorted for locality."""
-    size = min(subset_size, public_size)
-    return np.sort(rng.choice(public_size, size=size, replace=False))
+def public_subset(
+    rng: np.random.Generator, labels: np.ndarray, subset_size: int, stratified: bool = True
+) -> np.ndarray:
+    """The round's fresh draw of public samples ('alignment data'), sorted for locality.
+    Stratified (the authors' StratifiedShuffleSplit): each class gets its share of the
+    subset, rounded by largest remainder so the sizes add up."""
+    n = len(labels)
+    size = min(subset_size, n)
+    if not stratified or size == n:
+        return np.sort(rng.choice(n, size=size, replace=False))
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    quota = size * counts / n
+    take = np.floor(quota).astype(np.int64)
+    short = size - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    order = np.argsort(inverse, kind="stable")  # sample indices grouped by class
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    chosen = [rng.choice(order[s : s + c], size=k, replace=False) for s, c, k in zip(starts, counts, take)]
+    return np.sort(np.concatenate(chosen))
 
 
 def sample_participants(seed: int, round_: int, n: int, fraction: float) -> list[int]:
@@ -203,11 +220,11 @@ def run(
         # 2. Collaboration rounds.
         rng = np.random.default_rng(config.seed + 1_000_003)
         for _ in range(1, first_round):
-            public_subset(rng, len(task.public_train), t.public_subset_size)  # draws already made
+            public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)  # already made
         plan = consensus_plan(config, task)
         everyone = list(range(len(specs)))
         for round_ in range(first_round, t.rounds + 1):
-            indices = public_subset(rng, len(task.public_train), t.public_subset_size)
+            indices = public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)
             chosen = sample_participants(config.seed, round_, len(specs), t.participation)
 
             phase("communicate", round_, chosen)

@@ -91,10 +91,18 @@ def check_model_name(name: str) -> None:
     MODELS.check(name)
 
 
-def _block(c_in: int, c_out: int, kernel: int, stride: int, same: bool, dropout: float) -> list[nn.Module]:
+# BatchNorm as the authors' Keras layers have it (momentum 0.99 of the old average, eps 1e-3)
+# or as torch has it. Keras' running averages move 10x slower: fed batches of 5 private
+# images in the revisit, torch's forget the public statistics within a few steps.
+BATCHNORM = {"keras": {"momentum": 0.01, "eps": 1e-3}, "torch": {"momentum": 0.1, "eps": 1e-5}}
+
+
+def _block(
+    c_in: int, c_out: int, kernel: int, stride: int, same: bool, dropout: float, batchnorm: str
+) -> list[nn.Module]:
     return [
         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2 if same else 0),
-        nn.BatchNorm2d(c_out),
+        nn.BatchNorm2d(c_out, **BATCHNORM[batchnorm]),
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
     ]
@@ -112,17 +120,23 @@ class PaperCNN(nn.Module):
     head_weight_decay = HEAD_WEIGHT_DECAY
 
     def __init__(
-        self, filters: tuple[int, ...], dropout: float, in_shape: tuple[int, int, int], num_classes: int
+        self,
+        filters: tuple[int, ...],
+        dropout: float,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        batchnorm: str = "keras",
     ):
         super().__init__()
         c = in_shape[0]
-        layers = [*_block(c, filters[0], 3, 1, True, dropout), _same_avgpool()]
+        bn = batchnorm
+        layers = [*_block(c, filters[0], 3, 1, True, dropout, bn), _same_avgpool()]
         if len(filters) == 2:
-            layers += _block(filters[0], filters[1], 3, 2, False, dropout)
+            layers += _block(filters[0], filters[1], 3, 2, False, dropout, bn)
         else:
-            layers += _block(filters[0], filters[1], 2, 2, False, dropout)
+            layers += _block(filters[0], filters[1], 2, 2, False, dropout, bn)
             layers.append(nn.AvgPool2d(2, stride=2))
-            layers += _block(filters[1], filters[2], 3, 2, False, dropout)
+            layers += _block(filters[1], filters[2], 3, 2, False, dropout, bn)
         self.features = nn.Sequential(*layers, nn.Flatten())
         with torch.no_grad():
             width = self.features.eval()(torch.zeros(1, *in_shape)).shape[1]
@@ -160,10 +174,12 @@ def build_model(
     num_classes: int,
     code: Code | None = None,
     factory: object = None,
+    batchnorm: str = "keras",
 ) -> nn.Module:
     """A fresh model (weights from torch's current RNG) for inputs of `in_shape` ((C, H, W)
     for images). A user's model comes from its spec (inside an actor, from the shipped
-    `code`), or from `factory` when the driver registered it."""
+    `code`), or from `factory` when the driver registered it. `batchnorm` ('keras' or
+    'torch') sets the paper CNNs' BatchNorm; other models keep their own."""
     if not is_builtin(name):
         if factory is not None:
             make, kwargs = factory, parse_spec(name).kwargs
@@ -177,7 +193,7 @@ def build_model(
         )
     base, params = parse_model_name(name)
     if base in PAPER_MODELS:
-        return PaperCNN(params[:-1], params[-1], in_shape, num_classes)
+        return PaperCNN(params[:-1], params[-1], in_shape, num_classes, batchnorm)
     import torchvision
 
     model = torchvision.models.get_model(base, weights=None, num_classes=num_classes)

@@ -86,14 +86,21 @@ class ParticipantSpec:
     """The factory of a model registered on the driver with register_model (pickled)."""
     digest_function: object = None
     """A digest loss registered on the driver with register_digest_loss (pickled)."""
+    public_mean: np.ndarray | None = None
+    """data.scaling='mean_image': the public data's per-pixel mean image in [0, 1] (C, H, W)."""
+    private_mean: np.ndarray | None = None
+    """... and the private dataset's, for private training and test images."""
 
 
-def prepare(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A batch as the model sees it: uint8 images scaled to [-1, 1]; other floats as
-    float32; integers (token ids, category codes) as int64, unscaled. Object-store arrays
-    are read-only, so the batch is copied (it is converted anyway)."""
+def prepare(x: np.ndarray, device: torch.device, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch as the model sees it: uint8 images scaled to [-1, 1], or to [0, 1] less the
+    dataset's `mean` image; other floats as float32; integers (token ids, category codes)
+    as int64, unscaled. Object-store arrays are read-only, so the batch is copied (it is
+    converted anyway)."""
     t = torch.from_numpy(np.array(x, copy=True)).to(device, non_blocking=True)
     if t.dtype == torch.uint8:
+        if mean is not None:
+            return t.float() / 255.0 - mean
         return (t.float() / 127.5) - 1.0
     if t.is_floating_point() or t.dtype == torch.bool:
         return t.float()
@@ -147,6 +154,10 @@ def digest_loss_function(kind: str, temperature: float, code: Code | None = None
     return checked
 
 
+def _on(mean: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if mean is None else torch.from_numpy(np.asarray(mean, dtype=np.float32)).to(device)
+
+
 def _val(accuracy: float) -> str:
     return "" if accuracy != accuracy else f", val acc {accuracy:.3f}"  # NaN before the first epoch
 
@@ -171,7 +182,9 @@ class Participant:
         # The public arrays arrive read-only from the object store; they are never copied whole.
         self.public_x, self.public_y = public_x, public_y
         self.public_val = public_val
-        self.private_x = prepare(private[0], self.device)
+        self.public_mean = _on(spec.public_mean, self.device)
+        self.private_mean = _on(spec.private_mean, self.device)
+        self.private_x = prepare(private[0], self.device, self.private_mean)
         self.private_y = torch.from_numpy(np.array(private[1], dtype=np.int64)).to(self.device)
         self.test_x, self.test_y = test
         self._seed(phase="init")
@@ -247,7 +260,7 @@ class Participant:
 
     def _build(self) -> nn.Module:
         s = self.spec
-        return build_model(s.model, s.image_shape, s.num_classes, s.code, s.model_factory)
+        return build_model(s.model, s.image_shape, s.num_classes, s.code, s.model_factory, s.train.batchnorm)
 
     def _seed(self, phase: str, round_: int = 0) -> np.random.Generator:
         key = f"{self.spec.seed}/{self.spec.index}/{phase}/{round_}".encode()
@@ -308,7 +321,7 @@ class Participant:
             xb = (
                 x[torch.as_tensor(idx, device=self.device)]
                 if on_device
-                else prepare(x[np.sort(idx)], self.device)
+                else prepare(x[np.sort(idx)], self.device, self.public_mean)
             )
             yb = targets[torch.as_tensor(idx if on_device else np.sort(idx), device=self.device)]
             opt.zero_grad(set_to_none=True)
@@ -322,17 +335,21 @@ class Participant:
         return total / max(count, 1)
 
     @torch.no_grad()
-    def _scores(self, model: nn.Module, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _scores(
+        self, model: nn.Module, x: np.ndarray | torch.Tensor, mean: torch.Tensor | None = None
+    ) -> torch.Tensor:
         model.eval()
         outs = []
         for start in range(0, len(x), EVAL_BATCH_SIZE):
             chunk = x[start : start + EVAL_BATCH_SIZE]
-            xb = chunk if isinstance(chunk, torch.Tensor) else prepare(chunk, self.device)
+            xb = chunk if isinstance(chunk, torch.Tensor) else prepare(chunk, self.device, mean)
             outs.append(model(xb))
         return torch.cat(outs)
 
-    def _accuracy(self, model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        scores = self._scores(model, x)
+    def _accuracy(
+        self, model: nn.Module, x: np.ndarray, y: np.ndarray, mean: torch.Tensor | None = None
+    ) -> tuple[float, float]:
+        scores = self._scores(model, x, mean)
         target = torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
         loss = float(F.cross_entropy(scores, target))
         return float((scores.argmax(1) == target).float().mean()), loss
@@ -377,7 +394,7 @@ class Participant:
                 ticker,
             )
             public_epochs += 1
-            public_acc, _ = self._accuracy(self.model, val_x, val_y)
+            public_acc, _ = self._accuracy(self.model, val_x, val_y, self.public_mean)
             if public_acc > best + cfg.min_delta:
                 best, stale = public_acc, 0
             else:
@@ -391,27 +408,27 @@ class Participant:
                     break
             ticker.advance(text=f"public epoch {epoch}/{cfg.public_epochs} done" + _val(public_acc))
         self.public_state = copy.deepcopy(self.model.state_dict())
-        loss = float("nan")
-        private_opt = self._optimizer(self.model)
-        for epoch in range(1, cfg.private_epochs + 1):
-            ticker.advance(text=f"private epoch {epoch}/{cfg.private_epochs}")
-            loss = self._fit(
-                self.model,
-                private_opt,
-                self.private_x,
-                self.private_y,
-                cfg.private_batch_size,
-                rng,
-                F.cross_entropy,
-                ticker,
-            )
-        accuracy, test_loss = self._accuracy(self.model, self.test_x, self.test_y)
+        # One optimiser for the private data from here on: the authors' Keras classifier
+        # keeps its Adam state from this private training into every revisit.
+        self.private_opt = self._optimizer(self.model)
+        loss, private_epochs = self._train_private(
+            self.model,
+            self.private_opt,
+            self.private_x,
+            self.private_y,
+            cfg.private_epochs,
+            rng,
+            ticker,
+            "private",
+        )
+        accuracy, test_loss = self._accuracy(self.model, self.test_x, self.test_y, self.private_mean)
         return {
             "accuracy": accuracy,
             "loss": test_loss,
             "train_loss": loss,
             "public_accuracy": public_acc,
             "public_epochs": public_epochs,
+            "private_epochs": private_epochs,
             "seconds": time.perf_counter() - start,
         }
 
@@ -421,7 +438,7 @@ class Participant:
         start = time.perf_counter()
         self._maybe_fail("communicate", round_)
         rng = self._seed("logits", round_)
-        scores = self._scores(self.model, self.public_x[indices]).float().cpu().numpy()
+        scores = self._scores(self.model, self.public_x[indices], self.public_mean).float().cpu().numpy()
         out = self.spec.sharing
         if self.spec.adversary:
             scores = sharing.corrupt(scores, out.attack, out.attack_scale, rng)
@@ -437,7 +454,7 @@ class Participant:
         start = time.perf_counter()
         self._maybe_fail("digest", round_)
         rng = self._seed("digest", round_)
-        x = prepare(self.public_x[indices], self.device)
+        x = prepare(self.public_x[indices], self.device, self.public_mean)
         target = torch.from_numpy(np.array(consensus, dtype=np.float32)).to(self.device)
         cfg = self.cfg
         loss = float("nan")
@@ -481,7 +498,7 @@ class Participant:
     def evaluate(self, round_: int = 0) -> dict:
         start = time.perf_counter()
         self._maybe_fail("evaluate", round_)
-        accuracy, loss = self._accuracy(self.model, self.test_x, self.test_y)
+        accuracy, loss = self._accuracy(self.model, self.test_x, self.test_y, self.private_mean)
         return {"accuracy": accuracy, "loss": loss, "seconds": time.perf_counter() - start}
 
     def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> dict:
@@ -495,20 +512,49 @@ class Participant:
         model.load_state_dict(self.public_state)
         model.to(self.device)
         opt = self._optimizer(model)
-        x = prepare(pooled_x, self.device)
-        y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(
-            self.device
-        )  # object-store arrays are read-only
-        loss = float("nan")
+        x = prepare(pooled_x, self.device, self.private_mean)
+        y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(self.device)  # a writable copy
         epochs = self.cfg.upper_bound_epochs
         ticker = _Ticker(self.report, self.name, "upper_bound", epochs * len(y))
-        for epoch in range(1, epochs + 1):
-            ticker.advance(text=f"pooled epoch {epoch}/{epochs}")
-            loss = self._fit(model, opt, x, y, self.cfg.private_batch_size, rng, F.cross_entropy, ticker)
-        accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y)
+        loss, trained = self._train_private(model, opt, x, y, epochs, rng, ticker, "pooled")
+        accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y, self.private_mean)
         return {
             "accuracy": accuracy,
             "loss": test_loss,
             "train_loss": loss,
+            "epochs": trained,
             "seconds": time.perf_counter() - start,
         }
+
+    def _train_private(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epochs: int,
+        rng: np.random.Generator,
+        ticker: _Ticker,
+        label: str,
+    ) -> tuple[float, int]:
+        """Up to `epochs` epochs at the private batch size; with train.private_patience, stop
+        as the authors' Keras EarlyStopping did (test accuracy not improved by
+        private_min_delta for that many epochs; the last weights are kept, as theirs were).
+        Returns (last training loss, epochs trained)."""
+        cfg = self.cfg
+        loss, best, stale = float("nan"), -1.0, 0
+        for epoch in range(1, epochs + 1):
+            ticker.advance(text=f"{label} epoch {epoch}/{epochs}")
+            loss = self._fit(model, opt, x, y, cfg.private_batch_size, rng, F.cross_entropy, ticker)
+            if cfg.private_patience is None:
+                continue
+            accuracy, _ = self._accuracy(model, self.test_x, self.test_y, self.private_mean)
+            if accuracy > best + cfg.private_min_delta:
+                best, stale = accuracy, 0
+            else:
+                stale += 1
+                if stale >= cfg.private_patience:
+                    ticker.total -= (epochs - epoch) * len(y)
+                    ticker.advance(text=f"{label}: early stop after epoch {epoch}", force=True)
+                    return loss, epoch
+        return loss, epochs

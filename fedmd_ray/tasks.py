@@ -23,6 +23,10 @@ class Task:
     public_classes: list[int]
     private_classes: list[int]
     partition_report: list[dict]
+    public_mean: np.ndarray | None = None
+    """data.scaling='mean_image': per-pixel mean of the public training images, in [0, 1]."""
+    private_mean: np.ndarray | None = None
+    """... and of the private dataset's training images (all of the private classes)."""
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -152,6 +156,15 @@ def build_task(config: Config) -> Task:
         )
     names = participant_names(config)
     report = partition_lib.report(private_pool.y, parts, names)
+    means = {}
+    if d.scaling == "mean_image":
+        for key, ds in (("public_mean", public_train), ("private_mean", private_pool)):
+            if ds.x.dtype != np.uint8:
+                raise ConfigError(
+                    f"data.scaling='mean_image' is for uint8 images; the {key.split('_')[0]} samples "
+                    f"are {ds.x.dtype}. Use data.scaling='symmetric' (it leaves non-image data as is)."
+                )
+            means[key] = (ds.x.mean(axis=0, dtype=np.float64) / 255.0).astype(np.float32)
     return Task(
         public_train=public_train,
         public_val=public_val,
@@ -161,6 +174,7 @@ def build_task(config: Config) -> Task:
         public_classes=public_classes,
         private_classes=private_classes,
         partition_report=report,
+        **means,
     )
 
 

@@ -64,7 +64,7 @@ def test_digest_pulls_every_participant_towards_the_consensus():
     task = build_task(config)
     backend = LocalBackend(config, task, participant_specs(config, task))
     backend.transfer()
-    indices = public_subset(np.random.default_rng(0), len(task.public_train), 300)
+    indices = public_subset(np.random.default_rng(0), task.public_train.y, 300)
     everyone = [0, 1, 2]
     _, _, before = backend.logits(everyone, indices, 1)
     consensus = backend.aggregate(before, backend.names, {"method": "mean"})
@@ -154,9 +154,25 @@ def test_public_subsets_are_fresh_each_round():
     from fedmd_ray.fedmd import public_subset
 
     rng = np.random.default_rng(0)
-    a, b = public_subset(rng, 1000, 300), public_subset(rng, 1000, 300)
+    labels = np.arange(1000) % 10
+    a, b = public_subset(rng, labels, 300), public_subset(rng, labels, 300)
     assert len(a) == len(np.unique(a)) == 300 and not np.array_equal(a, b)
-    assert len(public_subset(rng, 100, 300)) == 100
+    assert len(public_subset(rng, labels[:100], 300)) == 100
+
+
+def test_public_subsets_are_stratified_by_class_like_the_authors_split():
+    from fedmd_ray.fedmd import public_subset
+
+    # 3 classes of 500, 300 and 200 samples: a 101-sample subset holds 50.5, 30.3, 20.2 of
+    # them, rounded by largest remainder to 51, 30, 20 every time (uniform draws vary by +-5).
+    labels = np.repeat([7, 2, 5], [500, 300, 200])
+    np.random.default_rng(1).shuffle(labels)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        picked = labels[public_subset(rng, labels, 101)]
+        assert {c: int((picked == c).sum()) for c in (7, 2, 5)} == {7: 51, 2: 30, 5: 20}
+    uniform = [int((labels[public_subset(rng, labels, 101, stratified=False)] == 7).sum()) for _ in range(20)]
+    assert len(set(uniform)) > 1
 
 
 def test_digest_learning_rate_is_its_own_setting():

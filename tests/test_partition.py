@@ -82,5 +82,8 @@ def test_one_subclass_per_superclass():
     for p in parts:
         assert sorted(np.unique(sup[p])) == [0, 1, 2, 3]
         assert len(np.unique(sub[p])) == 4 and len(p) == 20  # one subclass each, 5 samples
+    # participant i holds subclass i % 3 of each superclass: all 12 covered, twice each
+    for i, p in enumerate(parts):
+        assert sorted(np.unique(sub[p]).tolist()) == [3 * c + i % 3 for c in range(4)]
     with pytest.raises(PartitionError, match="Lower partition.samples_per_class"):
         partition.one_subclass_per_class(sup, sub, participants=30, samples_per_class=20, seed=0)
