@@ -61,6 +61,10 @@ def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path]:
 
 def _run(args: argparse.Namespace) -> int:
     from fedmd_ray.fedmd import run
+    from fedmd_ray.tracking import parse_log
+
+    if args.log:
+        args.set = [*args.set, f"log={json.dumps(parse_log(args.log))}"]
 
     if args.resume:
         config, out = _resumed_config(args)
@@ -172,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run_p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run_p.add_argument(
+        "--log",
+        metavar="TRACKERS",
+        help="send every round's metrics and the config to tensorboard and/or mlflow, e.g. --log tensorboard,mlflow",
+    )
 
     tune_p = sub.add_parser("tune", help="search FedMD hyper-parameters with Ray Tune")
     tune_p.add_argument("--config", required=True, help="search file (JSON or TOML; see fedmd_ray.tune)")
@@ -185,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--scale", type=float)
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
+    cmp_p = sub.add_parser("compare", help="several runs' summaries in one table and one figure")
+    cmp_p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    cmp_p.add_argument("--out", default="runs/compare", help="where compare.md and compare.png go")
+
     for kind in ("presets", "models", "datasets"):
         sub.add_parser(kind, help=f"list the known {kind}")
     return parser
@@ -197,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "compare":
+            from fedmd_ray.compare import compare
+
+            print(compare(args.runs, args.out))
+            print(f"written: {args.out}/compare.md, {args.out}/compare.png")
+            return 0
         if args.command == "config":
             config = resolve_config(args.preset, args.config, args.set, scale_factor=args.scale)
             print(json.dumps(config.to_dict(), indent=2))

@@ -147,6 +147,12 @@ class SharingConfig:
     """Gaussian noise std as a multiple of the clipped matrix's sensitivity (needs clip)."""
     delta: float = 1e-5
     """The delta at which epsilon is reported."""
+    accountant: str = "auto"
+    """Who computes epsilon: 'pld' or 'rdp' (Google's dp-accounting, the [privacy] extra),
+    'gdp' (closed form, exact for this mechanism), 'auto' (pld when installed, else gdp)."""
+    noise_seed: str = "config"
+    """'config': DP noise drawn from the run's seed (repeatable; whoever has config.json can
+    regenerate it). 'secret': from the operating system's entropy, for real releases."""
     adversaries: list[int] = field(default_factory=list)
     """Indices of participants that send corrupted scores (a robustness simulation)."""
     attack: str = "random"
@@ -208,6 +214,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    log: list[str] = field(default_factory=list)
+    """Experiment trackers that get every round's metrics and the config: 'tensorboard'
+    (event files in RUN_DIR/tensorboard), 'mlflow' (see fedmd_ray.tracking)."""
     faults: list[str] = field(default_factory=list)
     """Simulated failures, 'INDEX:PHASE:ROUND' (PHASE one of transfer, communicate, digest,
     revisit, evaluate): that participant raises there; ':exit' kills its process instead;
@@ -487,6 +496,10 @@ def validate(config: Config) -> None:
     _check_positive("sharing.clip", sh.clip)
     _check_positive("sharing.noise_multiplier", sh.noise_multiplier, allow_zero=True)
     _check_positive("sharing.attack_scale", sh.attack_scale)
+    from fedmd_ray.privacy import ACCOUNTANTS
+
+    _check_choice("sharing.accountant", sh.accountant, ACCOUNTANTS)
+    _check_choice("sharing.noise_seed", sh.noise_seed, ("config", "secret"))
     if not 0 < sh.delta < 1:
         raise ConfigError(f"'sharing.delta' is {sh.delta}; it must be between 0 and 1.")
     if sh.noise_multiplier > 0 and sh.clip is None:
@@ -522,6 +535,9 @@ def validate(config: Config) -> None:
             f'\'resources.runtime_env\' must be a mapping, e.g. {{"pip": ["timm"]}}; got {r.runtime_env!r}.'
         )
     _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
+    from fedmd_ray.tracking import parse_log
+
+    config.log = parse_log(config.log)
     for key, value in (("train.participation", t.participation), ("resources.quorum", r.quorum)):
         if not 0 < value <= 1:
             raise ConfigError(f"'{key}' is {value}; it must be a fraction in (0, 1].")

@@ -27,7 +27,7 @@ class ParticipantError(FedMDError, RuntimeError):
 
     def __init__(self, participant: str, phase: str, message: str):
         self.participant, self.phase = participant, phase
-        if "CUDA out of memory" in message or "OutOfMemoryError" in message:
+        if "CUDA out of memory" in message or "torch.OutOfMemoryError" in message:
             message += (
                 " -- it ran out of GPU memory: each participant may use only its share of a GPU "
                 "(resources.num_gpus); give it a larger share or lower the batch sizes."

@@ -81,13 +81,13 @@ def consensus_plan(config: Config, task: Task) -> dict:
     }
 
 
-def privacy_spent(config: Config, rounds: int, samples: int) -> float | None:
-    """Epsilon (at sharing.delta) of each participant's releases over `rounds` rounds; None
-    when differential privacy is off, inf when scores are clipped but not noised."""
+def privacy_spent(config: Config, releases: int) -> float | None:
+    """Epsilon (at sharing.delta) of a participant that has released scores `releases`
+    times; None when differential privacy is off, inf when scores are clipped but not noised."""
     sh = config.sharing
     if sh.clip is None:
         return None
-    return privacy.epsilon_for_delta(sh.delta, privacy.gdp_mu(sh.noise_multiplier, rounds))
+    return privacy.epsilon(sh.noise_multiplier, releases, sh.delta, sh.accountant)
 
 
 def check_models(specs: list[ParticipantSpec], task: Task) -> None:
@@ -223,6 +223,10 @@ def run(
             public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)  # already made
         plan = consensus_plan(config, task)
         everyone = list(range(len(specs)))
+        # Scores each participant has released so far: its privacy spent (privacy.py).
+        releases = np.zeros(len(specs), dtype=np.int64)
+        for past in range(1, first_round):
+            releases[sample_participants(config.seed, past, len(specs), t.participation)] += 1
         for round_ in range(first_round, t.rounds + 1):
             indices = public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)
             chosen = sample_participants(config.seed, round_, len(specs), t.participation)
@@ -230,9 +234,13 @@ def run(
             phase("communicate", round_, chosen)
             with recorder.timer() as clock:
                 answered, late, scores = backend.logits(chosen, indices, round_)
+            releases[chosen] += 1  # late ones too: their scores left them, used or not
+            # The round's row carries the most-exposed participant's epsilon; the summary each one's.
             recorder.timing(
-                round_, "communicate", clock.seconds, epsilon=privacy_spent(config, round_, len(indices))
+                round_, "communicate", clock.seconds, epsilon=privacy_spent(config, int(releases.max()))
             )
+            if config.sharing.clip is not None:
+                recorder.epsilons = {names[i]: privacy_spent(config, int(k)) for i, k in enumerate(releases)}
             recorder.note(round_, [names[i] for i in everyone if i not in chosen], "sat out")
             recorder.note(round_, [names[i] for i in late], "late")
 

@@ -155,7 +155,9 @@ def digest_loss_function(kind: str, temperature: float, code: Code | None = None
 
 
 def _on(mean: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
-    return None if mean is None else torch.from_numpy(np.asarray(mean, dtype=np.float32)).to(device)
+    return (
+        None if mean is None else torch.from_numpy(np.array(mean, dtype=np.float32)).to(device)
+    )  # writable copy
 
 
 def _val(accuracy: float) -> str:
@@ -443,7 +445,8 @@ class Participant:
         if self.spec.adversary:
             scores = sharing.corrupt(scores, out.attack, out.attack_scale, rng)
         if out.clip is not None:
-            scores = sharing.privatise(scores, out.clip, out.noise_multiplier, rng)
+            noise_rng = rng if out.noise_seed == "config" else np.random.default_rng()  # OS entropy
+            scores = sharing.privatise(scores, out.clip, out.noise_multiplier, noise_rng)
         payload = sharing.encode(scores, out.payload, out.topk)
         self._sent_bytes = sharing.nbytes(payload)
         self._logits_seconds = time.perf_counter() - start

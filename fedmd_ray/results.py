@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from fedmd_ray.config import Config
 from fedmd_ray.files import atomic_write
+from fedmd_ray.tracking import open_trackers, round_scalars
 
 SCHEMA = pa.schema(
     [
@@ -62,11 +63,14 @@ class Recorder:
         self.rows: list[dict] = []
         self.models = {r["participant"]: None for r in task.partition_report}
         self.info: list[dict] = []
+        self.epsilons: dict[str, float | None] = {}
+        """Differential privacy: epsilon each participant has spent (its own releases)."""
         self.complete = False
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_json("config.json", config.to_dict())
             self._write_json("partition.json", task.partition_report)
+        self.trackers = open_trackers(config.log, self.out_dir, config.to_dict(), config.name)
 
     def _write_json(self, name: str, data: Any) -> None:
         assert self.out_dir is not None
@@ -171,6 +175,10 @@ class Recorder:
         )
         self.say(f"round {round_:>3}/{rounds}: {_describe_accuracy(acc)}  gain {gain:+.3f}  [{phases}]")
         self.flush()
+        if self.trackers:
+            scalars = round_scalars(now, lower)
+            for tracker in self.trackers:
+                tracker.log_round(round_, scalars)
 
     # ------------------------------------------------------------ reading back
 
@@ -225,6 +233,7 @@ class Recorder:
                     "bytes_per_round": float(np.mean(moved[name])) if name in moved else 0.0,
                     # FedAvg would upload and download every float32 parameter each round.
                     "fedavg_bytes_per_round": 2 * 4 * n_params if n_params else None,
+                    "epsilon": self.epsilons.get(name),
                 }
             )
         return rows
@@ -258,6 +267,9 @@ class Recorder:
     def finish(self, complete: bool) -> None:
         self.complete = complete
         self.flush()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self.out_dir is None or not self._accuracies("transfer"):
             return
         summary = self.summary()
@@ -339,11 +351,15 @@ def render_summary(
             "",
         ]
     if sh.clip is not None:
+        from fedmd_ray.privacy import resolve
+
         eps = "∞ (no noise)" if epsilon is None or math.isinf(epsilon) else f"{epsilon:.3g}"
+        who = {"pld": "dp-accounting's PLD", "rdp": "dp-accounting's RDP", "gdp": "closed-form Gaussian DP"}
         lines += [
             f"Differential privacy: scores clipped to L2 {sh.clip:g}, noise multiplier "
-            f"{sh.noise_multiplier:g}; epsilon {eps} at delta {sh.delta:g} per participant "
-            "over the run (Gaussian DP accountant).",
+            f"{sh.noise_multiplier:g}; epsilon {eps} at delta {sh.delta:g} for the participant that "
+            f"released most often over the run ({who[resolve(sh.accountant)]} accountant; noise "
+            f"{'seeded from the config' if sh.noise_seed == 'config' else 'from OS entropy'}).",
             "",
         ]
     lines += [

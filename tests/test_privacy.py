@@ -46,3 +46,61 @@ def test_exact_accounting_is_never_worse_than_the_classic_bound():
 
 def test_sensitivity_of_a_clipped_matrix():
     assert privacy.sensitivity(clip=1.0, samples=100) == pytest.approx(20.0)
+
+
+# Epsilon at delta 1e-5 of one mu-GDP release for large mu (e.g. noise multiplier 0.1 over
+# 20 rounds is mu = 44.72), from the analytic Gaussian curve evaluated in high precision. The
+# previous accountant clamped Phi's underflow at 1e-300 and answered 686.7 / 690.8 / 690.8.
+LARGE_MU = {35.0: 760.8, 44.7: 1188.7, 100.0: 5425.5}
+
+
+@pytest.mark.parametrize("mu", list(LARGE_MU))
+def test_large_mu_does_not_underflow(mu):
+    eps = privacy.epsilon_for_delta(1e-5, mu)
+    assert eps == pytest.approx(LARGE_MU[mu], abs=0.1)
+    assert privacy.delta_for_epsilon(eps, mu) == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_log_phi_is_continuous_where_it_switches_to_the_series():
+    for x in (-29.999, -30.0, -30.001):
+        assert privacy.log_phi(x) == pytest.approx(
+            -x * x / 2 - math.log(-x) - 0.5 * math.log(2 * math.pi), abs=2e-3
+        )
+    # the slope of log Phi at -30 is about 30: 2e-9 apart, the two sides differ by ~6e-8
+    assert privacy.log_phi(-30.0 + 1e-9) == pytest.approx(privacy.log_phi(-30.0 - 1e-9), abs=1e-7)
+
+
+def test_participation_is_credited_by_releases():
+    full, half = (privacy.epsilon(2.0, k, 1e-5, "gdp") for k in (20, 10))
+    assert half < full and privacy.epsilon(2.0, 0, 1e-5, "gdp") == 0.0
+    assert privacy.epsilon(0.0, 3, 1e-5, "gdp") == math.inf
+
+
+dp_accounting = pytest.importorskip(
+    "dp_accounting", reason="the [privacy] extra (dp-accounting) is not installed"
+)
+
+
+def test_dp_accounting_rdp_gives_its_own_published_value():
+    # dp-accounting's rdp_privacy_accountant_test: noise multiplier 4.530877117 is
+    # (1, 1e-6)-DP by its RDP conversion (with a dense grid of orders; ours is coarser,
+    # so at most slightly above).
+    eps = privacy.epsilon(4.530877117, 1, 1e-6, "rdp")
+    assert 1.0 <= eps <= 1.02
+
+
+def test_dp_accounting_pld_agrees_with_the_exact_closed_form():
+    # One Gaussian release: the analytic curve is exact; PLD is tight up to its
+    # discretisation; RDP is an upper bound.
+    for z, k in ((4.530877117, 1), (1.0, 20), (0.5, 5), (0.1, 20)):
+        exact = privacy.epsilon(z, k, 1e-5, "gdp")
+        assert privacy.epsilon(z, k, 1e-5, "pld") == pytest.approx(exact, rel=2e-3, abs=1.0)
+        assert privacy.epsilon(z, k, 1e-5, "rdp") >= exact - 1e-9
+    # The closed form on the analytic Gaussian mechanism (Balle & Wang 2018, Thm 8), as
+    # dp-accounting's own test writes it, at sigma = 1 (mu = 1):
+    for eps in (0.0, 0.5, 1.0, 2.0, 4.0):
+        delta0 = (
+            math.erfc((eps - 0.5) / math.sqrt(2)) / 2
+            - math.exp(eps) * math.erfc((eps + 0.5) / math.sqrt(2)) / 2
+        )
+        assert privacy.delta_for_epsilon(eps, 1.0) == pytest.approx(delta0, rel=1e-9, abs=1e-15)

@@ -176,6 +176,12 @@ def describe_ray_error(exc: Exception) -> str:
         return f"{type(cause).__name__}: {cause}"
     text = str(exc).strip().splitlines()
     kind = type(exc).__name__
+    if "OutOfMemoryError" in kind:  # Ray's memory monitor killed the worker: the machine's RAM
+        return (
+            "Ray stopped it because the machine ran low on memory (RAM). Let fewer participants "
+            "compute at once (resources.max_concurrent), serve them from a pool of actors "
+            "(resources.actors), or give Ray a machine with more memory."
+        )
     if "ActorDied" in kind or "ActorError" in kind or "ActorUnavailable" in kind:
         return (
             "its actor process died (killed, out of memory, or crashed). "

@@ -1,0 +1,139 @@
+"""Per-round metrics and the config, to the experiment trackers researchers already use.
+
+`--log tensorboard,mlflow` (config `log`): after every round, each participant's accuracy,
+gain over its lower bound, test loss, bytes moved and (with DP) epsilon, and their means,
+go to TensorBoard event files in the run folder (`tensorboard --logdir RUN_DIR`) and/or to
+an MLflow run (tracking URI from MLFLOW_TRACKING_URI, else ./mlruns). Inside a Ray Tune
+search, Tune's own loggers and callbacks receive the same numbers through tune.report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedmd_ray.errors import ConfigError
+
+TRACKERS = ("tensorboard", "mlflow")
+
+
+class Tracker(Protocol):
+    def log_round(self, round_: int, scalars: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoard:
+    """Event files under RUN_DIR/tensorboard, written with tensorboardX (installed with
+    ray[tune]) or, without it, torch.utils.tensorboard."""
+
+    def __init__(self, out_dir: Path, config: dict, name: str):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "--log tensorboard needs tensorboardX (pip install tensorboardX; it comes with "
+                    "ray[tune]) or the tensorboard package."
+                ) from None
+        self.writer = SummaryWriter(logdir=str(out_dir / "tensorboard"), comment=name)
+        self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def log_round(self, round_: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, round_)
+        self.writer.flush()  # a run that stops early still shows its rounds
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MLflow:
+    def __init__(self, out_dir: Path, config: dict, name: str):
+        try:
+            import mlflow
+        except ImportError:
+            raise ConfigError("--log mlflow needs MLflow: pip install mlflow") from None
+        self.mlflow = mlflow
+        self.run = mlflow.start_run(run_name=name)
+        flat = _flatten(config)
+        # MLflow caps a param's value at 6000 characters and takes at most 100 per call.
+        items = [(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.set_tag("fedmd_ray.run_dir", str(out_dir))
+
+    def log_round(self, round_: int, scalars: dict[str, float]) -> None:
+        self.mlflow.log_metrics({_mlflow_key(k): v for k, v in scalars.items()}, step=round_)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _mlflow_key(key: str) -> str:
+    # MLflow keys take letters, digits, _ - . space / only.
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_log(value: str | list[str] | None) -> list[str]:
+    """'tensorboard,mlflow' or a list -> the trackers' names, checked."""
+    if not value:
+        return []
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    for n in names:
+        if n not in TRACKERS:
+            raise ConfigError(f"'log' names '{n}'; it may name {', '.join(TRACKERS)} (comma-separated).")
+    return names
+
+
+def open_trackers(names: list[str], out_dir: Path | None, config: dict, run_name: str) -> list[Tracker]:
+    if names and out_dir is None:
+        raise ConfigError("--log needs a results folder (the run was started without one).")
+    makers = {"tensorboard": TensorBoard, "mlflow": MLflow}
+    return [makers[n](out_dir, config, run_name) for n in names]
+
+
+def round_scalars(rows: list[dict], lower: dict[str, float]) -> dict[str, float]:
+    """One round's rows (metrics.parquet's) -> the scalars the trackers get, per participant
+    under 'participant/NAME/...' and their means under 'mean/...'."""
+    out: dict[str, float] = {}
+    acc, gains, moved = [], [], {}
+    for r in rows:
+        name = r["participant"]
+        if r["phase"] == "evaluate" and r.get("accuracy") is not None:
+            out[f"participant/{name}/accuracy"] = r["accuracy"]
+            acc.append(r["accuracy"])
+            if r.get("loss") is not None:
+                out[f"participant/{name}/loss"] = r["loss"]
+            if name in lower:
+                out[f"participant/{name}/gain"] = r["accuracy"] - lower[name]
+                gains.append(r["accuracy"] - lower[name])
+        if r["phase"] == "digest" and name != "*":
+            moved[name] = (r.get("bytes_sent") or 0) + (r.get("bytes_received") or 0)
+        if r["phase"] == "communicate" and name == "*" and r.get("epsilon") is not None:
+            if not math.isinf(r["epsilon"]):
+                out["privacy/epsilon"] = r["epsilon"]
+    for name, b in moved.items():
+        out[f"participant/{name}/bytes"] = float(b)
+    if acc:
+        out["mean/accuracy"] = sum(acc) / len(acc)
+    if gains:
+        out["mean/gain"] = sum(gains) / len(gains)
+    if moved:
+        out["mean/bytes"] = sum(moved.values()) / len(moved)
+    return out
