@@ -126,6 +126,9 @@ class TrainConfig:
     """BatchNorm of the paper's CNNs: 'keras' (the authors' Keras layers: running averages
     kept with momentum 0.99, i.e. torch's 0.01, and epsilon 1e-3) or 'torch' (torch's
     defaults: momentum 0.1, epsilon 1e-5)."""
+    evaluate_every: int = 1
+    """Measure test accuracy every this many rounds (and after the last). 1, the default,
+    gives the paper's per-round figure."""
     stratified_subset: bool = True
     """Draw each round's public subset stratified by class (the authors' code); False:
     uniformly at random."""
@@ -460,6 +463,7 @@ def validate(config: Config) -> None:
     t = config.train
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_choice("train.batchnorm", t.batchnorm, BATCHNORMS)
+    _check_positive("train.evaluate_every", t.evaluate_every)
     _check_positive("train.private_patience", t.private_patience)
     _check_positive("train.private_min_delta", t.private_min_delta, allow_zero=True)
     _check_plugin("train.digest_loss", t.digest_loss, DIGEST_LOSSES)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write` fills a temporary file beside `path`, which then replaces `path` in one step:
-    readers see the old file or the new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
+    readers see the old file or the new one, never a part. The temporary name starts with a
+    dot, which dataset readers (pyarrow, Spark) skip inside a dataset folder."""
+    tmp = path.with_name("." + path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)

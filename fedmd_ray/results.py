@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,21 +57,44 @@ class Clock:
 
 
 class Recorder:
+    """Every result of a run, as rows (SCHEMA), and what the summary needs of them.
+
+    With a results folder, rows go to disk as they come: metrics.parquet is a Parquet
+    dataset (a folder of part files, one written per round, read back whole by
+    `pyarrow.parquet.read_table`), so writing a round costs that round's rows, not the whole
+    run's, and a run stopped early keeps every round it finished. Only the aggregates the
+    summary needs stay in memory (per participant: bounds, accuracy per round, bytes), so
+    ten thousand participants fit."""
+
     def __init__(self, out_dir: str | Path | None, config: Config, task, say: Callable[[str], None]):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.config = config
         self.say = say
-        self.rows: list[dict] = []
+        self.pending: list[dict] = []
+        """Rows not yet on disk (all rows, when there is no results folder)."""
+        self.current: list[dict] = []
+        """The rows of the round under way (for its progress line and the trackers)."""
+        self.parts = 0
         self.models = {r["participant"]: None for r in task.partition_report}
         self.info: list[dict] = []
         self.epsilons: dict[str, float | None] = {}
         """Differential privacy: epsilon each participant has spent (its own releases)."""
+        self._clear()
         self.complete = False
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_json("config.json", config.to_dict())
             self._write_json("partition.json", task.partition_report)
         self.trackers = open_trackers(config.log, self.out_dir, config.to_dict(), config.name)
+
+    def _clear(self) -> None:
+        self.lower: dict[str, float] = {}
+        self.upper: dict[str, float] = {}
+        self.accuracy: dict[str, dict[int, float]] = {}
+        self.moved: dict[str, list[int]] = {}
+        self.events: dict[str, list[str]] = {}
+        self.event_counts: dict[str, int] = {}
+        self.last_epsilon: float | None = None
 
     def _write_json(self, name: str, data: Any) -> None:
         assert self.out_dir is not None
@@ -102,7 +126,7 @@ class Recorder:
                 self._write_json("placement.json", placement)
 
     def _row(self, round_: int, participant: str, phase: str, **values: Any) -> None:
-        row = {name: None for name in SCHEMA.names}
+        row = dict.fromkeys(SCHEMA.names)
         row.update(
             round=round_,
             participant=participant,
@@ -112,7 +136,32 @@ class Recorder:
             bytes_received=0,
         )
         row.update(values)
-        self.rows.append(row)
+        self.pending.append(row)
+        self.current.append(row)
+        self._absorb(row)
+
+    def _absorb(self, r: dict) -> None:
+        """Fold one row into the aggregates the summary reads."""
+        name = r["participant"]
+        if r.get("note"):
+            self.event_counts[r["note"]] = self.event_counts.get(r["note"], 0) + 1
+            shown = self.events.setdefault(r["note"], [])
+            if len(shown) < 12:
+                shown.append(f"{name} (round {r['round']})")
+            return
+        if name == ALL:
+            if r["phase"] == "communicate" and r.get("epsilon") is not None:
+                self.last_epsilon = r["epsilon"]
+            return
+        phase = r["phase"]
+        if phase == "transfer":
+            self.lower[name] = r["accuracy"]
+        elif phase == "upper_bound":
+            self.upper[name] = r["accuracy"]
+        elif phase == "evaluate":
+            self.accuracy.setdefault(name, {})[r["round"]] = r["accuracy"]
+        elif phase == "digest":
+            self.moved.setdefault(name, []).append((r["bytes_sent"] or 0) + (r["bytes_received"] or 0))
 
     def phase(
         self, round_: int, phase: str, results: list[dict], wall_seconds: float, who: list[int] | None = None
@@ -147,26 +196,38 @@ class Recorder:
         for name in names:
             self._row(round_, name, phase, note=note)
         if names:
-            self.say(f"round {round_:>3}: {', '.join(names)} {note}")
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            self.say(f"round {round_:>3}: {shown} {note}")
 
     def resume(self, round_: int) -> None:
-        """Take back the rows of rounds up to `round_` from the run's metrics.parquet."""
+        """Take back the rows of rounds up to `round_` from the run's metrics, and drop the
+        rest from disk (they are about to be recomputed)."""
         path = self.out_dir / "metrics.parquet" if self.out_dir is not None else None
         if path is None or not path.exists():
             return
-        self.rows = [r for r in pq.read_table(path).to_pylist() if r["round"] <= round_]
-        for r in self.rows:
+        rows = [r for r in pq.read_table(path).to_pylist() if r["round"] <= round_]
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()  # a single-file metrics.parquet of an older version: made a dataset
+        self._clear()
+        self.pending, self.current, self.parts = [], [], 0
+        for r in rows:
             r.setdefault("note", None)
+            self.pending.append(r)
+            self._absorb(r)
+        self.flush()
 
     def timing(self, round_: int, phase: str, wall_seconds: float, epsilon: float | None = None) -> None:
         """A whole phase's wall time on the driver (participant '*')."""
         self._row(round_, ALL, phase, wall_seconds=wall_seconds, epsilon=epsilon)
 
     def end_round(self, round_: int, rounds: int) -> None:
-        now = [r for r in self.rows if r["round"] == round_]
+        now = [r for r in self.current if r["round"] == round_]
+        self.current = []
         acc = [r["accuracy"] for r in now if is_result(r, "evaluate")]
-        lower = self._accuracies("transfer")
-        gain = np.mean(acc) - np.mean(list(lower.values())) if lower else float("nan")
+        lower = self.lower
+        gain = np.mean(acc) - np.mean(list(lower.values())) if lower and acc else float("nan")
         walls = {r["phase"]: r["wall_seconds"] for r in now if r["wall_seconds"] is not None}
         phases = " ".join(
             f"{p} {walls[p]:.1f}s"
@@ -183,41 +244,28 @@ class Recorder:
     # ------------------------------------------------------------ reading back
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pylist(self.rows, schema=SCHEMA)
-
-    def _accuracies(self, phase: str, round_: int | None = None) -> dict[str, float]:
-        out = {}
-        for r in self.rows:
-            if is_result(r, phase) and (round_ is None or r["round"] == round_):
-                out[r["participant"]] = r["accuracy"]
-        return out
+        """Every row so far: what is on disk, then what is not yet."""
+        path = self.out_dir / "metrics.parquet" if self.out_dir is not None else None
+        pending = pa.Table.from_pylist(self.pending, schema=SCHEMA)
+        if path is None or not path.exists():
+            return pending
+        written = pq.read_table(path, schema=SCHEMA)
+        return pa.concat_tables([written, pending]) if self.pending else written
 
     def summary(self) -> list[dict]:
-        """Per participant: lower bound, FedMD final and best, upper bound, gain."""
-        lower = self._accuracies("transfer")
-        upper = self._accuracies("upper_bound")
-        final = self._accuracies("evaluate")  # the last round wins
-        best: dict[str, float] = {}
-        by_round: dict[str, dict[int, float]] = {}
-        for r in self.rows:
-            if is_result(r, "evaluate"):
-                best[r["participant"]] = max(best.get(r["participant"], 0.0), r["accuracy"])
-                by_round.setdefault(r["participant"], {})[r["round"]] = r["accuracy"]
-        # The last three rounds' mean: a lucky or unlucky last round does not decide it.
-        last3 = {
-            name: float(np.mean([acc for _, acc in sorted(v.items())[-3:]])) for name, v in by_round.items()
-        }
+        """Per participant: lower bound, FedMD final, last three rounds' mean and best,
+        upper bound, gain."""
         params = {d["participant"]: d.get("parameters") for d in self.info}
-        moved: dict[str, list[int]] = {}
-        for r in self.rows:
-            if is_result(r, "digest"):
-                moved.setdefault(r["participant"], []).append(r["bytes_sent"] + r["bytes_received"])
         adversaries = {list(self.models)[i] for i in self.config.sharing.adversaries}
         rows = []
         for name in self.models:
-            lo = lower.get(name, float("nan"))
-            fin = final.get(name, lo)
+            lo = self.lower.get(name, float("nan"))
+            by_round = sorted(self.accuracy.get(name, {}).items())
+            fin = by_round[-1][1] if by_round else lo
+            # The last three rounds' mean: a lucky or unlucky last round does not decide it.
+            last3 = float(np.mean([acc for _, acc in by_round[-3:]])) if by_round else lo
             n_params = params.get(name)
+            moved = self.moved.get(name)
             rows.append(
                 {
                     "participant": name,
@@ -226,11 +274,11 @@ class Recorder:
                     "adversary": name in adversaries,
                     "lower_bound": lo,
                     "fedmd_final": fin,
-                    "fedmd_best": best.get(name, lo),
-                    "fedmd_last3": last3.get(name, lo),
-                    "upper_bound": upper.get(name, float("nan")),
+                    "fedmd_best": max((acc for _, acc in by_round), default=lo),
+                    "fedmd_last3": last3,
+                    "upper_bound": self.upper.get(name, float("nan")),
                     "gain": fin - lo,
-                    "bytes_per_round": float(np.mean(moved[name])) if name in moved else 0.0,
+                    "bytes_per_round": float(np.mean(moved)) if moved else 0.0,
                     # FedAvg would upload and download every float32 parameter each round.
                     "fedavg_bytes_per_round": 2 * 4 * n_params if n_params else None,
                     "epsilon": self.epsilons.get(name),
@@ -240,29 +288,31 @@ class Recorder:
 
     def _events(self) -> str:
         """Who sat rounds out, was late, or was restarted (markdown; empty when nobody)."""
-        by_note: dict[str, list[str]] = {}
-        for r in self.rows:
-            if r.get("note"):
-                by_note.setdefault(r["note"], []).append(f"{r['participant']} (round {r['round']})")
-        if not by_note:
+        if not self.events:
             return ""
         lines = ["", "Events:", ""]
-        for note, where in by_note.items():
-            shown = ", ".join(where[:12]) + (f", ... ({len(where)} in all)" if len(where) > 12 else "")
+        for note, where in self.events.items():
+            count = self.event_counts[note]
+            shown = ", ".join(where) + (f", ... ({count} in all)" if count > len(where) else "")
             lines.append(f"- {note}: {shown}")
         return "\n".join(lines) + "\n"
 
     def epsilon(self) -> float | None:
-        """Epsilon spent so far by each participant (None when privacy is off)."""
-        spent = [r["epsilon"] for r in self.rows if r.get("epsilon") is not None]
-        return spent[-1] if spent else None
+        """Epsilon spent so far by the most-exposed participant (None when privacy is off)."""
+        return self.last_epsilon
 
     # ------------------------------------------------------------ writing
 
     def flush(self) -> None:
-        if self.out_dir is not None:
-            table = self.table()
-            atomic_write(self.out_dir / "metrics.parquet", lambda p: pq.write_table(table, p))
+        """Write the rows not yet on disk as the next part of metrics.parquet."""
+        if self.out_dir is None or not self.pending:
+            return
+        folder = self.out_dir / "metrics.parquet"
+        folder.mkdir(exist_ok=True)
+        table = pa.Table.from_pylist(self.pending, schema=SCHEMA)
+        atomic_write(folder / f"part-{self.parts:06d}.parquet", lambda p: pq.write_table(table, p))
+        self.parts += 1
+        self.pending = []
 
     def finish(self, complete: bool) -> None:
         self.complete = complete
@@ -270,7 +320,7 @@ class Recorder:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
-        if self.out_dir is None or not self._accuracies("transfer"):
+        if self.out_dir is None or not self.lower:
             return
         summary = self.summary()
         epsilon = self.epsilon()

@@ -5,9 +5,12 @@ paper-style figure and the per-model table, and a report of how it was run.
     python scripts/reproduce.py mnist-femnist --data-dir ~/data --scale 0.1    # a laptop's worth
     python scripts/reproduce.py cifar10-cifar100-superclass --data-dir ~/data --set resources.num_gpus=0.1
     python scripts/reproduce.py fashion                                         # real data, offline
+    python scripts/reproduce.py fashion-paper --seeds 3                         # the paper's regime, error bars
 
 Writes into --out: everything `fedmd-ray run` writes, figure.png (the paper's figure) and
 reproduction.md (command, data, device, wall time, table, and the paper's claim beside it).
+With --seeds N: one run per seed in seed-S/, and seeds.md / seeds.json / figure.png with
+mean ± standard deviation across seeds (shaded bands).
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["ray", "local"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="default runs/reproduce-EXPERIMENT[-scaleS]")
+    p.add_argument("--seeds", type=int, default=1, help="run with this many seeds (seed, seed+1, ...)")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        print("error: --seeds must be at least 1", file=sys.stderr)
+        return 2
 
     try:
         config = resolve_config(
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     suffix = f"-scale{args.scale:g}" if args.scale else ""
     out = Path(args.out or f"runs/reproduce-{args.experiment}{suffix}")
+    if args.seeds > 1:
+        return _several_seeds(args, argv, config, out)
     start = time.perf_counter()
     try:
         result = run(config, out, progress=lambda m: print(m, flush=True))
@@ -102,6 +111,44 @@ def main(argv: list[str] | None = None) -> int:
     ]
     (out / "reproduction.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
+    return 0
+
+
+def _several_seeds(args: argparse.Namespace, argv: list[str] | None, config, out: Path) -> int:
+    import dataclasses
+    import json
+
+    from fedmd_ray import seeds as seeds_lib
+
+    runs, start = [], time.perf_counter()
+    for k in range(args.seeds):
+        seed = config.seed + k
+        print(f"=== seed {seed} ({k + 1}/{args.seeds}) ===", flush=True)
+        seeded = dataclasses.replace(config, seed=seed)
+        try:
+            result = run(seeded, out / f"seed-{seed}", progress=lambda m: print(m, flush=True))
+        except FedMDError as exc:
+            print(f"error (seed {seed}): {exc}\nResults written so far are in {out}/", file=sys.stderr)
+            return 1
+        runs.append(
+            {
+                "seed": seed,
+                "summary": result.summary,
+                "curves": seeds_lib.curves(result.metrics, result.summary),
+            }
+        )
+    minutes = (time.perf_counter() - start) / 60
+    agg = seeds_lib.aggregate(runs)
+    seeds_lib.plot(runs, agg, out / "figure.png", config.name)
+    (out / "seeds.json").write_text(json.dumps(agg, indent=2) + "\n")
+    command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    text = (
+        seeds_lib.render(agg, config.name)
+        + f"\n![figure](figure.png)\n\n- command: `{command}`\n- device: {device_description()}; backend "
+        f"`{config.resources.backend}`\n- wall time: {minutes:.1f} min for {args.seeds} seeds\n\nPaper: {PAPER_CLAIM}\n"
+    )
+    (out / "seeds.md").write_text(text)
+    print(text)
     return 0
 
 

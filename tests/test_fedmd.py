@@ -59,8 +59,10 @@ def test_digest_pulls_every_participant_towards_the_consensus():
     from fedmd_ray.tasks import build_task
 
     # About 60 optimiser steps: the paper's digest is 20 per round (5000 samples, batch 256);
-    # a handful is not enough for train-mode batch norm to settle.
-    config = tiny_config(train={"digest_batch_size": 32, "digest_epochs": 6})
+    # a handful is not enough for train-mode batch norm to settle. Scores are read in eval
+    # mode, through BatchNorm's running statistics: torch's momentum (0.1) lets them follow
+    # within these steps, Keras' (0.01, the default) needs about ten times more.
+    config = tiny_config(train={"digest_batch_size": 32, "digest_epochs": 6, "batchnorm": "torch"})
     task = build_task(config)
     backend = LocalBackend(config, task, participant_specs(config, task))
     backend.transfer()
