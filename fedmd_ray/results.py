@@ -375,6 +375,31 @@ def _kib(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{x / 1024:,.0f}"
 
 
+MANY = 40
+"""Above this many participants, tables and figures show distributions, not one row or
+curve each (summary.json keeps every participant)."""
+
+
+def _distribution_rows(summary: list[dict], pct: Callable[[float], str]) -> list[str]:
+    rows = []
+    keys = ("lower_bound", "fedmd_final", "fedmd_last3", "fedmd_best", "upper_bound", "gain")
+    values = {k: np.array([r[k] for r in summary if r.get(k) is not None], dtype=float) for k in keys}
+    for label, q in (
+        ("min", 0),
+        ("10th percentile", 10),
+        ("median", 50),
+        ("90th percentile", 90),
+        ("max", 100),
+    ):
+        cells = []
+        for k in keys:
+            v = values[k][~np.isnan(values[k])]
+            x = float(np.percentile(v, q)) if len(v) else float("nan")
+            cells.append(f"{100 * x:+.1f}" if k == "gain" and not math.isnan(x) else pct(x))
+        rows.append(f"| *{label} of {len(summary)}* | | | " + " | ".join(cells) + " | | |")
+    return rows
+
+
 def render_summary(
     summary: list[dict], config: Config, complete: bool = True, epsilon: float | None = None
 ) -> str:
@@ -421,6 +446,10 @@ def render_summary(
         "| gain | KiB/round | FedAvg KiB/round |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    m = _mean_row(summary)
+    if len(summary) > MANY:
+        lines += _distribution_rows(summary, pct)
+        summary = []  # one row per participant is in summary.json, not here
     for r in summary:
         flag = " (adversary)" if r.get("adversary") else ""
         lines.append(
@@ -430,7 +459,6 @@ def render_summary(
             f"{pct(r['upper_bound'])} | {100 * r['gain']:+.1f} | {_kib(r.get('bytes_per_round'))} | "
             f"{_kib(r.get('fedavg_bytes_per_round'))} |"
         )
-    m = _mean_row(summary)
     lines.append(
         f"| **mean** | | | {pct(m['lower_bound'])} | {pct(m['fedmd_final'])} | {pct(m['fedmd_last3'])} | "
         f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** | "
@@ -447,7 +475,10 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = table.to_pylist()
+    if len(summary) > MANY:
+        _plot_many(table, summary, path, title)
+        return
+    rows = table.select(["round", "participant", "phase", "accuracy", "note"]).to_pylist()
     curves: dict[str, list[tuple[int, float]]] = {r["participant"]: [(0, r["lower_bound"])] for r in summary}
     for r in rows:
         if is_result(r, "evaluate"):
@@ -479,6 +510,49 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, 
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     if panels:
         _participant_panels(sub[1], shown, curves, colors, grid_rows, cols)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_many(table: pa.Table, summary: list[dict], path: Path, title: str) -> None:
+    """Many participants: the spread of accuracy per round (median, 10th-90th percentile
+    band, min-max) instead of a curve each, and the distribution of gains."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow.compute as pc
+
+    t = table.select(["round", "participant", "phase", "accuracy", "note"])
+    own = pc.and_(pc.equal(t["phase"], "evaluate"), pc.not_equal(t["participant"], ALL))
+    evals = t.filter(pc.and_(own, pc.is_null(t["note"])))
+    rounds = np.asarray(evals["round"].to_numpy(zero_copy_only=False))
+    accs = np.asarray(evals["accuracy"].to_numpy(zero_copy_only=False), dtype=float)
+    lower = np.array([r["lower_bound"] for r in summary], dtype=float)
+    xs = [0, *sorted(set(rounds.tolist()))]
+    by = [lower] + [accs[rounds == r] for r in xs[1:]]
+    q = np.array([np.nanpercentile(v, [0, 10, 50, 90, 100]) for v in by])
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True, width_ratios=[3, 2])
+    ax.fill_between(xs, q[:, 0], q[:, 4], color="tab:blue", alpha=0.12, lw=0, label="min-max")
+    ax.fill_between(xs, q[:, 1], q[:, 3], color="tab:blue", alpha=0.3, lw=0, label="10th-90th percentile")
+    ax.plot(xs, q[:, 2], "-o", color="tab:blue", ms=3, label="median")
+    ax.plot(xs, [float(np.nanmean(v)) for v in by], "--", color="black", lw=1, label="mean")
+    upper = np.array([r["upper_bound"] for r in summary], dtype=float)
+    if not np.isnan(upper).all():
+        ax.axhline(float(np.nanmean(upper)), color="tab:red", ls="--", lw=1, label="mean upper bound")
+    ax.set(
+        xlabel="round (0 = after transfer learning)",
+        ylabel="test accuracy",
+        title=f"{title}: {len(summary)} participants",
+    )
+    integer_rounds(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    gains = np.array([r["gain"] for r in summary], dtype=float)
+    hx.hist(gains[~np.isnan(gains)], bins=40, color="tab:green", alpha=0.8)
+    hx.axvline(0, color="black", lw=1)
+    hx.set(xlabel="gain over the lower bound (final - lower)", ylabel="participants", title="gains")
+    hx.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -27,6 +27,17 @@ def curves(table: pa.Table, summary: list[dict]) -> dict[str, dict[int, float]]:
     return out
 
 
+def from_folder(path: str | Path, seed: int) -> dict:
+    """One seed's run as `aggregate` takes it, read back from its results folder."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    summary = json.loads((path / "summary.json").read_text())["participants"]
+    return {"seed": seed, "summary": summary, "curves": curves(pq.read_table(path / "metrics.parquet"), summary)}
+
+
 def _ms(values: list[float]) -> tuple[float, float]:
     v = [x for x in values if x is not None and not math.isnan(x)]
     if not v:
@@ -53,16 +64,15 @@ def aggregate(runs: list[dict]) -> dict:
     checks = []
     for run in runs:
         mean_curve = mean_by_round(run["curves"])
-        drops = [
-            mean_curve[r - 1] - mean_curve[r] for r in sorted(mean_curve) if r - 1 in mean_curve and r > 1
-        ]
+        # From the lower bound (round 0) on: a first round below it counts as a drop too.
+        drops = [mean_curve[r - 1] - mean_curve[r] for r in sorted(mean_curve) if r - 1 in mean_curve]
         checks.append(
             {
                 "seed": run["seed"],
                 "below_lower_bound": [
                     r["participant"] for r in run["summary"] if r["fedmd_last3"] <= r["lower_bound"]
                 ],
-                "largest_drop": max(drops, default=0.0),
+                "largest_drop": max([0.0, *drops]),
                 "gap_to_upper": float(np.mean([r["upper_bound"] - r["fedmd_last3"] for r in run["summary"]])),
             }
         )

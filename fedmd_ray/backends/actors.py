@@ -14,6 +14,9 @@ from fedmd_ray.consensus import form_consensus
 from fedmd_ray.errors import ConsensusError, ParticipantError
 from fedmd_ray.participant import Participant, ParticipantSpec
 
+HELD_BYTES = 2**30
+"""Memory a pool actor may spend keeping participants built between calls."""
+
 MUTATING = frozenset({"transfer", "load", "logits", "digest", "revisit"})
 """Calls that change a participant's state: replayed after a restart, and in a pool, the
 calls after which its new state is kept."""
@@ -95,25 +98,51 @@ class PoolWorker:
         self.shared = (public_x, public_y, val)
         self.test = test
         self.report = _reporter(sink)
+        self.held: dict[int, tuple[int, Participant]] = {}
+        """Participants kept built between calls: index -> (state version, participant)."""
+        self.held_bytes = 0
 
     def call(
         self,
         spec: ParticipantSpec,
-        private: tuple,
-        state: bytes | None,
+        private_box: list,
+        state_box: list,
+        version: int,
         replay: bool,
         method: str,
         *args: Any,
     ) -> tuple[Any, Any, bytes | None]:
-        participant = Participant(spec, *self.shared, private, self.test)
-        participant.report = self.report
-        if state is not None:
-            participant.set_state(state, restored=replay)
-        participant.restored = participant.restored or replay
+        import ray
+
+        kept = self.held.get(spec.index)
+        if kept is not None and kept[0] == version and not replay:
+            participant = kept[1]  # the same state it left here with: no rebuild, no reload
+        else:
+            private, state = ray.get(private_box[0]), state_box[0]
+            state = ray.get(state) if state is not None else None
+            participant = Participant(spec, *self.shared, private, self.test)
+            participant.report = self.report
+            if state is not None:
+                participant.set_state(state, restored=replay)
+            participant.restored = participant.restored or replay
         start = time.perf_counter()
         out = getattr(participant, method)(*args)
         metrics, payload = split_answer(method, out, time.perf_counter() - start)
-        return metrics, payload, participant.get_state() if method in MUTATING else None
+        new_state = participant.get_state() if method in MUTATING else None
+        self._hold(spec.index, version + (method in MUTATING), participant, new_state)
+        return metrics, payload, new_state
+
+    def _hold(self, index: int, version: int, participant: Participant, state: bytes | None) -> None:
+        """Keep the participant built for its next call, within HELD_BYTES: past that, the
+        first ones stay held and the rest are rebuilt each call (participants come round in
+        a fixed order, in which evicting the oldest would never hit)."""
+        if index in self.held:
+            self.held[index] = (version, participant)
+            return
+        size = 2 * len(state) if state is not None else 0
+        if self.held_bytes + size <= HELD_BYTES:
+            self.held[index] = (version, participant)
+            self.held_bytes += size
 
 
 class Aggregator:

@@ -148,20 +148,22 @@ class RayBackend:
         return self.slots.bring_back(call, self.restarts[slot])
 
     def _wait(self, pending: list, timeout: float | None) -> list:
-        """ray.wait for one answer, draining the progress sink while nobody answers."""
-        if self.sink is None:
-            ready, _ = self.ray.wait(pending, num_returns=1, timeout=timeout)
-            return ready
+        """ray.wait for the next answer, then take every other answer already in, so that a
+        phase of N calls costs O(N) waits, not N waits over N refs each; drains the
+        progress sink while nobody answers."""
         stop = None if timeout is None else time.perf_counter() + timeout
         while True:
-            step = (
-                PROGRESS_POLL_SECONDS
-                if stop is None
-                else min(PROGRESS_POLL_SECONDS, stop - time.perf_counter())
+            step = timeout if self.sink is None else PROGRESS_POLL_SECONDS
+            if stop is not None:
+                step = min(step, stop - time.perf_counter())
+            ready, rest = self.ray.wait(
+                pending, num_returns=1, timeout=None if step is None else max(0.0, step)
             )
-            ready, _ = self.ray.wait(pending, num_returns=1, timeout=max(0.0, step))
+            if ready and rest:
+                more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
             self._drain()
-            if ready or (stop is not None and time.perf_counter() >= stop):
+            if ready or self.sink is None or (stop is not None and time.perf_counter() >= stop):
                 return ready
 
     def _drain(self) -> None:
@@ -175,7 +177,6 @@ class RayBackend:
         """Wait for the calls' metrics: all of them, or `need` of them (after `deadline`
         seconds, when given). A participant that raised stops the run, named; one whose actor
         died is restarted and its call resent."""
-        ray = self.ray
         need = len(calls) if need is None else need
         pending = dict(calls)
         done: dict[int, Call] = {}
@@ -189,27 +190,34 @@ class RayBackend:
             ready = self._wait(list(pending), left if left is not None and left > 0 else None)
             if not ready:
                 continue  # the deadline passed; go on once the quorum is in
-            call = pending.pop(ready[0])
-            try:
-                call.metrics = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                metrics, call.payload = self._restart(call, phase, describe_ray_error(exc))
-                pending[metrics] = call
-                continue
-            except Exception as exc:  # RayTaskError wraps the participant's own exception
-                if isinstance(getattr(exc, "cause", None), FedMDError):
-                    # Ours already says what is wrong and how to fix it, as on the local backend.
-                    raise exc.cause from None
-                raise ParticipantError(self.names[call.index], phase, describe_ray_error(exc)) from None
-            metrics_only(call.metrics, self.names[call.index], phase)
-            if isinstance(call.metrics, dict) and call.metrics.get("seconds") is not None:
-                self.seconds.setdefault(call.method, {})[call.index] = call.metrics["seconds"]
-            self.slots.answered(call)
-            done[call.index] = call
-            if self.report is not None:
-                self.report({"kind": "done", "participant": self.names[call.index], "phase": phase})
+            for ref in ready:
+                self._take(ref, pending, done, phase)
         self._drain()
         return done
+
+    def _take(self, ref: Any, pending: dict[Any, Call], done: dict[int, Call], phase: str) -> None:
+        """One answered call: its metrics, or its participant's failure (raised), or its
+        actor's death (restarted, and the call resent)."""
+        ray = self.ray
+        call = pending.pop(ref)
+        try:
+            call.metrics = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            metrics, call.payload = self._restart(call, phase, describe_ray_error(exc))
+            pending[metrics] = call
+            return
+        except Exception as exc:  # RayTaskError wraps the participant's own exception
+            if isinstance(getattr(exc, "cause", None), FedMDError):
+                # Ours already says what is wrong and how to fix it, as on the local backend.
+                raise exc.cause from None
+            raise ParticipantError(self.names[call.index], phase, describe_ray_error(exc)) from None
+        metrics_only(call.metrics, self.names[call.index], phase)
+        if isinstance(call.metrics, dict) and call.metrics.get("seconds") is not None:
+            self.seconds.setdefault(call.method, {})[call.index] = call.metrics["seconds"]
+        self.slots.answered(call)
+        done[call.index] = call
+        if self.report is not None:
+            self.report({"kind": "done", "participant": self.names[call.index], "phase": phase})
 
     def _each(self, phase: str, method: str, who: Sequence[int] | None, *args: Any) -> list:
         who = range(len(self.specs)) if who is None else who

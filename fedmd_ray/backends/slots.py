@@ -21,11 +21,23 @@ from fedmd_ray.participant import ParticipantSpec
 class Call:
     """One submitted participant call, kept until it answers so it can be resubmitted."""
 
-    __slots__ = ("index", "method", "args", "state", "metrics", "payload", "new_state", "actor", "confirms")
+    __slots__ = (
+        "index",
+        "method",
+        "args",
+        "state",
+        "version",
+        "metrics",
+        "payload",
+        "new_state",
+        "actor",
+        "confirms",
+    )
 
     def __init__(self, index: int, method: str, args: tuple):
         self.index, self.method, self.args = index, method, args
         self.state = self.metrics = self.payload = self.new_state = self.actor = None
+        self.version = 0
         self.confirms = False  # its answer confirms a pending state snapshot
 
 
@@ -97,6 +109,9 @@ class ActorPool:
         self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
         self.size = placement.slots
         self.states: list[Any] = [None] * len(self.specs)
+        self.versions = [0] * len(self.specs)
+        """How many state-changing calls of each participant have been kept: a pool actor
+        that still holds that version of the participant in memory skips reloading it."""
         self.actors = [self.start(k) for k in range(self.size)]
 
     def slot(self, index: int) -> int:
@@ -112,10 +127,18 @@ class ActorPool:
     def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
         i = call.index
         if not replay:
-            call.state = self.states[i]
+            call.state, call.version = self.states[i], self.versions[i]
         actor = call.actor = self.actors[self.slot(i)]
+        # State and private data travel as refs inside lists, which Ray does not resolve:
+        # the actor fetches them only when it does not hold this version already.
         refs = actor.call.options(num_returns=3).remote(
-            self.specs[i], self.shared.private[i], call.state, replay, call.method, *call.args
+            self.specs[i],
+            [self.shared.private[i]],
+            [call.state],
+            call.version,
+            replay,
+            call.method,
+            *call.args,
         )
         call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
         return refs[0], refs[1]
@@ -123,6 +146,7 @@ class ActorPool:
     def answered(self, call: Call) -> None:
         if call.new_state is not None:
             self.states[call.index] = call.new_state
+            self.versions[call.index] = call.version + 1
 
     def bring_back(self, call: Call, generation: int) -> tuple[Any, Any]:
         slot = self.slot(call.index)
