@@ -7,6 +7,7 @@ concurrency the backend allows), samples
 per second, and on CUDA the GPU utilisation. Writes bench.parquet and bench.json to --out.
 
     python scripts/bench.py                                   # CPU, 10 small CNNs, ~2 minutes here
+    python scripts/bench.py --models small,mixed,paper --repeat 3   # one table of medians
     python scripts/bench.py --models paper --device cuda --gpu-fraction 0.1 --public-subset 5000
 """
 
@@ -176,7 +177,10 @@ def phase_table(metrics: list[dict], task, config, concurrency: int) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--participants", type=int, default=10)
-    p.add_argument("--models", choices=list(MIXES), default="small")
+    p.add_argument("--models", default="small", help=f"one or more of {', '.join(MIXES)}, comma-separated")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs of each backend per model set (medians reported)"
+    )
     p.add_argument("--public-subset", type=int, default=1000)
     p.add_argument("--public-train", type=int, default=2000, help="public training images (synthetic)")
     p.add_argument("--image-size", type=int, default=28)
@@ -190,7 +194,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, help="ray: a pool of this many actors serving the participants")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
+    mixes = args.models.split(",")
+    for m in mixes:
+        if m not in MIXES:
+            p.error(f"--models: unknown set '{m}' (choose from {', '.join(MIXES)})")
+    if len(mixes) > 1 or args.repeat > 1:
+        return _medians(args, mixes)
+    return _one(args)
 
+
+def _medians(args: argparse.Namespace, mixes: list[str]) -> int:
+    """Each model set `repeat` times (local then ray, side by side each time); medians of
+    seconds per round and whole-run seconds, and of the per-run ratios, in one table."""
+    table = []
+    for mix in mixes:
+        runs = []
+        for k in range(args.repeat):
+            sub = argparse.Namespace(**{**vars(args), "models": mix, "out": f"{args.out}/{mix}-{k}"})
+            _one(sub, quiet=True)
+            import ray
+
+            ray.shutdown()  # so that every ray run's whole-run time includes starting Ray
+            runs.append(json.loads((Path(sub.out) / "bench.json").read_text())["results"])
+        lr = [r["local"]["seconds_per_round"] for r in runs]
+        rr = [r["ray"]["seconds_per_round"] for r in runs]
+        lt = [r["local"]["total_seconds"] for r in runs]
+        rt = [r["ray"]["total_seconds"] for r in runs]
+        table.append(
+            {
+                "models": mix,
+                "runs": args.repeat,
+                "local_s_per_round": float(np.median(lr)),
+                "ray_s_per_round": float(np.median(rr)),
+                "round_throughput_ray_over_local": float(np.median([a / b for a, b in zip(lr, rr)])),
+                "local_total_s": float(np.median(lt)),
+                "ray_total_s": float(np.median(rt)),
+                "whole_run_ray_over_local": float(np.median([a / b for a, b in zip(lt, rt)])),
+                "per_run_round_ratios": [round(a / b, 3) for a, b in zip(lr, rr)],
+            }
+        )
+        print(f"{mix}: ratios per run {table[-1]['per_run_round_ratios']}", flush=True)
+    print(
+        f"\n{args.participants} participants, public subset {args.public_subset}, {args.rounds} rounds, "
+        f"device {args.device}, {os.cpu_count()} CPUs; medians of {args.repeat} runs\n"
+    )
+    print(
+        f"{'models':8s} {'local s/round':>13s} {'ray s/round':>11s} {'ray/local':>9s} {'local run s':>11s} {'ray run s':>9s} {'run ray/local':>13s}"
+    )
+    for t in table:
+        print(
+            f"{t['models']:8s} {t['local_s_per_round']:13.2f} {t['ray_s_per_round']:11.2f} "
+            f"{t['round_throughput_ray_over_local']:8.2f}x {t['local_total_s']:11.1f} {t['ray_total_s']:9.1f} "
+            f"{t['whole_run_ray_over_local']:12.2f}x"
+        )
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "medians.json").write_text(json.dumps({"args": vars(args), "table": table}, indent=2))
+    print(f"\nwritten: {args.out}/medians.json (ray/local: throughput, above 1 = ray faster)")
+    return 0
+
+
+def _one(args: argparse.Namespace, quiet: bool = False) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     backends = args.backends.split(",")
@@ -224,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    print_table(args, results)
+    if not quiet:
+        print_table(args, results)
     rows = [
         {"backend": b, "phase": ph, **vals} for b, r in results.items() for ph, vals in r["phases"].items()
     ]
