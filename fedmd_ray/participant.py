@@ -158,6 +158,32 @@ def digest_loss_function(kind: str, temperature: float, code: Code | None = None
     return checked
 
 
+_ALLOCATOR_SET = False
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the
+    kernel. The paper CNNs' activation maps are tens of MiB a batch; above glibc's mmap
+    threshold (at most 32 MiB) each one is a fresh mapping whose pages the kernel zeroes on
+    first touch, then unmaps on free. Measured on one core, inference of cnn2:128,256 on
+    1024 images in chunks of 128: 7.4 s with 2.0 M page faults and 2.8 s of kernel time by
+    default, 4.3 s with 50 k faults and 0.06 s with both thresholds raised; the same peak
+    memory. Once per process; nothing on other C libraries."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET:
+        return
+    _ALLOCATOR_SET = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): its allocator's defaults stay
+
+
 def _on(mean: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
     return (
         None if mean is None else torch.from_numpy(np.array(mean, dtype=np.float32)).to(device)
@@ -180,6 +206,7 @@ class Participant:
     ):
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
+        keep_freed_memory()
         self.spec = spec
         self.name = spec.name
         self.cfg = spec.train

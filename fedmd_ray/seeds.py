@@ -35,7 +35,11 @@ def from_folder(path: str | Path, seed: int) -> dict:
 
     path = Path(path)
     summary = json.loads((path / "summary.json").read_text())["participants"]
-    return {"seed": seed, "summary": summary, "curves": curves(pq.read_table(path / "metrics.parquet"), summary)}
+    return {
+        "seed": seed,
+        "summary": summary,
+        "curves": curves(pq.read_table(path / "metrics.parquet"), summary),
+    }
 
 
 def _ms(values: list[float]) -> tuple[float, float]:

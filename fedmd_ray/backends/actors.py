@@ -104,22 +104,26 @@ class PoolWorker:
 
     def call(
         self,
-        spec: ParticipantSpec,
-        private_box: list,
-        state_box: list,
+        index: int,
+        boxed: list,
         version: int,
         replay: bool,
         method: str,
         *args: Any,
     ) -> tuple[Any, Any, bytes | None]:
+        """`boxed`: refs to the participant's spec, private data and state, in a list so that
+        Ray does not fetch them: they are needed only when this actor does not hold
+        `version` of the participant already."""
         import ray
 
-        kept = self.held.get(spec.index)
+        kept = self.held.get(index)
         if kept is not None and kept[0] == version and not replay:
             participant = kept[1]  # the same state it left here with: no rebuild, no reload
         else:
-            private, state = ray.get(private_box[0]), state_box[0]
-            state = ray.get(state) if state is not None else None
+            spec_ref, private_ref, state_ref = boxed
+            spec: ParticipantSpec = ray.get(spec_ref)
+            private = ray.get(private_ref)
+            state = ray.get(state_ref) if state_ref is not None else None
             participant = Participant(spec, *self.shared, private, self.test)
             participant.report = self.report
             if state is not None:
@@ -129,7 +133,7 @@ class PoolWorker:
         out = getattr(participant, method)(*args)
         metrics, payload = split_answer(method, out, time.perf_counter() - start)
         new_state = participant.get_state() if method in MUTATING else None
-        self._hold(spec.index, version + (method in MUTATING), participant, new_state)
+        self._hold(index, version + (method in MUTATING), participant, new_state)
         return metrics, payload, new_state
 
     def _hold(self, index: int, version: int, participant: Participant, state: bytes | None) -> None:

@@ -109,6 +109,10 @@ class ActorPool:
         self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
         self.size = placement.slots
         self.states: list[Any] = [None] * len(self.specs)
+        # Specs go to the object store once; a pool actor fetches one only to rebuild its
+        # participant (at 10 000 participants, pickling every spec into every call was
+        # hundreds of MiB a round).
+        self.spec_refs = [ray.put(spec) for spec in self.specs]
         self.versions = [0] * len(self.specs)
         """How many state-changing calls of each participant have been kept: a pool actor
         that still holds that version of the participant in memory skips reloading it."""
@@ -129,16 +133,11 @@ class ActorPool:
         if not replay:
             call.state, call.version = self.states[i], self.versions[i]
         actor = call.actor = self.actors[self.slot(i)]
-        # State and private data travel as refs inside lists, which Ray does not resolve:
-        # the actor fetches them only when it does not hold this version already.
+        # Spec, private data and state travel as refs inside a list, which Ray does not
+        # resolve: the actor fetches them only when it does not hold this version already.
+        boxed = [self.spec_refs[i], self.shared.private[i], call.state]
         refs = actor.call.options(num_returns=3).remote(
-            self.specs[i],
-            [self.shared.private[i]],
-            [call.state],
-            call.version,
-            replay,
-            call.method,
-            *call.args,
+            i, boxed, call.version, replay, call.method, *call.args
         )
         call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
         return refs[0], refs[1]
