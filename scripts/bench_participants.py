@@ -29,7 +29,7 @@ from bench_scaling import local_ray, run_sampled, save_rows  # noqa: E402
 MODELS = ["cnn2:4,8,0.0", "cnn3:4,8,8,0.0"]
 
 
-def config(participants: int, actors: int | None, rounds: int) -> dict:
+def config(participants: int, actors: int | None, rounds: int, participation: float = 1.0) -> dict:
     return {
         "name": "participants",
         "models": MODELS,
@@ -54,6 +54,7 @@ def config(participants: int, actors: int | None, rounds: int) -> dict:
             "digest_batch_size": 50,
             "revisit_epochs": 1,
             "upper_bound": False,
+            "participation": participation,
         },
         "resources": {"backend": "ray", "actors": actors, "torch_threads": 1},
     }
@@ -76,10 +77,15 @@ def state_bytes(values: dict) -> int:
     return len(p.get_state())
 
 
-def measure(values: dict) -> dict:
+def measure(values: dict, out: Path) -> dict:
     start = time.perf_counter()
-    result, pss = run_sampled(values)
-    rows = result.metrics.to_pylist()
+    result, pss = run_sampled(values, out=out)
+    # One row per (round, phase): at 10 000 participants the full table has ~10^5 rows.
+    walls = result.metrics.group_by(["round", "phase"]).aggregate([("wall_seconds", "max")])
+    rows = [
+        {"round": r["round"], "phase": r["phase"], "wall_seconds": r["wall_seconds_max"]}
+        for r in walls.to_pylist()
+    ]
     transfer = next(r["wall_seconds"] for r in rows if r["phase"] == "transfer")
     return {
         "seconds_per_round": seconds_per_round(rows),
@@ -99,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dedicated-up-to", type=int, default=10, help="also run one actor per participant for N up to this"
     )
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--participation", type=float, default=1.0, help="fraction of participants sampled per round"
+    )
     p.add_argument("--out", default="runs/participants")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -110,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     print("participants  actors  s/round  transfer s  actor PSS MiB  states MiB  driver RSS MiB  accuracy")
     for n in [int(x) for x in args.participants.split(",")]:
         for actors in ([None] if n <= args.dedicated_up_to else []) + [args.actors]:
-            m = measure(config(n, actors, args.rounds))
+            m = measure(config(n, actors, args.rounds, args.participation), out / f"run-{n}-{actors or n}")
             row = {
                 "participants": n,
                 "actors": actors or n,
                 "pool": actors is not None,
+                "participation": args.participation,
                 "states_mib": one_state * n / 2**20 if actors else None,
                 **m,
             }

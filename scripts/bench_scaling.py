@@ -103,11 +103,14 @@ def local_ray() -> None:
     )
 
 
-def run_sampled(values: dict, raylets: set[int] | None = None) -> tuple[RunResult, float | None]:
-    """Run `values`, reading the actors' PSS at the end of every round: (result, peak MiB)."""
+def run_sampled(
+    values: dict, raylets: set[int] | None = None, out: Path | None = None
+) -> tuple[RunResult, float | None]:
+    """Run `values` (writing into `out` when given, as a real run does), reading the actors'
+    PSS at the end of every round: (result, peak MiB)."""
     memory: list[float] = []
     result = run(
-        from_dict(values), progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets))
+        from_dict(values), out, progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets))
     )
     return result, max(memory) if memory else None
 
