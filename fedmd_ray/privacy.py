@@ -91,10 +91,19 @@ def _epsilon(z: float, k: int, delta: float, accountant: str) -> float:
     if accountant == "rdp":
         acc = rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS))
     else:
-        # A discretisation fine enough for the few releases of a FedMD run.
-        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=pld_interval(z, k))
     acc.compose(event)
     return float(acc.get_epsilon(delta))
+
+
+def pld_interval(z: float, k: int) -> float:
+    """The PLD accountant's discretisation step for k releases at noise multiplier z: 1e-4,
+    or coarser when the privacy loss spans a wide range. One release's loss spans about
+    mu * (16 + mu) (mu = 1/z, tails to 8 standard deviations), k releases k times that; at a
+    fixed 1e-4 a noise multiplier of 0.01 over 5 rounds meant a distribution of ~10^8 points
+    and 18 GiB. Capped at 4 * 10^5 points, which costs well under 0.1 % of epsilon."""
+    mu = 1.0 / z
+    return max(1e-4, k * mu * (16.0 + mu) / 4e5)
 
 
 # ---------------------------------------------------------------- Gaussian DP, closed form
