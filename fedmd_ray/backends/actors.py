@@ -143,7 +143,10 @@ class PoolWorker:
         if index in self.held:
             self.held[index] = (version, participant)
             return
-        size = 2 * len(state) if state is not None else 0
+        # A built participant costs far more than its saved state (modules, both optimizers,
+        # its public-pretrained weights, allocator slack): at 2x the state's bytes, pool
+        # actors serving 5000 tiny participants each grew to 5 GiB; 8x keeps them near the cap.
+        size = 8 * len(state) if state is not None else 0
         if self.held_bytes + size <= HELD_BYTES:
             self.held[index] = (version, participant)
             self.held_bytes += size
