@@ -212,6 +212,11 @@ class Participant:
         self.cfg = spec.train
         use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        if use_cuda:
+            # Runs repeat number for number on a GPU too: cuDNN's autotuned and atomic-add
+            # kernels made two identical local runs on an H100 differ from the first epoch.
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
         # The public arrays arrive read-only from the object store; they are never copied whole.
         self.public_x, self.public_y = public_x, public_y
         self.public_val = public_val

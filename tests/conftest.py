@@ -57,7 +57,9 @@ TINY = {
         "upper_bound_epochs": 5,
         "digest_batch_size": 64,
     },
-    "resources": {"backend": "local", "torch_threads": 1},
+    # CPU even where a GPU is present: with device 'auto' the local backend would take the
+    # GPU while Ray actors given no GPU stay on the CPU, and the two would differ.
+    "resources": {"backend": "local", "torch_threads": 1, "device": "cpu"},
 }
 
 
