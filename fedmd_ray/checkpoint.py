@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedmd_ray.config import Config
+from fedmd_ray.config import Config, flatten
 from fedmd_ray.errors import CheckpointError
 from fedmd_ray.files import atomic_write
 
@@ -25,20 +25,9 @@ FREE_KEYS = ("name", "faults", "checkpoint_every", "resources", "train.rounds")
 """Keys that may change between a run and its resume."""
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def identity(config: Config) -> dict[str, Any]:
     """The settings that decide a run's numbers, flattened."""
-    flat = _flatten(config.to_dict())
+    flat = flatten(config.to_dict())
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)}
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from fedmd_ray.config import flatten
 from fedmd_ray.errors import ConfigError
 from fedmd_ray.results import integer_rounds, is_result
-from fedmd_ray.tracking import _flatten
 
 COLUMNS = (
     ("lower_bound", "lower bound"),
@@ -53,7 +53,7 @@ def load_run(path: Path) -> dict:
 
 def differing(configs: list[dict]) -> list[str]:
     """The dotted config keys whose values are not the same in every run."""
-    flat = [_flatten(c) for c in configs]
+    flat = [flatten(c) for c in configs]
     keys = sorted(set().union(*flat))
     return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
@@ -66,7 +66,7 @@ def table(runs: list[dict]) -> str:
             return "–"
         return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
-    flat = [_flatten(r["config"]) for r in runs]
+    flat = [flatten(r["config"]) for r in runs]
     head = ["run", *keys, *(label for _, label in COLUMNS), "epsilon", "complete"]
     lines = [
         "Mean over each run's participants, test accuracy (%); columns before the accuracies "

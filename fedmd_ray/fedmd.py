@@ -264,7 +264,7 @@ def run(
             changed.update(answered)
             if round_ % t.evaluate_every == 0 or round_ == t.rounds:
                 present = [i for i in everyone if i not in late]
-                run_now = [i for i in present if i in changed or i not in last_eval]
+                run_now = [i for i in present if i in changed]  # the never measured are in it too
                 phase("evaluate", round_, run_now)
                 with recorder.timer() as clock:
                     fresh = backend.evaluate(run_now, round_)

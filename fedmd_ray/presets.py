@@ -69,6 +69,16 @@ PAPER_MODELS_QUARTER = [
     "cnn3:32,32,48,0.3",
 ]
 
+# Public = six Fashion-MNIST classes, private = the other four (the `fashion` presets).
+_FASHION_DATA = {
+    "public": "fashion_mnist",
+    "public_classes": [0, 1, 2, 3, 4, 5],
+    "private": "fashion_mnist",
+    "private_classes": [6, 7, 8, 9],
+    "public_train_size": 6000,
+    "test_size": 1000,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Synthetic images, four different small CNNs: the whole pipeline in about a minute.
     "smoke": {
@@ -97,14 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fashion": {
         "name": "fashion",
         "models": ["cnn2:32,64,0.2", "cnn3:32,64,64,0.2", "cnn2:64,64,0.3", "cnn3:32,32,64,0.2"],
-        "data": {
-            "public": "fashion_mnist",
-            "public_classes": [0, 1, 2, 3, 4, 5],
-            "private": "fashion_mnist",
-            "private_classes": [6, 7, 8, 9],
-            "public_train_size": 6000,
-            "test_size": 1000,
-        },
+        "data": dict(_FASHION_DATA),
         "partition": {"kind": "per_class", "samples_per_class": 5},
         # Batch 64 gives the digest 16 steps on 1000 samples, close to the paper's 20.
         "train": {
@@ -129,15 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fashion-paper": {
         "name": "fashion-paper",
         "models": PAPER_MODELS_QUARTER,
-        "data": {
-            "public": "fashion_mnist",
-            "public_classes": [0, 1, 2, 3, 4, 5],
-            "private": "fashion_mnist",
-            "private_classes": [6, 7, 8, 9],
-            "public_train_size": 6000,
-            "test_size": 1000,
-            "scaling": "mean_image",
-        },
+        "data": {**_FASHION_DATA, "scaling": "mean_image"},
         "partition": {"kind": "per_class", "samples_per_class": 3},
         "train": {
             **_PAPER_TRAIN,

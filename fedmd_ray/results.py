@@ -467,6 +467,15 @@ def render_summary(
     return "\n".join(lines) + "\n"
 
 
+def accuracy_curves(table: pa.Table, summary: list[dict]) -> dict[str, dict[int, float]]:
+    """Per participant: round -> test accuracy, round 0 being its lower bound."""
+    out = {r["participant"]: {0: r["lower_bound"]} for r in summary}
+    for r in table.select(["round", "participant", "phase", "accuracy", "note"]).to_pylist():
+        if is_result(r, "evaluate"):
+            out[r["participant"]][r["round"]] = r["accuracy"]
+    return out
+
+
 def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, panels: bool = True) -> None:
     """Left: the paper's figure (every participant per round, upper bounds dashed).
     Right, with `panels`: one small panel per participant with its lower and upper bound."""
@@ -478,11 +487,7 @@ def plot_accuracy(table: pa.Table, summary: list[dict], path: Path, title: str, 
     if len(summary) > MANY:
         _plot_many(table, summary, path, title)
         return
-    rows = table.select(["round", "participant", "phase", "accuracy", "note"]).to_pylist()
-    curves: dict[str, list[tuple[int, float]]] = {r["participant"]: [(0, r["lower_bound"])] for r in summary}
-    for r in rows:
-        if is_result(r, "evaluate"):
-            curves[r["participant"]].append((r["round"], r["accuracy"]))
+    curves = {name: sorted(c.items()) for name, c in accuracy_curves(table, summary).items()}
     shown = summary[:20]
     cols = min(5, max(1, len(shown)))
     grid_rows = math.ceil(len(shown) / cols)

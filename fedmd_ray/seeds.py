@@ -11,20 +11,10 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from fedmd_ray.results import integer_rounds, is_result
+from fedmd_ray.results import accuracy_curves, integer_rounds
 
 KEYS = ("lower_bound", "fedmd_final", "fedmd_last3", "fedmd_best", "upper_bound", "gain")
-
-
-def curves(table: pa.Table, summary: list[dict]) -> dict[str, dict[int, float]]:
-    """Per participant: round -> test accuracy, round 0 being the lower bound."""
-    out = {r["participant"]: {0: r["lower_bound"]} for r in summary}
-    for r in table.select(["round", "participant", "phase", "accuracy", "note"]).to_pylist():
-        if is_result(r, "evaluate"):
-            out[r["participant"]][r["round"]] = r["accuracy"]
-    return out
 
 
 def from_folder(path: str | Path, seed: int) -> dict:
@@ -38,7 +28,7 @@ def from_folder(path: str | Path, seed: int) -> dict:
     return {
         "seed": seed,
         "summary": summary,
-        "curves": curves(pq.read_table(path / "metrics.parquet"), summary),
+        "curves": accuracy_curves(pq.read_table(path / "metrics.parquet"), summary),
     }
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from fedmd_ray.config import flatten
 from fedmd_ray.errors import ConfigError
 
 TRACKERS = ("tensorboard", "mlflow")
@@ -60,7 +61,7 @@ class MLflow:
             raise ConfigError("--log mlflow needs MLflow: pip install mlflow") from None
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=name)
-        flat = _flatten(config)
+        flat = flatten(config)
         # MLflow caps a param's value at 6000 characters and takes at most 100 per call.
         items = [(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
@@ -77,17 +78,6 @@ class MLflow:
 def _mlflow_key(key: str) -> str:
     # MLflow keys take letters, digits, _ - . space / only.
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def parse_log(value: str | list[str] | None) -> list[str]:

@@ -206,14 +206,14 @@ def main(argv: list[str] | None = None) -> int:
 def _medians(args: argparse.Namespace, mixes: list[str]) -> int:
     """Each model set `repeat` times (local then ray, side by side each time); medians of
     seconds per round and whole-run seconds, and of the per-run ratios, in one table."""
+    import ray
+
     table = []
     for mix in mixes:
         runs = []
         for k in range(args.repeat):
             sub = argparse.Namespace(**{**vars(args), "models": mix, "out": f"{args.out}/{mix}-{k}"})
             _one(sub, quiet=True)
-            import ray
-
             ray.shutdown()  # so that every ray run's whole-run time includes starting Ray
             runs.append(json.loads((Path(sub.out) / "bench.json").read_text())["results"])
         lr = [r["local"]["seconds_per_round"] for r in runs]

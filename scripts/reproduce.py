@@ -30,7 +30,7 @@ from fedmd_ray.data import location
 from fedmd_ray.errors import FedMDError
 from fedmd_ray.fedmd import run
 from fedmd_ray.presets import PRESETS
-from fedmd_ray.results import plot_accuracy, render_summary
+from fedmd_ray.results import accuracy_curves, plot_accuracy, render_summary
 
 PAPER_CLAIM = (
     "FedMD paper (Li & Wang, 2019), both experiments: each of the 10 models gains about 20 "
@@ -134,7 +134,7 @@ def _several_seeds(args: argparse.Namespace, argv: list[str] | None, config, out
             {
                 "seed": seed,
                 "summary": result.summary,
-                "curves": seeds_lib.curves(result.metrics, result.summary),
+                "curves": accuracy_curves(result.metrics, result.summary),
             }
         )
     minutes = (time.perf_counter() - start) / 60
