@@ -184,6 +184,11 @@ class ResourcesConfig:
     max_concurrent: int | None = None
     """Ray backend: at most this many participants compute at once. None: all of them on
     GPUs; on CPUs, as many as the cores allow (more would only time-slice the same cores)."""
+    schedule: str = "auto"
+    """Ray backend on one CPU machine with more participants than cores: 'spread' (as many
+    participants at once as cores, one thread each), 'stack' (one at a time on every core,
+    like the local loop), or 'auto' (each round phase measured both ways in the first rounds,
+    then run the faster way). Pinning resources.torch_threads or max_concurrent means spread."""
     quorum: float = 1.0
     """Ray backend: the consensus is formed once this fraction of the round's participants
     has sent scores (and, with deadline_s, the deadline has passed). The rest are late: they
@@ -398,6 +403,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 BACKENDS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+SCHEDULES = ("auto", "spread", "stack")
 PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_class")
 DIGEST_LOSSES = ("mae", "mse", "kl")
 OPTIMIZERS = ("adam", "sgd")
@@ -543,6 +549,13 @@ def validate(config: Config) -> None:
     _check_positive("resources.num_gpus", r.num_gpus, allow_zero=True)
     _check_positive("resources.torch_threads", r.torch_threads)
     _check_positive("resources.max_concurrent", r.max_concurrent)
+    _check_choice("resources.schedule", r.schedule, SCHEDULES)
+    if r.schedule == "stack" and (r.torch_threads or r.max_concurrent):
+        raise ConfigError(
+            "'resources.schedule' is 'stack' (one participant at a time on every core), which "
+            "sets the threads and the concurrency itself; drop resources.torch_threads and "
+            "resources.max_concurrent, or use schedule 'spread'."
+        )
     _check_positive("resources.deadline_s", r.deadline_s)
     _check_positive("resources.max_restarts", r.max_restarts, allow_zero=True)
     _check_positive("resources.actors", r.actors)

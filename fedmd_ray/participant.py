@@ -259,8 +259,12 @@ class Participant:
         )
         return buffer.getvalue()
 
-    def set_state(self, blob: bytes, restored: bool = True) -> None:
-        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+    def set_state(self, blob: bytes, restored: bool = True, trusted: bool = False) -> None:
+        """Load a state from get_state. `trusted`: it comes from this run's own actors
+        through the object store (which Ray unpickles anyway), so torch's restricted
+        unpickler, 2.5x slower on a tiny model's state (3.6 vs 1.4 ms), is skipped; files
+        are always read with it."""
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=not trusted)
         self.model.load_state_dict(state["model"])
         self.digest_opt.load_state_dict(state["digest_opt"])
         self.private_opt.load_state_dict(state["private_opt"])

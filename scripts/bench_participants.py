@@ -3,8 +3,9 @@ participants grows (10, 100, 1000 tiny CNNs by default) on a pool of actors, wit
 per participant side by side where that still fits.
 
 Memory: the actors' proportional set size (PSS, from /proc; shared libraries and the
-object store's mapped pages are split among processes), the driver's resident set, and the
-participants' states kept in the object store between calls (one state's bytes x N).
+object store's mapped pages are split among processes), the driver's resident set (peak,
+sampled through the run), the object store's use at each round's end (Ray's own count), and
+one state's bytes x N (the participants' states kept there between calls).
 
     python scripts/bench_participants.py                        # ~10 minutes on 2 cores
     python scripts/bench_participants.py --participants 10,100 --actors 2
@@ -13,18 +14,20 @@ participants' states kept in the object store between calls (one state's bytes x
 from __future__ import annotations
 
 import argparse
-import resource
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
 import ray
 
+from fedmd_ray import run
 from fedmd_ray.config import from_dict
 from fedmd_ray.results import seconds_per_round
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scaling import local_ray, run_sampled, save_rows  # noqa: E402
+from bench_scaling import actor_pss_mib, local_ray, save_rows  # noqa: E402
 
 MODELS = ["cnn2:4,8,0.0", "cnn3:4,8,8,0.0"]
 
@@ -77,9 +80,52 @@ def state_bytes(values: dict) -> int:
     return len(p.get_state())
 
 
+def resident_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def object_store_mib() -> float | None:
+    """The object store's use, as Ray counts it (all nodes)."""
+    from ray._private.internal_api import memory_summary
+
+    found = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    return float(found.group(1)) if found else None
+
+
+class DriverPeak:
+    """The driver's resident memory, sampled every 0.2 s while a run lasts (ru_maxrss would
+    carry the peak of an earlier, larger run in the same process)."""
+
+    def __init__(self) -> None:
+        self.peak = resident_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, resident_mib())
+
+    def __enter__(self) -> DriverPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def measure(values: dict, out: Path) -> dict:
     start = time.perf_counter()
-    result, pss = run_sampled(values, out=out)
+    pss: list[float] = []
+    store: list[float] = []
+
+    def on_round(round_: int, _: object) -> None:
+        pss.append(actor_pss_mib(None) or 0.0)
+        store.append(object_store_mib() or 0.0)
+
+    with DriverPeak() as driver:
+        result = run(from_dict(values), out, progress=None, on_round=on_round)
     # One row per (round, phase): at 10 000 participants the full table has ~10^5 rows.
     walls = result.metrics.group_by(["round", "phase"]).aggregate([("wall_seconds", "max")])
     rows = [
@@ -87,11 +133,16 @@ def measure(values: dict, out: Path) -> dict:
         for r in walls.to_pylist()
     ]
     transfer = next(r["wall_seconds"] for r in rows if r["phase"] == "transfer")
+    rounds = [r for r in rows if r["round"] >= 1 and r["phase"] not in ("transfer", "upper_bound")]
     return {
         "seconds_per_round": seconds_per_round(rows),
+        "round_seconds": [
+            sum(r["wall_seconds"] for r in rounds if r["round"] == k) for k in sorted({r["round"] for r in rounds})
+        ],
         "transfer_seconds": transfer,
-        "actor_pss_mib": pss,
-        "driver_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "actor_pss_mib": max(pss) if pss else None,
+        "object_store_mib": max(store) if store else None,
+        "driver_peak_mib": driver.peak,
         "mean_accuracy": sum(r["fedmd_final"] for r in result.summary) / len(result.summary),
         "total_seconds": time.perf_counter() - start,
     }
@@ -116,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     one_state = state_bytes(config(2, None, 1))
     rows = []
     print(f"one participant's state: {one_state / 1024:.1f} KiB")
-    print("participants  actors  s/round  transfer s  actor PSS MiB  states MiB  driver RSS MiB  accuracy")
+    print(
+        "participants  actors  s/round  ms/participant-round  transfer s  actor PSS MiB  "
+        "states MiB  object store MiB  driver peak MiB  accuracy"
+    )
     for n in [int(x) for x in args.participants.split(",")]:
         for actors in ([None] if n <= args.dedicated_up_to else []) + [args.actors]:
             m = measure(config(n, actors, args.rounds, args.participation), out / f"run-{n}-{actors or n}")
@@ -130,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             states = f"{row['states_mib']:10.1f}" if actors else f"{'(in actors)':>10s}"
+            sampled = max(1.0, n * args.participation)
             print(
-                f"{n:12d}  {row['actors']:6d}  {m['seconds_per_round']:7.2f}  {m['transfer_seconds']:10.1f}  "
-                f"{m['actor_pss_mib']:13.0f}  {states}  {m['driver_rss_mib']:14.0f}  {m['mean_accuracy']:8.1%}",
+                f"{n:12d}  {row['actors']:6d}  {m['seconds_per_round']:7.2f}  "
+                f"{1000 * m['seconds_per_round'] / sampled:20.1f}  {m['transfer_seconds']:10.1f}  "
+                f"{m['actor_pss_mib']:13.0f}  {states}  {m['object_store_mib']:16.0f}  "
+                f"{m['driver_peak_mib']:15.0f}  {m['mean_accuracy']:8.1%}",
                 flush=True,
             )
     ray.shutdown()

@@ -15,7 +15,38 @@ from fedmd_ray.errors import ConsensusError, ParticipantError
 from fedmd_ray.participant import Participant, ParticipantSpec
 
 HELD_BYTES = 2**30
-"""Memory a pool actor may spend keeping participants built between calls."""
+"""A pool actor's memory (its own, not the object store's) up to which it keeps the
+participants it serves built between calls, unless the backend gives it a budget."""
+
+
+HELD_SHARE = 0.4
+"""The share of Ray's memory resource (the RAM it leaves to processes, the object store
+aside) that a pool's actors together may keep participants built in."""
+
+
+def held_budget(nodes: list[dict], actors: int) -> int:
+    """Each of a pool's `actors` may keep participants built up to this much of its own
+    memory: HELD_SHARE of the alive `nodes`' memory resource, split evenly."""
+    memory = sum(float(n.get("Resources", {}).get("memory", 0)) for n in nodes if n.get("Alive"))
+    return int(HELD_SHARE * memory / max(1, actors)) if memory else HELD_BYTES
+
+
+def private_memory() -> int:
+    """This process's anonymous resident memory in bytes (its heap: not shared libraries,
+    not the object store's mapped pages); where /proc is missing, its peak resident size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
 
 MUTATING = frozenset({"transfer", "load", "logits", "digest", "revisit"})
 """Calls that change a participant's state: replayed after a restart, and in a pool, the
@@ -31,10 +62,12 @@ def split_answer(method: str, out: Any, seconds: float) -> tuple[Any, Any]:
     return out, None
 
 
-def torch_threads(threads: int) -> None:
+def torch_threads(threads: int | None) -> None:
+    """Run on `threads` torch threads from now on (None: leave them as they are)."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def cap_gpu_memory() -> float | None:
@@ -73,7 +106,8 @@ class ParticipantActor(Participant):
         self.restored = restored
         self.report = _reporter(sink)
 
-    def call(self, method: str, *args: Any) -> tuple[Any, Any]:
+    def call(self, method: str, *args: Any, threads: int | None = None) -> tuple[Any, Any]:
+        torch_threads(threads)
         start = time.perf_counter()
         out = getattr(self, method)(*args)
         return split_answer(method, out, time.perf_counter() - start)
@@ -92,6 +126,7 @@ class PoolWorker:
         test: tuple,
         threads: int,
         sink: Any = None,
+        held_budget: int = HELD_BYTES,
     ):
         torch_threads(threads)
         cap_gpu_memory()
@@ -100,7 +135,8 @@ class PoolWorker:
         self.report = _reporter(sink)
         self.held: dict[int, tuple[int, Participant]] = {}
         """Participants kept built between calls: index -> (state version, participant)."""
-        self.held_bytes = 0
+        self.held_budget = held_budget
+        self.inputs: dict[int, tuple[ParticipantSpec, tuple]] = {}
 
     def call(
         self,
@@ -110,46 +146,45 @@ class PoolWorker:
         replay: bool,
         method: str,
         *args: Any,
+        threads: int | None = None,
     ) -> tuple[Any, Any, bytes | None]:
         """`boxed`: refs to the participant's spec, private data and state, in a list so that
         Ray does not fetch them: they are needed only when this actor does not hold
         `version` of the participant already."""
         import ray
 
+        torch_threads(threads)
         kept = self.held.get(index)
         if kept is not None and kept[0] == version and not replay:
             participant = kept[1]  # the same state it left here with: no rebuild, no reload
         else:
             spec_ref, private_ref, state_ref = boxed
-            spec: ParticipantSpec = ray.get(spec_ref)
-            private = ray.get(private_ref)
+            if index not in self.inputs:
+                # A participant's spec and private data never change (a few KiB): kept from
+                # the first call on, so a participant not held costs one fetch, its state.
+                self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
+            spec, private = self.inputs[index]
             state = ray.get(state_ref) if state_ref is not None else None
             participant = Participant(spec, *self.shared, private, self.test)
             participant.report = self.report
             if state is not None:
-                participant.set_state(state, restored=replay)
+                participant.set_state(state, restored=replay, trusted=True)
             participant.restored = participant.restored or replay
         start = time.perf_counter()
         out = getattr(participant, method)(*args)
         metrics, payload = split_answer(method, out, time.perf_counter() - start)
         new_state = participant.get_state() if method in MUTATING else None
-        self._hold(index, version + (method in MUTATING), participant, new_state)
+        self._hold(index, version + (method in MUTATING), participant)
         return metrics, payload, new_state
 
-    def _hold(self, index: int, version: int, participant: Participant, state: bytes | None) -> None:
-        """Keep the participant built for its next call, within HELD_BYTES: past that, the
-        first ones stay held and the rest are rebuilt each call (participants come round in
-        a fixed order, in which evicting the oldest would never hit)."""
-        if index in self.held:
+    def _hold(self, index: int, version: int, participant: Participant) -> None:
+        """Keep the participant built for its next call while this actor's own memory is
+        under its budget: past that, the first ones stay held and the rest are rebuilt each
+        call (participants come round in a fixed order, in which evicting the oldest would
+        never hit). Measured, not estimated: a tiny CNN's built participant costs ~0.5 MiB
+        for a 120 KiB state, a ResNet's about twice its state."""
+        if index in self.held or private_memory() < self.held_budget:
             self.held[index] = (version, participant)
-            return
-        # A built participant costs far more than its saved state (modules, both optimizers,
-        # its public-pretrained weights, allocator slack): at 2x the state's bytes, pool
-        # actors serving 5000 tiny participants each grew to 5 GiB; 8x keeps them near the cap.
-        size = 8 * len(state) if state is not None else 0
-        if self.held_bytes + size <= HELD_BYTES:
-            self.held[index] = (version, participant)
-            self.held_bytes += size
 
 
 class Aggregator:

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error, metrics_only
 from fedmd_ray.backends.resources import concurrency_window, init_ray, place
+from fedmd_ray.backends.schedule import SPREAD, Schedule, Segment
 from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
 from fedmd_ray.config import Config
@@ -82,17 +83,32 @@ class RayBackend:
         self.restarts = [0] * plan.slots
         self.seconds: dict[str, dict[int, float]] = {}  # method -> participant -> last seconds
         self.window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
+        self.schedule = self._schedule(config, pooled)
         self.placement = {
             "num_cpus": plan.cpus,
             "num_gpus": plan.gpus,
             "torch_threads": plan.threads,
             "window": self.window,
+            "schedule": self.schedule.policy if self.schedule else SPREAD,
             "strategy": config.resources.placement,
             "actors": plan.slots,
             "in_trial_group": plan.group is not None and not plan.own,
             "nodes": plan.nodes(),
         }
         ray.get(self.aggregator.__ray_ready__.remote())
+
+    def _schedule(self, config: Config, pooled: bool) -> Schedule | None:
+        """How calls share the cores (schedule.py), where that is this backend's to choose:
+        CPU-only participants with actors of their own, more of them than cores, on one
+        node, with neither threads nor concurrency pinned by the config."""
+        r = config.resources
+        alive = [n for n in self.ray.nodes() if n.get("Alive")]
+        if pooled or not self.window or r.num_gpus > 0 or len(alive) != 1:
+            return None
+        if r.schedule == "auto" and (r.torch_threads or r.max_concurrent):
+            return None
+        cores = int(self.ray.cluster_resources().get("CPU", 1))
+        return Schedule(r.schedule, cores) if cores > 1 else None
 
     # ------------------------------------------------------------ calls
 
@@ -102,25 +118,51 @@ class RayBackend:
         """Call `method` on each participant in `who` with `args` (participant i with
         `args_for(i)` when given); returns metrics ref -> call. With a window (CPU runs with
         more actors than cores), at most that many run at once: more busy actors than cores
-        only adds context switches and cache misses."""
+        only adds context switches and cache misses; the schedule may run some calls one at
+        a time on every core instead."""
         calls: dict[Any, Call] = {}
         running: list = []
-        if self.window:
-            # Longest first (by last time's seconds): a window of workers finishes sooner
-            # when the long calls do not come last. Results do not depend on the order.
-            last = self.seconds.get(method, {})
-            who = sorted(who, key=lambda i: -last.get(i, 0.0))
-        for i in who:
-            if self.window and len(running) >= self.window:
-                # Through _wait, which keeps draining the progress sink: with 10 participants
-                # and a window of 2, the driver spends most of a phase here.
-                ready = set(self._wait(running, None))
-                running = [ref for ref in running if ref not in ready]
-            call = Call(i, method, args_for(i) if args_for else args)
-            metrics, call.payload = self.slots.send(call)
-            calls[metrics] = call
-            running.append(metrics)
+        if self.schedule is not None:
+            segments = self.schedule.plan(method, list(who))
+            news = self.schedule.news(method)
+            if news:
+                self.events.append({"participant": "*", "phase": method, "note": news})
+        else:
+            segments = [Segment(SPREAD, list(who), self.window or 0, 0)]
+        # Longest first (by last time's seconds): a window of workers finishes sooner when
+        # the long calls do not come last. Results do not depend on the order.
+        last = self.seconds.get(method, {})
+        for n, segment in enumerate(segments):
+            window = segment.window
+            if n and segment.mode != segments[n - 1].mode:
+                # Stacked calls run alone: their seconds are what they cost on all cores.
+                self._settle(calls, running, 0)
+                running = []
+            order = sorted(segment.who, key=lambda i: -last.get(i, 0.0)) if window else segment.who
+            for i in order:
+                if window:
+                    running = self._settle(calls, running, window - 1)
+                call = Call(
+                    i, method, args_for(i) if args_for else args, segment.threads or None, segment.mode
+                )
+                call.sent = time.perf_counter()
+                metrics, call.payload = self.slots.send(call)
+                calls[metrics] = call
+                running.append(metrics)
         return calls
+
+    def _settle(self, calls: dict[Any, Call], running: list, most: int) -> list:
+        """Wait until at most `most` of `running` are still computing; the rest stay in
+        `calls` for _gather, stamped with when their answers were seen. Goes through _wait,
+        which keeps draining the progress sink: with 10 participants and a window of 2, the
+        driver spends most of a phase here."""
+        while len(running) > most:
+            ready = set(self._wait(running, None))
+            now = time.perf_counter()
+            for ref in ready:
+                calls[ref].back = now
+            running = [ref for ref in running if ref not in ready]
+        return running
 
     def _restart(self, call: Call, phase: str, error: str) -> tuple[Any, Any]:
         """The actor under `call` died: start a new one, bring it back to where the dead one
@@ -137,6 +179,7 @@ class RayBackend:
                 f"{error} (restarted {self.restarts[slot]} times already; resources.max_restarts={limit})",
             )
         self.restarts[slot] += 1
+        call.sent, call.back = time.perf_counter(), 0.0
         who = (
             f"pool actor {slot} (serving {self.names[call.index]})"
             if isinstance(self.slots, ActorPool)
@@ -217,7 +260,11 @@ class RayBackend:
             raise ParticipantError(self.names[call.index], phase, describe_ray_error(exc)) from None
         metrics_only(call.metrics, self.names[call.index], phase)
         if isinstance(call.metrics, dict) and call.metrics.get("seconds") is not None:
-            self.seconds.setdefault(call.method, {})[call.index] = call.metrics["seconds"]
+            seconds = call.metrics["seconds"]
+            self.seconds.setdefault(call.method, {})[call.index] = seconds
+            if self.schedule is not None and call.mode:
+                wall = (call.back or time.perf_counter()) - call.sent
+                self.schedule.record(call.method, call.mode, call.index, seconds, wall)
         self.slots.answered(call)
         done[call.index] = call
         if self.report is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedmd_ray.backends.actors import MUTATING, ParticipantActor, PoolWorker
+from fedmd_ray.backends.actors import MUTATING, ParticipantActor, PoolWorker, held_budget
 from fedmd_ray.backends.resources import Placement
 from fedmd_ray.backends.restarts import RestartJournal
 from fedmd_ray.participant import ParticipantSpec
@@ -32,13 +32,26 @@ class Call:
         "new_state",
         "actor",
         "confirms",
+        "threads",
+        "mode",
+        "sent",
+        "back",
     )
 
-    def __init__(self, index: int, method: str, args: tuple):
+    def __init__(self, index: int, method: str, args: tuple, threads: int | None = None, mode: str = ""):
         self.index, self.method, self.args = index, method, args
         self.state = self.metrics = self.payload = self.new_state = self.actor = None
         self.version = 0
         self.confirms = False  # its answer confirms a pending state snapshot
+        self.threads = threads  # torch threads to run it on (None: as the actor has them)
+        self.mode = mode  # the schedule's way of running it (schedule.py)
+        self.sent = self.back = 0.0  # driver clock: submitted, answer seen
+
+    def remote(self, actor: Any, num_returns: int, *head: Any) -> Any:
+        """Submit this call to `actor`'s `call` method, `head` before its own arguments."""
+        return actor.call.options(num_returns=num_returns).remote(
+            *head, self.method, *self.args, threads=self.threads
+        )
 
 
 class Shared:
@@ -77,7 +90,7 @@ class DedicatedActors:
             if call.method in MUTATING:
                 self.journal.record(call.index, call)
             call.confirms = self.journal.pending[call.index] is not None
-        return tuple(actor.call.options(num_returns=2).remote(call.method, *call.args))
+        return tuple(call.remote(actor, 2))
 
     def answered(self, call: Call) -> None:
         if call.confirms:
@@ -88,9 +101,9 @@ class DedicatedActors:
         actor = self.actors[i] = self.start(i, generation)
         saved, earlier = self.journal.replay(i, call)
         if saved is not None:
-            actor.set_state.remote(saved)
+            actor.set_state.remote(saved, trusted=True)
         for c in earlier:
-            actor.call.options(num_returns=2).remote(c.method, *c.args)
+            c.remote(actor, 2)
         return self.send(call, replay=True)
 
     def snapshot(self, who: Sequence[int]) -> None:
@@ -113,6 +126,7 @@ class ActorPool:
         # participant (at 10 000 participants, pickling every spec into every call was
         # hundreds of MiB a round).
         self.spec_refs = [ray.put(spec) for spec in self.specs]
+        self.held_budget = held_budget(ray.nodes(), self.size)
         self.versions = [0] * len(self.specs)
         """How many state-changing calls of each participant have been kept: a pool actor
         that still holds that version of the participant in memory skips reloading it."""
@@ -126,7 +140,7 @@ class ActorPool:
         options = self.placement.actor_options(slot)
         options["name"] = f"fedmd-{self.tag}/pool-{slot:02d}" + (f"-r{generation}" if generation else "")
         cls = self.ray.remote(PoolWorker).options(**options)
-        return cls.remote(*s.public, s.val, s.test, self.placement.threads, s.sink)
+        return cls.remote(*s.public, s.val, s.test, self.placement.threads, s.sink, self.held_budget)
 
     def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
         i = call.index
@@ -136,9 +150,7 @@ class ActorPool:
         # Spec, private data and state travel as refs inside a list, which Ray does not
         # resolve: the actor fetches them only when it does not hold this version already.
         boxed = [self.spec_refs[i], self.shared.private[i], call.state]
-        refs = actor.call.options(num_returns=3).remote(
-            i, boxed, call.version, replay, call.method, *call.args
-        )
+        refs = call.remote(actor, 3, i, boxed, call.version, replay)
         call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
         return refs[0], refs[1]
 
