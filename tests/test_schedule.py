@@ -45,6 +45,21 @@ def test_probes_both_ways_then_keeps_the_faster():
     assert "2 participants at once" in schedule.news("revisit")
 
 
+def test_first_guess_follows_the_batch_size():
+    """Before anything is measured, big batches (each thread gets 16 samples or more) are
+    stacked and only the probes spread; small ones the other way round."""
+    schedule = Schedule("auto", cores=2)
+    assert [(s.mode, s.who) for s in schedule.plan("digest", [0, 1, 2, 3, 4], batch=256)] == [
+        (SPREAD, [3, 4]),
+        (STACK, [0, 1, 2]),
+    ]
+    assert [(s.mode, s.who) for s in schedule.plan("revisit", [0, 1, 2, 3, 4], batch=5)] == [
+        (SPREAD, [0, 1, 2]),
+        (STACK, [3, 4]),
+    ]
+    assert Schedule("auto", cores=16).guess(128) == SPREAD  # 8 samples a thread
+
+
 def test_round_trips_count_against_stacking():
     schedule = Schedule("auto", cores=2)
     for _ in range(2):

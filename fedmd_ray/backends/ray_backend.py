@@ -19,10 +19,14 @@ from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
 from fedmd_ray.config import Config
 from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
-from fedmd_ray.participant import ParticipantSpec
+from fedmd_ray.participant import CPU_EVAL_BATCH_SIZE, ParticipantSpec
 from fedmd_ray.tasks import Task
 
 PROGRESS_POLL_SECONDS = 0.5
+POOL_DEPTH = 32
+"""Calls queued at once per pool actor. Submitting a phase's 10 000 calls at once made the
+driver hold every one's task and return bookkeeping together (~40-60 KiB a call: 2.8 GiB at
+10 000 participants); 32 keep each actor busy while the driver refills in batches."""
 
 
 class RayBackend:
@@ -83,6 +87,7 @@ class RayBackend:
         self.restarts = [0] * plan.slots
         self.seconds: dict[str, dict[int, float]] = {}  # method -> participant -> last seconds
         self.window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
+        self.depth = POOL_DEPTH * plan.slots if pooled else None
         self.schedule = self._schedule(config, pooled)
         self.placement = {
             "num_cpus": plan.cpus,
@@ -123,25 +128,28 @@ class RayBackend:
         calls: dict[Any, Call] = {}
         running: list = []
         if self.schedule is not None:
-            segments = self.schedule.plan(method, list(who))
+            segments = self.schedule.plan(method, list(who), self._batch(method))
             news = self.schedule.news(method)
             if news:
                 self.events.append({"participant": "*", "phase": method, "note": news})
         else:
-            segments = [Segment(SPREAD, list(who), self.window or 0, 0)]
+            segments = [Segment(SPREAD, list(who), self.window or self.depth or 0, 0)]
         # Longest first (by last time's seconds): a window of workers finishes sooner when
-        # the long calls do not come last. Results do not depend on the order.
-        last = self.seconds.get(method, {})
+        # the long calls do not come last. Results do not depend on the order. A pool keeps
+        # index order, which alternates its actors (participant i is served by actor i % k).
+        last = self.seconds.get(method, {}) if self.window else {}
         for n, segment in enumerate(segments):
             window = segment.window
             if n and segment.mode != segments[n - 1].mode:
                 # Stacked calls run alone: their seconds are what they cost on all cores.
                 self._settle(calls, running, 0)
                 running = []
-            order = sorted(segment.who, key=lambda i: -last.get(i, 0.0)) if window else segment.who
+            order = sorted(segment.who, key=lambda i: -last.get(i, 0.0)) if last else segment.who
+            # A pool's queue is refilled a quarter at a time; a window of cores call by call.
+            low = window - max(1, window // 4) if self.depth else window - 1
             for i in order:
-                if window:
-                    running = self._settle(calls, running, window - 1)
+                if window and len(running) >= window:
+                    running = self._settle(calls, running, low)
                 call = Call(
                     i, method, args_for(i) if args_for else args, segment.threads or None, segment.mode
                 )
@@ -151,13 +159,19 @@ class RayBackend:
                 running.append(metrics)
         return calls
 
+    def _batch(self, method: str) -> int:
+        """Samples per batch of a round phase's calls: the schedule's first guess."""
+        t = self.config.train
+        sizes = {"digest": t.digest_batch_size, "revisit": t.revisit_batch_size}
+        return sizes.get(method, CPU_EVAL_BATCH_SIZE)
+
     def _settle(self, calls: dict[Any, Call], running: list, most: int) -> list:
         """Wait until at most `most` of `running` are still computing; the rest stay in
         `calls` for _gather, stamped with when their answers were seen. Goes through _wait,
         which keeps draining the progress sink: with 10 participants and a window of 2, the
         driver spends most of a phase here."""
         while len(running) > most:
-            ready = set(self._wait(running, None))
+            ready = set(self._wait(running, None, want=len(running) - most))
             now = time.perf_counter()
             for ref in ready:
                 calls[ref].back = now
@@ -190,7 +204,7 @@ class RayBackend:
         )
         return self.slots.bring_back(call, self.restarts[slot])
 
-    def _wait(self, pending: list, timeout: float | None) -> list:
+    def _wait(self, pending: list, timeout: float | None, want: int | None = None) -> list:
         """ray.wait for the next answer, then take every other answer already in, so that a
         phase of N calls costs O(N) waits, not N waits over N refs each; drains the
         progress sink while nobody answers."""
@@ -202,7 +216,7 @@ class RayBackend:
             # With thousands of calls answering milliseconds apart, waking for each one would
             # scan the pending list once per answer (quadratic in N): wake for a 64th of them
             # (or at the poll timeout), then take whatever else is in.
-            want = max(1, len(pending) // 64)
+            want = want or max(1, len(pending) // 64)
             ready, rest = self.ray.wait(
                 pending, num_returns=want, timeout=None if step is None else max(0.0, step)
             )

@@ -13,6 +13,7 @@ is faster there; a revisit (batches of 5 private images) spends its time in per-
 overheads that threads do not split, and spreading is faster. So in its first rounds the
 schedule runs a few participants of each round phase stacked and the rest spread, compares
 the same participants' seconds both ways, and from then on runs the phase the faster way.
+Until then it guesses from the phase's batch size, and only the probes run the other way.
 
 The choice changes torch's thread count, and with it the floating-point rounding of
 gradients; runs that must repeat bit for bit pin `resources.torch_threads` (or
@@ -70,8 +71,9 @@ class Schedule:
     def _segment(self, mode: str, who: list[int]) -> Segment:
         return Segment(mode, who, *self.way(mode))
 
-    def plan(self, method: str, who: list[int]) -> list[Segment]:
-        """The segments, in order, that run `who`'s `method` calls."""
+    def plan(self, method: str, who: list[int], batch: int = 0) -> list[Segment]:
+        """The segments, in order, that run `who`'s `method` calls, whose batches hold
+        `batch` samples (the first guess, until measured)."""
         if self.policy != "auto" or method not in ROUND_METHODS:
             return [self._segment(STACK if self.policy == STACK else SPREAD, who)]
         c = self.costs.setdefault(method, _Costs())
@@ -79,15 +81,27 @@ class Schedule:
             c.chosen = self._choose(c)
         if c.chosen is not None:
             return [self._segment(c.chosen, who)]
-        # Probe: participants already measured spread are stacked first, so that their
-        # seconds both ways compare like with like; in the first round, the last ones.
-        unstacked = [i for i in who if i not in c.stack]
+        guess = self.guess(batch)
+        other = SPREAD if guess == STACK else STACK
+        # Probe: a few participants run the other way, the rest the guessed way. Those
+        # already measured the guessed way go first, so that a participant's seconds both
+        # ways compare like with like; in the first round, the last ones.
+        tried = c.stack if other == STACK else c.spread
+        done = c.spread if other == STACK else c.stack
+        untried = [i for i in who if i not in tried]
         want = self.probes - len(self._pairs(c))
-        probes = [i for i in unstacked if i in c.spread][:want] or unstacked[-want:]
-        if len(probes) >= len(who):  # nobody left to spread beside them: learn spread first
-            return [self._segment(SPREAD, who)]
+        probes = [i for i in untried if i in done][:want] or untried[-want:]
+        if len(probes) >= len(who):  # nobody left beside them: learn the guessed way first
+            return [self._segment(guess, who)]
         rest = [i for i in who if i not in set(probes)]
-        return [self._segment(SPREAD, rest), self._segment(STACK, probes)]
+        by_mode = {guess: rest, other: probes}
+        # Spread first, then stacked, each stacked call alone on the cores.
+        return [self._segment(m, by_mode[m]) for m in (SPREAD, STACK)]
+
+    def guess(self, batch: int) -> str:
+        """Before measuring: threads split a batch well when each gets a good share of it
+        (16 samples or more); small batches are per-step overhead that threads do not split."""
+        return STACK if batch >= 16 * self.cores else SPREAD
 
     def record(self, method: str, mode: str, index: int, seconds: float, wall: float) -> None:
         """Participant `index`'s `method` call ran `mode` for `seconds` of its own work and
