@@ -29,6 +29,21 @@ driver hold every one's task and return bookkeeping together (~40-60 KiB a call:
 10 000 participants); 32 keep each actor busy while the driver refills in batches."""
 
 
+TRIM_AFTER_CALLS = 256
+
+
+def trim_heap() -> None:
+    """Give the driver's freed heap back to the system (glibc; elsewhere nothing). A phase of
+    thousands of calls leaves Ray's per-call buffers freed but mapped; at 3000 participants
+    trimming after each phase kept the driver at 571 MiB of private memory instead of 748."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class RayBackend:
     """Participants as Ray actors: one stateful actor each, or (resources.actors) a pool of
     actors that participants take turns on, their state kept in the object store."""
@@ -254,6 +269,8 @@ class RayBackend:
             for ref in ready:
                 self._take(ref, pending, done, phase)
         self._drain()
+        if len(calls) >= TRIM_AFTER_CALLS:
+            trim_heap()
         return done
 
     def _take(self, ref: Any, pending: dict[Any, Call], done: dict[int, Call], phase: str) -> None:
