@@ -188,7 +188,8 @@ class ResourcesConfig:
     """Ray backend on one CPU machine with more participants than cores: 'spread' (as many
     participants at once as cores, one thread each), 'stack' (one at a time on every core,
     like the local loop), or 'auto' (each round phase measured both ways in the first rounds,
-    then run the faster way). Pinning resources.torch_threads or max_concurrent means spread."""
+    then run the faster way). Pinning resources.torch_threads or max_concurrent, or setting
+    deadline_s, means spread."""
     quorum: float = 1.0
     """Ray backend: the consensus is formed once this fraction of the round's participants
     has sent scores (and, with deadline_s, the deadline has passed). The rest are late: they

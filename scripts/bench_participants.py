@@ -137,7 +137,8 @@ def measure(values: dict, out: Path) -> dict:
     return {
         "seconds_per_round": seconds_per_round(rows),
         "round_seconds": [
-            sum(r["wall_seconds"] for r in rounds if r["round"] == k) for k in sorted({r["round"] for r in rounds})
+            sum(r["wall_seconds"] for r in rounds if r["round"] == k)
+            for k in sorted({r["round"] for r in rounds})
         ],
         "transfer_seconds": transfer,
         "actor_pss_mib": max(pss) if pss else None,

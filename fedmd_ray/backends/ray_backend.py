@@ -120,11 +120,13 @@ class RayBackend:
     def _schedule(self, config: Config, pooled: bool) -> Schedule | None:
         """How calls share the cores (schedule.py), where that is this backend's to choose:
         CPU-only participants with actors of their own, more of them than cores, on one
-        node, with neither threads nor concurrency pinned by the config."""
+        node, with neither threads nor concurrency pinned by the config, and no deadline."""
         r = config.resources
         alive = [n for n in self.ray.nodes() if n.get("Alive")]
         if pooled or not self.window or r.num_gpus > 0 or len(alive) != 1:
             return None
+        if r.deadline_s is not None:
+            return None  # a stacked segment waits for everyone before it: a straggler would hold it
         if r.schedule == "auto" and (r.torch_threads or r.max_concurrent):
             return None
         cores = int(self.ray.cluster_resources().get("CPU", 1))
