@@ -11,9 +11,9 @@ from fedmd_ray.backends.schedule import SPREAD, STACK, Schedule
 from fedmd_ray.errors import ConfigError
 
 
-def _round(schedule: Schedule, method: str, who: list[int], spread: float, stack: float) -> list:
+def _round(schedule: Schedule, method: str, who: list[int], spread: float, stack: float, cost=None) -> list:
     """Plan one phase and record every call as if it took `spread` or `stack` seconds."""
-    segments = schedule.plan(method, who)
+    segments = schedule.plan(method, who, cost)
     for segment in segments:
         for i in segment.who:
             seconds = stack if segment.mode == STACK else spread
@@ -21,48 +21,53 @@ def _round(schedule: Schedule, method: str, who: list[int], spread: float, stack
     return segments
 
 
-def test_probes_both_ways_then_keeps_the_faster():
+def test_warms_up_then_probes_both_ways_then_keeps_the_faster():
     schedule = Schedule("auto", cores=2)
     who = list(range(6))
-    first = _round(schedule, "digest", who, spread=1.0, stack=0.4)
-    assert [(s.mode, s.who, s.window, s.threads) for s in first] == [
-        (SPREAD, [0, 1, 2, 3], 2, 1),
-        (STACK, [4, 5], 1, 2),
+    cost = {i: float(i) for i in who}
+    # Round 1 warms every actor up, spread; its seconds would be unfair to either way.
+    first = _round(schedule, "digest", who, spread=9.0, stack=9.0, cost=cost)
+    assert [(s.mode, s.who, s.window, s.threads) for s in first] == [(SPREAD, who, 2, 1)]
+    # Round 2: two probes at evenly spaced ranks of cost, stacked first, alone on both cores.
+    second = _round(schedule, "digest", who, spread=1.0, stack=0.4, cost=cost)
+    assert [(s.mode, s.who, s.window, s.threads) for s in second] == [
+        (STACK, [1, 4], 1, 2),
+        (SPREAD, [0, 2, 3, 5], 2, 1),
     ]
-    # Round 2 stacks participants measured spread, so their seconds compare like with like.
-    second = _round(schedule, "digest", who, spread=1.0, stack=0.4)
-    assert [(s.mode, s.who) for s in second] == [(SPREAD, [2, 3, 4, 5]), (STACK, [0, 1])]
-    third = schedule.plan("digest", who)
-    assert [(s.mode, s.who, s.window, s.threads) for s in third] == [(STACK, who, 1, 2)]
-    # 0.4 s + 1 ms a call stacked against 1.0 s / 2 cores spread.
+    # Round 3: everyone spread, which pairs the probes' seconds like with like.
+    third = _round(schedule, "digest", who, spread=1.0, stack=0.4, cost=cost)
+    assert [(s.mode, s.who) for s in third] == [(SPREAD, who)]
+    fourth = schedule.plan("digest", who)
+    assert [(s.mode, s.who, s.window, s.threads) for s in fourth] == [(STACK, who, 1, 2)]
+    # 0.4 s + 1 ms a call stacked against 1.0 s / 2 cores spread, on the 2 probes.
     assert "one participant at a time on 2 threads" in schedule.news("digest")
     assert schedule.news("digest") is None  # said once
 
     # Small-batch calls that threads do not speed up stay spread.
-    for _ in range(2):
+    for _ in range(3):
         _round(schedule, "revisit", who, spread=0.3, stack=0.25)
     assert [s.mode for s in schedule.plan("revisit", who)] == [SPREAD]
     assert "2 participants at once" in schedule.news("revisit")
 
 
-def test_first_guess_follows_the_batch_size():
-    """Before anything is measured, big batches (each thread gets 16 samples or more) are
-    stacked and only the probes spread; small ones the other way round."""
+def test_a_probe_that_sits_out_is_replaced():
+    """With sampled participation a probe measured stacked may not come back next round:
+    another participant is probed instead, so the decision is not held up."""
     schedule = Schedule("auto", cores=2)
-    assert [(s.mode, s.who) for s in schedule.plan("digest", [0, 1, 2, 3, 4], batch=256)] == [
-        (SPREAD, [3, 4]),
-        (STACK, [0, 1, 2]),
-    ]
-    assert [(s.mode, s.who) for s in schedule.plan("revisit", [0, 1, 2, 3, 4], batch=5)] == [
-        (SPREAD, [0, 1, 2]),
-        (STACK, [3, 4]),
-    ]
-    assert Schedule("auto", cores=16).guess(128) == SPREAD  # 8 samples a thread
+    _round(schedule, "revisit", [0, 1, 2, 3, 4], 1.0, 1.0)
+    probed = {
+        i for s in _round(schedule, "revisit", [0, 1, 2, 3, 4], 1.0, 1.0) if s.mode == STACK for i in s.who
+    }
+    assert len(probed) == 2
+    present = [i for i in range(8) if i != max(probed)]
+    segments = schedule.plan("revisit", present)
+    stacked = [i for s in segments if s.mode == STACK for i in s.who]
+    assert len(stacked) == 1 and stacked[0] not in probed
 
 
 def test_round_trips_count_against_stacking():
     schedule = Schedule("auto", cores=2)
-    for _ in range(2):
+    for _ in range(3):
         for segment in schedule.plan("logits", [0, 1, 2, 3]):
             for i in segment.who:
                 if segment.mode == STACK:  # 0.04 s of work, but 0.02 s more each round trip
@@ -103,13 +108,13 @@ def test_stacked_calls_run_on_every_core(ray_session, tmp_path):
 
 
 def test_auto_schedule_decides_each_round_phase(ray_session, tmp_path):
-    config = tiny_config(train={"rounds": 3}, resources={"backend": "ray", "torch_threads": None})
+    config = tiny_config(train={"rounds": 4}, resources={"backend": "ray", "torch_threads": None})
     result = run(config, tmp_path / "auto")
     notes = {
         r["phase"]: r["note"] for r in result.metrics.to_pylist() if (r["note"] or "").startswith("schedule:")
     }
     assert set(notes) == {"logits", "digest", "revisit", "evaluate"}
     for note in notes.values():
-        assert "measured on 3 participants" in note
+        assert "measured on 2 participants" in note
     assert result.summary and all(r["fedmd_final"] is not None for r in result.summary)
     assert "schedule:" in (tmp_path / "auto" / "summary.md").read_text()

@@ -19,7 +19,7 @@ from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
 from fedmd_ray.config import Config
 from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
-from fedmd_ray.participant import CPU_EVAL_BATCH_SIZE, ParticipantSpec
+from fedmd_ray.participant import ParticipantSpec
 from fedmd_ray.tasks import Task
 
 PROGRESS_POLL_SECONDS = 0.5
@@ -145,7 +145,8 @@ class RayBackend:
         calls: dict[Any, Call] = {}
         running: list = []
         if self.schedule is not None:
-            segments = self.schedule.plan(method, list(who), self._batch(method))
+            cost = {**self.seconds.get("transfer", {}), **self.seconds.get(method, {})}
+            segments = self.schedule.plan(method, list(who), cost)
             news = self.schedule.news(method)
             if news:
                 self.events.append({"participant": "*", "phase": method, "note": news})
@@ -175,12 +176,6 @@ class RayBackend:
                 calls[metrics] = call
                 running.append(metrics)
         return calls
-
-    def _batch(self, method: str) -> int:
-        """Samples per batch of a round phase's calls: the schedule's first guess."""
-        t = self.config.train
-        sizes = {"digest": t.digest_batch_size, "revisit": t.revisit_batch_size}
-        return sizes.get(method, CPU_EVAL_BATCH_SIZE)
 
     def _settle(self, calls: dict[Any, Call], running: list, most: int) -> list:
         """Wait until at most `most` of `running` are still computing; the rest stay in

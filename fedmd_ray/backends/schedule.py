@@ -6,14 +6,20 @@ Two ways to run a phase of N participants on C cores:
 - spread: C participants at once, one torch thread each;
 - stack: one participant at a time on all C threads, as the sequential loop does.
 
-Neither wins everywhere. Measured on a 2-core VM: a paper CNN's digest (batches of 32-64
-public images) took 1.87 s per participant when two single-threaded actors ran side by side
-(the cores share caches and memory bandwidth) and 0.65 s alone on two threads, so stacking
-is faster there; a revisit (batches of 5 private images) spends its time in per-step
-overheads that threads do not split, and spreading is faster. So in its first rounds the
-schedule runs a few participants of each round phase stacked and the rest spread, compares
-the same participants' seconds both ways, and from then on runs the phase the faster way.
-Until then it guesses from the phase's batch size, and only the probes run the other way.
+Neither wins everywhere, and which wins depends on the machine. On a 2-core Intel VM a
+paper CNN's digest (batches of 32 public images) took 1.87 s per participant when two
+single-threaded actors ran side by side (the cores share caches and memory bandwidth) and
+0.65 s alone on two threads, so stacking was faster there; on a 2-core AMD EPYC VM the same
+digest ran 0.95 s a participant spread against 1.21 s stacked. A revisit (batches of 5
+private images) spends its time in per-step overheads that threads do not split, and
+spreading wins on both. So the schedule measures. The first round of each round phase is
+spread and not measured: each actor's first digest ran ~1.5x slower than its later ones
+(an actor is a process of its own, warming up alone), and a probe taken then would count
+that against the way it ran. In the second round a few probes (participants spread over
+the range of costs) run stacked, alone on the cores, and everyone else spread; in the third
+the probes run spread with everyone; from the fourth on the phase runs the way that was
+faster for the same participants. Spread is the way it starts from because it is what one
+actor per core does anyway, so the probing costs only the probes' stacked calls.
 
 The choice changes torch's thread count, and with it the floating-point rounding of
 gradients; runs that must repeat bit for bit pin `resources.torch_threads` (or
@@ -49,6 +55,8 @@ class _Costs:
     """Seconds each stacked call took beyond the participant's own work (the round trip)."""
     chosen: str | None = None
     told: bool = False
+    planned: int = 0
+    """Calls of this kind planned so far (rounds, for a round phase)."""
 
     @property
     def gap(self) -> float:
@@ -71,9 +79,9 @@ class Schedule:
     def _segment(self, mode: str, who: list[int]) -> Segment:
         return Segment(mode, who, *self.way(mode))
 
-    def plan(self, method: str, who: list[int], batch: int = 0) -> list[Segment]:
-        """The segments, in order, that run `who`'s `method` calls, whose batches hold
-        `batch` samples (the first guess, until measured)."""
+    def plan(self, method: str, who: list[int], cost: dict[int, float] | None = None) -> list[Segment]:
+        """The segments, in order, that run `who`'s `method` calls. `cost`: each
+        participant's seconds in an earlier call, to choose probes across the range."""
         if self.policy != "auto" or method not in ROUND_METHODS:
             return [self._segment(STACK if self.policy == STACK else SPREAD, who)]
         c = self.costs.setdefault(method, _Costs())
@@ -81,27 +89,30 @@ class Schedule:
             c.chosen = self._choose(c)
         if c.chosen is not None:
             return [self._segment(c.chosen, who)]
-        guess = self.guess(batch)
-        other = SPREAD if guess == STACK else STACK
-        # Probe: a few participants run the other way, the rest the guessed way. Those
-        # already measured the guessed way go first, so that a participant's seconds both
-        # ways compare like with like; in the first round, the last ones.
-        tried = c.stack if other == STACK else c.spread
-        done = c.spread if other == STACK else c.stack
-        untried = [i for i in who if i not in tried]
-        want = self.probes - len(self._pairs(c))
-        probes = [i for i in untried if i in done][:want] or untried[-want:]
-        if len(probes) >= len(who):  # nobody left beside them: learn the guessed way first
-            return [self._segment(guess, who)]
+        c.planned += 1
+        if c.planned == 1:
+            return [self._segment(SPREAD, who)]  # the warm-up: recorded, then forgotten
+        if c.planned == 2:
+            c.spread.clear()
+        # Probes measured stacked and not yet spread are spread in this call (with everyone
+        # else), which pairs them; only the shortfall is made up with new probes.
+        here = set(who)
+        waiting = [i for i in c.stack if i not in c.spread and i in here]
+        want = self.probes - len(self._pairs(c)) - len(waiting)
+        candidates = [i for i in who if i not in c.stack]
+        if want <= 0 or len(candidates) <= want:  # nobody to probe beside: spread, measured
+            return [self._segment(SPREAD, who)]
+        probes = self._probes(candidates, want, cost or {})
         rest = [i for i in who if i not in set(probes)]
-        by_mode = {guess: rest, other: probes}
-        # Spread first, then stacked, each stacked call alone on the cores.
-        return [self._segment(m, by_mode[m]) for m in (SPREAD, STACK)]
+        # Stacked first, each call alone on the cores; then everyone else spread.
+        return [self._segment(STACK, probes), self._segment(SPREAD, rest)]
 
-    def guess(self, batch: int) -> str:
-        """Before measuring: threads split a batch well when each gets a good share of it
-        (16 samples or more); small batches are per-step overhead that threads do not split."""
-        return STACK if batch >= 16 * self.cores else SPREAD
+    @staticmethod
+    def _probes(candidates: list[int], want: int, cost: dict[int, float]) -> list[int]:
+        """`want` of `candidates` at evenly spaced ranks of cost: neither only the cheapest
+        (whose calls are mostly overhead) nor only the dearest (the most to lose)."""
+        ranked = sorted(candidates, key=lambda i: (cost.get(i, 0.0), i))
+        return sorted(ranked[int((k + 0.5) * len(ranked) / want)] for k in range(want))
 
     def record(self, method: str, mode: str, index: int, seconds: float, wall: float) -> None:
         """Participant `index`'s `method` call ran `mode` for `seconds` of its own work and
