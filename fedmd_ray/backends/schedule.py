@@ -103,7 +103,8 @@ class Schedule:
         if want <= 0 or len(candidates) <= want:  # nobody to probe beside: spread, measured
             return [self._segment(SPREAD, who)]
         probes = self._probes(candidates, want, cost or {})
-        rest = [i for i in who if i not in set(probes)]
+        probed = set(probes)
+        rest = [i for i in who if i not in probed]
         # Stacked first, each call alone on the cores; then everyone else spread.
         return [self._segment(STACK, probes), self._segment(SPREAD, rest)]
 
