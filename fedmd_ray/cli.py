@@ -126,7 +126,7 @@ def _list(kind: str) -> int:
                 f"{len(values['models'])} participants"
             )
     elif kind == "models":
-        from fedmd_ray.models import KNOWN_MODELS, PAPER_MODELS
+        from fedmd_ray.model_names import KNOWN_MODELS, PAPER_MODELS
         from fedmd_ray.plugins import MODELS
 
         for name in KNOWN_MODELS:

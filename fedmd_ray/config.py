@@ -451,7 +451,7 @@ def validate(config: Config) -> None:
     # Local imports keep config free of torch at import time.
     from fedmd_ray.consensus import AGGREGATORS
     from fedmd_ray.data import check_dataset_name
-    from fedmd_ray.models import check_model_name
+    from fedmd_ray.model_names import check_model_name
 
     if not config.models:
         raise ConfigError("'models' is empty; name at least one model, e.g. models=[\"cnn2\"].")

@@ -14,81 +14,22 @@ ReLU -> dropout -> average pooling, and the head is a bias-free dense layer with
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import nn
 
 from fedmd_ray.errors import ConfigError
-from fedmd_ray.plugins import MODELS, Code, parse_spec
-
-TORCHVISION_MODELS = (
-    "resnet18",
-    "resnet34",
-    "mobilenet_v2",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "shufflenet_v2_x0_5",
-    "shufflenet_v2_x1_0",
-    "efficientnet_b0",
-    "regnet_y_400mf",
+from fedmd_ray.model_names import (  # noqa: F401  (models.X names kept for callers)
+    KNOWN_MODELS,
+    PAPER_MODELS,
+    TORCHVISION_MODELS,
+    check_model_name,
+    is_builtin,
+    parse_model_name,
 )
-PAPER_MODELS = {"cnn2": (128, 256, 0.2), "cnn3": (128, 192, 256, 0.2)}
-KNOWN_MODELS = (*PAPER_MODELS, *TORCHVISION_MODELS)
-for _name in KNOWN_MODELS:
-    MODELS.add_builtin(_name, _name)  # listed with users' models; built by build_model below
+from fedmd_ray.plugins import MODELS, Code, parse_spec
 
 # Keras' L2(1e-3) adds 1e-3 * sum(w^2) to the loss, i.e. 2e-3 * w to the gradient.
 HEAD_WEIGHT_DECAY = 2e-3
-
-
-def is_builtin(name: str) -> bool:
-    return name.strip().partition(":")[0] in KNOWN_MODELS
-
-
-def parse_model_name(name: str) -> tuple[str, tuple]:
-    """Split 'cnn2:128,384,0.2' into ('cnn2', (128, 384, 0.2)); check it is known."""
-    base, _, params = name.strip().partition(":")
-    if base not in KNOWN_MODELS:
-        names = [*KNOWN_MODELS, *MODELS.user, *MODELS.entry_points()]
-        close = difflib.get_close_matches(base, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"Unknown model '{name}'.{hint} Known models: {', '.join(names)} "
-            "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2), or your own: "
-            "package.module:factory or path/to/file.py:factory."
-        )
-    if base not in PAPER_MODELS:
-        if params:
-            raise ConfigError(f"Model '{base}' takes no parameters (got '{name}').")
-        return base, ()
-    if not params:
-        return base, PAPER_MODELS[base]
-    want = len(PAPER_MODELS[base])
-    try:
-        values = [float(v) for v in params.split(",")]
-    except ValueError:
-        values = []
-    filters, dropout = values[:-1], values[-1:] or [-1.0]
-    if len(values) != want or any(f < 1 or f != int(f) for f in filters) or not 0 <= dropout[0] < 1:
-        example = ",".join(str(v) for v in PAPER_MODELS[base])
-        raise ConfigError(
-            f"Model '{name}': {base} takes {want - 1} filter counts and a dropout "
-            f"in [0, 1), e.g. {base}:{example}."
-        )
-    return base, (*(int(f) for f in filters), dropout[0])
-
-
-def check_model_name(name: str) -> None:
-    """Refuse a model spec that names nothing (an unknown name, a missing file or module,
-    a missing factory) before any work."""
-    if is_builtin(name):
-        parse_model_name(name)
-        return
-    spec = parse_spec(name)
-    if spec.kind == "name" and MODELS.get(spec.target) is None:
-        parse_model_name(name)  # raises, with suggestions
-    MODELS.check(name)
 
 
 # BatchNorm as the authors' Keras layers have it (momentum 0.99 of the old average, eps 1e-3)
@@ -205,7 +146,12 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def check_model(
-    name: str, sample: torch.Tensor, num_classes: int, who: str, factory: object = None
+    name: str,
+    sample: torch.Tensor,
+    num_classes: int,
+    who: str,
+    factory: object = None,
+    code: Code | None = None,
 ) -> nn.Module:
     """Build model `name` and run it on `sample` (a batch of two real inputs, prepared as
     training prepares them); refuse, in one line naming `who`, anything that is not an
@@ -215,7 +161,7 @@ def check_model(
         return ConfigError(f"Model '{name}' of {who}: {what}")
 
     try:
-        model = build_model(name, tuple(sample.shape[1:]), num_classes, factory=factory)
+        model = build_model(name, tuple(sample.shape[1:]), num_classes, code, factory)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     except Exception as exc:

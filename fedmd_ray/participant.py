@@ -13,7 +13,6 @@ import io
 import os
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmd_ray import sharing
-from fedmd_ray.config import SharingConfig, TrainConfig
 from fedmd_ray.errors import CheckpointError
 from fedmd_ray.files import atomic_write
-from fedmd_ray.models import build_model, parameter_count
+from fedmd_ray.models import build_model, check_model, parameter_count
 from fedmd_ray.plugins import DIGEST_LOSSES, Code
+from fedmd_ray.spec import ParticipantSpec, one_per_model
 
 EVAL_BATCH_SIZE = 1024
 CPU_EVAL_BATCH_SIZE = 128
@@ -67,35 +66,6 @@ class _Ticker:
             )
 
 
-@dataclass
-class ParticipantSpec:
-    index: int
-    name: str
-    model: str
-    seed: int
-    num_classes: int
-    image_shape: tuple[int, ...]
-    """The shape of one input sample: (C, H, W) for images, (F,) for features, (T,) for tokens."""
-    train: TrainConfig
-    device: str = "auto"
-    torch_threads: int | None = None
-    sharing: SharingConfig = field(default_factory=SharingConfig)
-    adversary: bool = False
-    """Sends corrupted scores (sharing.attack) instead of its own."""
-    faults: tuple[tuple[str, int, str], ...] = ()
-    """Simulated failures for this participant: (phase, round, 'raise' | 'exit')."""
-    code: Code | None = None
-    """Where user code shipped to this participant's actor lives (None: import as usual)."""
-    model_factory: object = None
-    """The factory of a model registered on the driver with register_model (pickled)."""
-    digest_function: object = None
-    """A digest loss registered on the driver with register_digest_loss (pickled)."""
-    public_mean: np.ndarray | None = None
-    """data.scaling='mean_image': the public data's per-pixel mean image in [0, 1] (C, H, W)."""
-    private_mean: np.ndarray | None = None
-    """... and the private dataset's, for private training and test images."""
-
-
 def prepare(x: np.ndarray, device: torch.device, mean: torch.Tensor | None = None) -> torch.Tensor:
     """A batch as the model sees it: uint8 images scaled to [-1, 1], or to [0, 1] less the
     dataset's `mean` image; other floats as float32; integers (token ids, category codes)
@@ -132,6 +102,18 @@ def digest_loss(
         * t
         * t
     )
+
+
+def check_models(specs: list[ParticipantSpec], sample_x: np.ndarray, num_classes: int) -> None:
+    """Build each distinct model once and run it on `sample_x` (two real public samples)
+    before any participant starts: a model that cannot be built, or gives scores of the
+    wrong shape, is refused in one line that names its participant."""
+    sample = prepare(sample_x, torch.device("cpu"))
+    for spec in one_per_model(specs):
+        torch.manual_seed(0)
+        check_model(
+            spec.model, sample, num_classes, f"participant {spec.name}", spec.model_factory, spec.code
+        )
 
 
 def digest_loss_function(kind: str, temperature: float, code: Code | None = None, function: object = None):

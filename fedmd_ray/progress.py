@@ -48,6 +48,7 @@ class Progress:
         self.mode = mode
         self.lock = threading.Lock()
         self.phase_name = ""
+        self.steps: list[str] = []
         self.round = 0
         self.rounds = 0
         self.names: list[str] = []
@@ -92,13 +93,17 @@ class Progress:
             elif kind == "round":
                 self.rounds_done += 1
                 self.rounds_left = event["rounds"] - event["round"]
-            elif kind in ("progress", "done") and event.get("phase") == self.phase_name:
+            elif kind in ("progress", "done") and event.get("phase") in self.steps:
                 name = event["participant"]
-                if kind == "done":
+                # Steps run together: a participant is done after the last, part-way before.
+                step = self.steps.index(event["phase"])
+                if kind == "done" and step == len(self.steps) - 1:
                     self.done.add(name)
                     self.fraction[name] = 1.0
                 else:
-                    self.fraction[name] = max(self.fraction.get(name, 0.0), float(event.get("fraction", 0)))
+                    part = 1.0 if kind == "done" else float(event.get("fraction", 0))
+                    share = (step + part) / len(self.steps)
+                    self.fraction[name] = max(self.fraction.get(name, 0.0), share)
                     self.text[name] = event.get("text", "")
                 if self.live is None:
                     self._plain(name, kind)
@@ -112,6 +117,7 @@ class Progress:
 
     def _start_phase(self, event: dict) -> None:
         self.phase_name = event["phase"]
+        self.steps = list(event.get("steps") or [self.phase_name])
         self.round = event.get("round", self.round)
         self.rounds = event.get("rounds", self.rounds)
         self.names = list(event.get("participants", []))

@@ -207,7 +207,7 @@ def participant_names(config: Config) -> list[str]:
 
 def _short(model: str) -> str:
     """'cnn2:128,256,0.2' -> 'cnn2'; 'nets/mine.py:wide?width=64' -> 'wide' (safe as a file name)."""
-    from fedmd_ray.models import is_builtin
+    from fedmd_ray.model_names import is_builtin
     from fedmd_ray.plugins import parse_spec
 
     if is_builtin(model):
@@ -215,3 +215,14 @@ def _short(model: str) -> str:
     spec = parse_spec(model)
     name = spec.attr or spec.target
     return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in name)
+
+
+def participant_args(task: Task, index: int) -> tuple:
+    """What participant `index` is built from besides the public training data: the public
+    validation split, its private data, the private test set."""
+    part = task.private_parts[index]
+    return (
+        (task.public_val.x, task.public_val.y),
+        (part.x, part.y),
+        (task.private_test.x, task.private_test.y),
+    )

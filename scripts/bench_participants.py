@@ -64,11 +64,15 @@ def config(participants: int, actors: int | None, rounds: int, participation: fl
 
 
 def state_bytes(values: dict) -> int:
-    """Bytes of one participant's state (weights and both optimizers), as the pool stores it."""
-    from fedmd_ray.backends import participant_args
+    """Bytes of one participant's state (weights and both optimizers), as the pool stores it;
+    measured in a Ray worker, so that the driver measured here never loads torch."""
+    return ray.get(ray.remote(_state_bytes).remote(values))
+
+
+def _state_bytes(values: dict) -> int:
     from fedmd_ray.fedmd import participant_specs
     from fedmd_ray.participant import Participant
-    from fedmd_ray.tasks import build_task
+    from fedmd_ray.tasks import build_task, participant_args
 
     small = from_dict({**values, "participants": 2})
     task = build_task(small)

@@ -1,5 +1,9 @@
 """End-to-end FedMD runs on real (local) Ray and the local backend, synthetic data."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -184,3 +188,25 @@ def test_digest_learning_rate_is_its_own_setting():
     assert _accuracies(same) == _accuracies(default)
     digest_loss = [r["loss"] for r in faster.metrics.to_pylist() if r["phase"] == "digest"]
     assert digest_loss != [r["loss"] for r in default.metrics.to_pylist() if r["phase"] == "digest"]
+
+
+def test_a_driver_of_ray_actors_never_loads_torch():
+    """Coordinating actors needs no torch (~0.5 GiB of a driver's memory: at 10 000
+    participants the difference between fitting in 2 GiB and not). Checked in a fresh
+    interpreter, since this one has loaded torch for other tests."""
+    script = (
+        "import sys\n"
+        "import fedmd_ray.backends.ray_backend, fedmd_ray.cli, fedmd_ray.tune\n"
+        "from fedmd_ray.fedmd import participant_specs\n"
+        "from fedmd_ray.tasks import build_task\n"
+        "from tests.conftest import tiny_config\n"
+        "config = tiny_config(resources={'backend': 'ray'})\n"
+        "participant_specs(config, build_task(config))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

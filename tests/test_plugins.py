@@ -2,6 +2,7 @@
 module or registered name, on the local and the ray backend alike."""
 
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +119,28 @@ def test_bad_models_are_refused_before_any_work_naming_the_participant(user_dir,
     with pytest.raises(ConfigError, match=message):
         run(tiny_config(models=[model, "cnn2:8,16,0.1"]), user_dir / "out", progress=None)
     assert not (user_dir / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("my_nets.py:wrong_width", r"p00-wrong_width.*to \(2, 17\); it must give \(2, 16\)"),
+        ("my_nets.py:raises", "its factory raised RuntimeError: no such layer"),
+    ],
+)
+def test_on_ray_bad_models_are_refused_before_any_participant_starts(ray_session, user_dir, model, message):
+    """The driver of Ray actors never loads torch: the check runs on the consensus actor,
+    with the user's code shipped there, and its refusal reads as on the local backend."""
+    config = tiny_config(models=[model, "cnn2:8,16,0.1"], resources={"backend": "ray"})
+    with pytest.raises(ConfigError, match=message):
+        run(config, user_dir / "out", progress=None)
+    assert not (user_dir / "out").exists()
+    from ray.util import list_named_actors
+
+    deadline = time.monotonic() + 20  # ray.kill is asynchronous
+    while [a for a in list_named_actors(all_namespaces=True) if a["name"].startswith("fedmd-")]:
+        assert time.monotonic() < deadline, "the refused run left its actors running"
+        time.sleep(0.2)
 
 
 def test_registered_model_consensus_and_loss_from_a_notebook(ray_session, user_dir):

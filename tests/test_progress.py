@@ -77,3 +77,15 @@ def test_live_display_renders_bars_for_running_participants():
 
 def test_durations_read_like_a_clock():
     assert [duration(s) for s in (5, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+
+
+def test_steps_run_together_count_a_participant_done_after_its_last():
+    display = Progress("plain", io.StringIO())
+    steps = ["digest", "revisit", "evaluate"]
+    display.event({"kind": "phase", "phase": " + ".join(steps), "steps": steps, "participants": ["a", "b"]})
+    display.event({"kind": "done", "participant": "a", "phase": "digest"})
+    display.event({"kind": "progress", "participant": "b", "phase": "revisit", "fraction": 0.5})
+    assert display.done == set()
+    assert display.fraction == {"a": 1 / 3, "b": 0.5}
+    display.event({"kind": "done", "participant": "a", "phase": "evaluate"})
+    assert display.done == {"a"} and display.fraction["a"] == 1.0

@@ -5,7 +5,7 @@ import pytest
 
 from fedmd_ray import run
 from fedmd_ray.fedmd import sample_participants
-from tests.conftest import tiny_config
+from tests.conftest import numbers, tiny_config
 
 
 def test_participants_are_sampled_per_round_with_a_seed():
@@ -55,3 +55,31 @@ def test_a_straggler_misses_the_consensus_and_is_recorded_late(ray_session):
     assert (5, "p02-cnn2") not in late
     consensus_bytes = {r["bytes_received"] for r in rows if r["round"] == 2 and r["phase"] == "digest"}
     assert consensus_bytes == {300 * 16 * 4}
+
+
+def test_a_slow_digest_holds_back_only_its_own_participant(ray_session):
+    """After the consensus each participant digests, revisits and is evaluated on its own:
+    on Ray the others' later steps run while one participant's digest is slow, and the
+    numbers are the sequential loop's."""
+    slow = {"train": {"rounds": 2}, "faults": ["0:digest:1:sleep3"]}
+    events: list[dict] = []
+    on_ray = run(
+        tiny_config(resources={"backend": "ray", "torch_threads": 1}, **slow),
+        progress=None,
+        report=events.append,
+    )
+    local = run(tiny_config(**slow), progress=None)
+    assert numbers(on_ray.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
+    together = [e for e in events if e["kind"] == "phase" and e.get("steps")]
+    assert [e["round"] for e in together] == [1, 2]
+    assert together[0]["steps"] == ["digest", "revisit", "evaluate"]
+    done = [(e["participant"], e["phase"]) for e in events if e["kind"] == "done"]
+    first_round = done[done.index(("p00-cnn2", "communicate")) :]
+    slow_digest = first_round.index(("p00-cnn2", "digest"))
+    assert ("p01-cnn3", "evaluate") in first_round[:slow_digest]
+    walls = {
+        r["phase"]: r["wall_seconds"]
+        for r in on_ray.metrics.to_pylist()
+        if r["round"] == 1 and r["phase"] in ("digest", "revisit", "evaluate")
+    }
+    assert walls["digest"] >= 3.0 and walls["revisit"] < 3.0

@@ -12,7 +12,7 @@ import numpy as np
 from fedmd_ray import sharing
 from fedmd_ray.consensus import form_consensus
 from fedmd_ray.errors import ConsensusError, ParticipantError
-from fedmd_ray.participant import Participant, ParticipantSpec
+from fedmd_ray.spec import ParticipantSpec
 
 HELD_BYTES = 2**30
 """A pool actor's memory (its own, not the object store's) up to which it keeps the
@@ -95,22 +95,28 @@ def _reporter(sink: Any):
     return lambda event: sink.post.remote(event)
 
 
-class ParticipantActor(Participant):
+class ParticipantActor:
     """A participant as a Ray actor. Every call answers (metrics, payload) as two objects, so
     the driver reads the small metrics (and learns of failures) while the payload (scores,
-    state) stays in the object store for whoever needs it."""
+    state) stays in the object store for whoever needs it. The participant is built here,
+    in the actor: the driver defines this class without loading torch."""
 
-    def __init__(self, *args: Any, restored: bool = False, sink: Any = None):
+    def __init__(self, spec: ParticipantSpec, *data: Any, restored: bool = False, sink: Any = None):
+        from fedmd_ray.participant import Participant
+
         cap_gpu_memory()
-        super().__init__(*args)
-        self.restored = restored
-        self.report = _reporter(sink)
+        self.participant = Participant(spec, *data)
+        self.participant.restored = restored
+        self.participant.report = _reporter(sink)
 
     def call(self, method: str, *args: Any, threads: int | None = None) -> tuple[Any, Any]:
         torch_threads(threads)
         start = time.perf_counter()
-        out = getattr(self, method)(*args)
+        out = getattr(self.participant, method)(*args)
         return split_answer(method, out, time.perf_counter() - start)
+
+    def set_state(self, *args: Any, **kwargs: Any) -> None:
+        self.participant.set_state(*args, **kwargs)
 
 
 class PoolWorker:
@@ -133,7 +139,7 @@ class PoolWorker:
         self.shared = (public_x, public_y, val)
         self.test = test
         self.report = _reporter(sink)
-        self.held: dict[int, tuple[int, Participant]] = {}
+        self.held: dict[int, tuple[int, Any]] = {}
         """Participants kept built between calls: index -> (state version, participant)."""
         self.held_budget = held_budget
         self.inputs: dict[int, tuple[ParticipantSpec, tuple]] = {}
@@ -152,6 +158,8 @@ class PoolWorker:
         Ray does not fetch them: they are needed only when this actor does not hold
         `version` of the participant already."""
         import ray
+
+        from fedmd_ray.participant import Participant
 
         torch_threads(threads)
         kept = self.held.get(index)
@@ -177,7 +185,7 @@ class PoolWorker:
         self._hold(index, version + (method in MUTATING), participant)
         return metrics, payload, new_state
 
-    def _hold(self, index: int, version: int, participant: Participant) -> None:
+    def _hold(self, index: int, version: int, participant: Any) -> None:
         """Keep the participant built for its next call while this actor's own memory is
         under its budget: past that, the first ones stay held and the rest are rebuilt each
         call (participants come round in a fixed order, in which evicting the oldest would
@@ -209,6 +217,12 @@ class Aggregator:
         except ConsensusError as exc:
             return {"consensus_error": str(exc)}, None
         return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
+
+    def check_models(self, specs: list[ParticipantSpec], sample_x: np.ndarray, num_classes: int) -> None:
+        """participant.check_models, here rather than on the driver, which never loads torch."""
+        from fedmd_ray.participant import check_models
+
+        check_models(specs, sample_x, num_classes)
 
 
 class ProgressSink:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,22 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmd_ray.backends.steps import Announce, Step
 from fedmd_ray.config import Config
 from fedmd_ray.consensus import form_consensus
 from fedmd_ray.errors import FedMDError, ParticipantError
-from fedmd_ray.participant import Participant, ParticipantSpec
-from fedmd_ray.tasks import Task
-
-
-def participant_args(task: Task, index: int) -> tuple:
-    """What participant `index` is built from besides the public training data: the public
-    validation split, its private data, the private test set."""
-    part = task.private_parts[index]
-    return (
-        (task.public_val.x, task.public_val.y),
-        (part.x, part.y),
-        (task.private_test.x, task.private_test.y),
-    )
+from fedmd_ray.participant import Participant, ParticipantSpec, check_models
+from fedmd_ray.tasks import Task, participant_args
 
 
 def guard(name: str, phase: str, fn: Callable[[], Any]) -> Any:
@@ -50,6 +41,7 @@ class LocalBackend:
         specs: Sequence[ParticipantSpec],
         report: Callable[[dict], None] | None = None,
     ):
+        check_models(list(specs), task.public_train.x[:2], task.num_classes)
         threads = config.resources.torch_threads or os.cpu_count() or 1
         self.names = [s.name for s in specs]
         self.events: list[dict] = []
@@ -102,6 +94,17 @@ class LocalBackend:
 
     def evaluate(self, who: Sequence[int], round_: int) -> list[dict]:
         return self._each("evaluate", "evaluate", who, round_)
+
+    def steps(self, steps: Sequence[Step], announce: Announce) -> tuple[list[list[dict]], list[float]]:
+        """Run `steps` (method, who, args), each phase for everyone before the next: (each
+        step's results, each step's wall seconds)."""
+        results, walls = [], []
+        for method, who, args in steps:
+            announce([method], list(who))
+            start = time.perf_counter()
+            results.append(getattr(self, method)(who, *args))
+            walls.append(time.perf_counter() - start)
+        return results, walls
 
     def end_round(self, round_: int, busy: Sequence[int] = ()) -> None:
         """Nothing to keep: participants live in this process."""

@@ -3,6 +3,7 @@ once, score refs gathered into a consensus actor and one consensus ref broadcast
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 import uuid
@@ -14,12 +15,13 @@ import numpy as np
 
 from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error, metrics_only
 from fedmd_ray.backends.resources import concurrency_window, init_ray, place
-from fedmd_ray.backends.schedule import SPREAD, Schedule, Segment
+from fedmd_ray.backends.schedule import SPREAD, STACK, Schedule, Segment
 from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
-from fedmd_ray.config import Config
+from fedmd_ray.backends.steps import Announce, Step
+from fedmd_ray.config import Config, ConfigError
 from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
-from fedmd_ray.participant import ParticipantSpec
+from fedmd_ray.spec import ParticipantSpec, one_per_model
 from fedmd_ray.tasks import Task
 
 PROGRESS_POLL_SECONDS = 0.5
@@ -97,6 +99,7 @@ class RayBackend:
             private=[ray.put((p.x, p.y)) for p in task.private_parts],
             sink=self.sink,
         )
+        self._check_models(task)
         slots_class = ActorPool if pooled else DedicatedActors
         self.slots = slots_class(ray, self.specs, shared, plan, self.tag)
         self.restarts = [0] * plan.slots
@@ -117,6 +120,21 @@ class RayBackend:
         }
         ray.get(self.aggregator.__ray_ready__.remote())
 
+    def _check_models(self, task: Task) -> None:
+        """Each distinct model built and run once, on the consensus actor, before any
+        participant's actor starts; a bad one refused in its own words."""
+        try:
+            self.ray.get(
+                self.aggregator.check_models.remote(
+                    one_per_model(self.specs), task.public_train.x[:2], task.num_classes
+                )
+            )
+        except Exception as exc:
+            self.shutdown()
+            if isinstance(getattr(exc, "cause", None), FedMDError):
+                raise exc.cause from None
+            raise ConfigError(f"The models could not be checked: {describe_ray_error(exc)}") from None
+
     def _schedule(self, config: Config, pooled: bool) -> Schedule | None:
         """How calls share the cores (schedule.py), where that is this backend's to choose:
         CPU-only participants with actors of their own, more of them than cores, on one
@@ -134,8 +152,25 @@ class RayBackend:
 
     # ------------------------------------------------------------ calls
 
+    def _plan(self, method: str, who: Sequence[int]) -> list[Segment]:
+        """How `who`'s `method` calls share the cores: the schedule's segments, or one
+        segment at the backend's window (a pool: its queue depth; 0: no limit)."""
+        if self.schedule is None:
+            return [Segment(SPREAD, list(who), self.window or self.depth or 0, 0)]
+        cost = {**self.seconds.get("transfer", {}), **self.seconds.get(method, {})}
+        segments = self.schedule.plan(method, list(who), cost)
+        news = self.schedule.news(method)
+        if news:
+            self.events.append({"participant": "*", "phase": method, "note": news})
+        return segments
+
     def _submit(
-        self, who: Sequence[int], method: str, *args: Any, args_for: Callable[[int], tuple] | None = None
+        self,
+        who: Sequence[int],
+        method: str,
+        *args: Any,
+        args_for: Callable[[int], tuple] | None = None,
+        segments: list[Segment] | None = None,
     ) -> dict[Any, Call]:
         """Call `method` on each participant in `who` with `args` (participant i with
         `args_for(i)` when given); returns metrics ref -> call. With a window (CPU runs with
@@ -144,14 +179,7 @@ class RayBackend:
         a time on every core instead."""
         calls: dict[Any, Call] = {}
         running: list = []
-        if self.schedule is not None:
-            cost = {**self.seconds.get("transfer", {}), **self.seconds.get(method, {})}
-            segments = self.schedule.plan(method, list(who), cost)
-            news = self.schedule.news(method)
-            if news:
-                self.events.append({"participant": "*", "phase": method, "note": news})
-        else:
-            segments = [Segment(SPREAD, list(who), self.window or self.depth or 0, 0)]
+        segments = segments or self._plan(method, who)
         # Longest first (by last time's seconds): a window of workers finishes sooner when
         # the long calls do not come last. Results do not depend on the order. A pool keeps
         # index order, which alternates its actors (participant i is served by actor i % k).
@@ -348,6 +376,92 @@ class RayBackend:
 
     def evaluate(self, who: Sequence[int], round_: int) -> list[dict]:
         return self._each("evaluate", "evaluate", who, round_)
+
+    def steps(self, steps: Sequence[Step], announce: Announce) -> tuple[list[list[dict]], list[float]]:
+        """Run `steps` (method, who, args): (each step's results, each step's wall seconds).
+
+        A participant's steps depend on nobody else's, so each participant's next call goes
+        out as soon as its last one answers: the cores stay busy across what would be phase
+        barriers, where the sequential way idles behind the slowest participant. A step's
+        wall seconds then run from the previous step's last answer to its own. A pool runs
+        step by step (its queue, not a window, keeps its actors busy)."""
+        planned = [(m, list(who), self._call_args(m, args), self._plan(m, who)) for m, who, args in steps]
+        if self.depth is None and len(planned) > 1:
+            everyone = sorted({i for _, who, *_ in planned for i in who})
+            announce([method for method, *_ in planned], everyone)
+            return self._chain(planned)
+        results, walls = [], []
+        for method, who, args, segments in planned:
+            announce([method], who)
+            start = time.perf_counter()
+            done = self._gather(self._submit(who, method, *args, segments=segments), method)
+            results.append([done[i].metrics for i in who])
+            walls.append(time.perf_counter() - start)
+        return results, walls
+
+    def _call_args(self, method: str, args: tuple) -> tuple:
+        """A step's arguments as its calls take them: the digest's public indices put once."""
+        if method == "digest":
+            consensus, indices, round_ = args
+            return consensus, self.ray.put(indices), round_
+        return args
+
+    def _chain(self, planned: list) -> tuple[list[list[dict]], list[float]]:
+        """Each participant's steps in order, each call run the way its step's segments say:
+        spread calls at most a window at once (0: no limit), a stacked call (a schedule
+        probe) alone on the cores. Stacked calls first, then the participant with the most
+        work left (by last seconds)."""
+        chain: dict[int, list[int]] = {}  # participant -> its steps, in order
+        way: dict[tuple[int, int], Segment] = {}  # (step, participant) -> how its call runs
+        for k, (_, who, _, segments) in enumerate(planned):
+            for segment in segments:
+                for i in segment.who:
+                    way[k, i] = segment
+            for i in who:
+                chain.setdefault(i, []).append(k)
+
+        def entry(i: int, pos: int) -> tuple:
+            k = chain[i][pos]
+            work = sum(self.seconds.get(planned[j][0], {}).get(i, 0.0) for j in chain[i][pos:])
+            return (way[k, i].mode != STACK, -work, i, pos)
+
+        ready = [entry(i, 0) for i in chain]
+        heapq.heapify(ready)
+        pending: dict[Any, Call] = {}
+        done: list[dict[int, Call]] = [{} for _ in planned]
+        start = time.perf_counter()
+        ends = [start] * len(planned)
+        while ready or pending:
+            while ready:
+                spread, _, i, pos = ready[0]
+                segment = way[chain[i][pos], i]
+                alone = any(c.mode == STACK for c in pending.values())
+                full = segment.window and len(pending) >= segment.window
+                if (not spread and pending) or (spread and (alone or full)):
+                    break  # a stacked call waits for the cores to empty, spread ones for a slot
+                heapq.heappop(ready)
+                method, _, args, _ = planned[chain[i][pos]]
+                call = Call(i, method, args, segment.threads or None, segment.mode)
+                call.step, call.sent = pos, time.perf_counter()
+                metrics, call.payload = self.slots.send(call)
+                pending[metrics] = call
+            answers = self._wait(list(pending), None, want=1)
+            now = time.perf_counter()
+            for ref in answers:
+                call = pending[ref]
+                call.back = now
+                k = chain[call.index][call.step]
+                self._take(ref, pending, done[k], planned[k][0])
+                if call.index not in done[k]:
+                    continue  # its actor died; resent, still pending
+                ends[k] = now
+                if call.step + 1 < len(chain[call.index]):
+                    heapq.heappush(ready, entry(call.index, call.step + 1))
+        self._drain()
+        if sum(len(d) for d in done) >= TRIM_AFTER_CALLS:
+            trim_heap()
+        walls = [max(0.0, end - max([start, *ends[:k]])) for k, end in enumerate(ends)]
+        return [[done[k][i].metrics for i in who] for k, (_, who, _, _) in enumerate(planned)], walls
 
     def end_round(self, round_: int, busy: Sequence[int] = ()) -> None:
         """Keep each participant's state where a restart can find it. Participants in `busy`

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedmd_ray.config import Config
 from fedmd_ray.errors import ConfigError
-from fedmd_ray.models import is_builtin
+from fedmd_ray.model_names import is_builtin
 from fedmd_ray.plugins import Code, parse_spec
 
 SIZE_LIMIT_BYTES = 50 * 2**20

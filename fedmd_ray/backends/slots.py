@@ -15,7 +15,7 @@ from typing import Any
 from fedmd_ray.backends.actors import MUTATING, ParticipantActor, PoolWorker, held_budget
 from fedmd_ray.backends.resources import Placement
 from fedmd_ray.backends.restarts import RestartJournal
-from fedmd_ray.participant import ParticipantSpec
+from fedmd_ray.spec import ParticipantSpec
 
 
 class Call:
@@ -36,6 +36,7 @@ class Call:
         "mode",
         "sent",
         "back",
+        "step",
     )
 
     def __init__(self, index: int, method: str, args: tuple, threads: int | None = None, mode: str = ""):
@@ -46,6 +47,7 @@ class Call:
         self.threads = threads  # torch threads to run it on (None: as the actor has them)
         self.mode = mode  # the schedule's way of running it (schedule.py)
         self.sent = self.back = 0.0  # driver clock: submitted, answer seen
+        self.step = 0  # its place in its participant's chain of steps (RayBackend.steps)
 
     def remote(self, actor: Any, num_returns: int, *head: Any) -> Any:
         """Submit this call to `actor`'s `call` method, `head` before its own arguments."""
