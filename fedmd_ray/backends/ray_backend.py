@@ -369,7 +369,7 @@ class RayBackend:
         return consensus_ref
 
     def digest(self, who: Sequence[int], consensus, indices: np.ndarray, round_: int) -> list[dict]:
-        return self._each("digest", "digest", who, consensus, self.ray.put(indices), round_)
+        return self._each("digest", "digest", who, *self._call_args("digest", (consensus, indices, round_)))
 
     def revisit(self, who: Sequence[int], round_: int) -> list[dict]:
         return self._each("revisit", "revisit", who, round_)
