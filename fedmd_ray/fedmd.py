@@ -220,17 +220,32 @@ def run(
         changed: set[int] = set(everyone)
         for past in range(1, first_round):
             releases[sample_participants(config.seed, past, len(specs), t.participation)] += 1
+        # The next round's communicate may run as the last of this round's steps (steps.py):
+        # only where everyone is waited for, so that the round's answered are its chosen.
+        res = config.resources
+        ahead = getattr(backend, "runs_ahead", False) and res.quorum >= 1 and res.deadline_s is None
+        upcoming: tuple | None = None  # (indices, chosen, logits' result or None, its wall seconds)
         for round_ in range(first_round, t.rounds + 1):
-            indices = public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)
-            chosen = sample_participants(config.seed, round_, len(specs), t.participation)
+            if upcoming is not None:
+                indices, chosen, early, communicate_wall = upcoming
+            else:
+                indices = public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)
+                chosen = sample_participants(config.seed, round_, len(specs), t.participation)
+                early = None
+            upcoming = None
 
-            phase("communicate", round_, chosen)
-            with recorder.timer() as clock:
-                answered, late, scores = backend.logits(chosen, indices, round_)
+            if early is None:
+                phase("communicate", round_, chosen)
+                with recorder.timer() as clock:
+                    answered, late, scores = backend.logits(chosen, indices, round_)
+                communicate_wall = clock.seconds
+            else:
+                answered, late, scores = early
+            del early
             releases[chosen] += 1  # late ones too: their scores left them, used or not
             # The round's row carries the most-exposed participant's epsilon; the summary each one's.
             recorder.timing(
-                round_, "communicate", clock.seconds, epsilon=privacy_spent(config, int(releases.max()))
+                round_, "communicate", communicate_wall, epsilon=privacy_spent(config, int(releases.max()))
             )
             if config.sharing.clip is not None:
                 recorder.epsilons = {names[i]: privacy_spent(config, int(k)) for i, k in enumerate(releases)}
@@ -253,7 +268,18 @@ def run(
             steps = [("digest", answered, (consensus, indices, round_)), ("revisit", answered, (round_,))]
             if evaluating:
                 steps.append(("evaluate", run_now, (round_,)))
-            results, walls = backend.steps(steps, lambda kinds, who, r=round_: phase(kinds, r, who))
+            if ahead and round_ < t.rounds:
+                indices_next = public_subset(
+                    rng, task.public_train.y, t.public_subset_size, t.stratified_subset
+                )
+                chosen_next = sample_participants(config.seed, round_ + 1, len(specs), t.participation)
+                steps.append(("logits", chosen_next, (indices_next, round_ + 1)))
+                results, walls = backend.steps(
+                    steps, lambda kinds, who, r=round_: phase(kinds, r, who), ahead=True
+                )
+                upcoming = (indices_next, chosen_next, results.pop(), walls.pop())
+            else:
+                results, walls = backend.steps(steps, lambda kinds, who, r=round_: phase(kinds, r, who))
             recorder.phase(round_, "digest", results[0], walls[0], answered)
             recorder.phase(round_, "revisit", results[1], walls[1], answered)
             if evaluating:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmd_ray.backends.steps import Announce, Step
+from fedmd_ray.backends.steps import Announce, Step, phase_of
 from fedmd_ray.config import Config
 from fedmd_ray.consensus import form_consensus
 from fedmd_ray.errors import FedMDError, ParticipantError
@@ -33,6 +33,8 @@ def guard(name: str, phase: str, fn: Callable[[], Any]) -> Any:
 
 class LocalBackend:
     name = "local"
+    runs_ahead = False
+    """One participant at a time leaves no idle core for the next round's scores to fill."""
 
     def __init__(
         self,
@@ -100,7 +102,7 @@ class LocalBackend:
         step's results, each step's wall seconds)."""
         results, walls = [], []
         for method, who, args in steps:
-            announce([method], list(who))
+            announce([phase_of(method)], list(who))
             start = time.perf_counter()
             results.append(getattr(self, method)(who, *args))
             walls.append(time.perf_counter() - start)

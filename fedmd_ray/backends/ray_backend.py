@@ -18,7 +18,7 @@ from fedmd_ray.backends.resources import concurrency_window, init_ray, place
 from fedmd_ray.backends.schedule import SPREAD, STACK, Schedule, Segment
 from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, Call, DedicatedActors, Shared
-from fedmd_ray.backends.steps import Announce, Step
+from fedmd_ray.backends.steps import Announce, Step, phase_of
 from fedmd_ray.config import Config, ConfigError
 from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
 from fedmd_ray.spec import ParticipantSpec, one_per_model
@@ -152,12 +152,27 @@ class RayBackend:
 
     # ------------------------------------------------------------ calls
 
+    def _cost(self, method: str, i: int) -> float:
+        """Participant i's seconds in its last `method` call; before it has made one, its
+        transfer learning's seconds scaled by how the two compare for the others (in the first
+        round, for everyone: the longest first is then the model that transferred longest)."""
+        known = self.seconds.get(method, {})
+        if i in known:
+            return known[i]
+        base = self.seconds.get("transfer", {})
+        both = [j for j in known if j in base]
+        scale = sum(known[j] for j in both) / max(sum(base[j] for j in both), 1e-9) if both else 1.0
+        return base.get(i, 0.0) * scale
+
     def _plan(self, method: str, who: Sequence[int]) -> list[Segment]:
         """How `who`'s `method` calls share the cores: the schedule's segments, or one
         segment at the backend's window (a pool: its queue depth; 0: no limit)."""
         if self.schedule is None:
             return [Segment(SPREAD, list(who), self.window or self.depth or 0, 0)]
-        cost = {**self.seconds.get("transfer", {}), **self.seconds.get(method, {})}
+        # Probes picked by transfer learning's seconds pick the same participants for every
+        # kind of call: a probe's whole chain then runs stacked at the start of the round,
+        # not with the cores emptied for it mid-round.
+        cost = self.seconds.get("transfer") or self.seconds.get(method, {})
         segments = self.schedule.plan(method, list(who), cost)
         news = self.schedule.news(method)
         if news:
@@ -183,14 +198,13 @@ class RayBackend:
         # Longest first (by last time's seconds): a window of workers finishes sooner when
         # the long calls do not come last. Results do not depend on the order. A pool keeps
         # index order, which alternates its actors (participant i is served by actor i % k).
-        last = self.seconds.get(method, {}) if self.window else {}
         for n, segment in enumerate(segments):
             window = segment.window
             if n and segment.mode != segments[n - 1].mode:
                 # Stacked calls run alone: their seconds are what they cost on all cores.
                 self._settle(calls, running, 0)
                 running = []
-            order = sorted(segment.who, key=lambda i: -last.get(i, 0.0)) if last else segment.who
+            order = sorted(segment.who, key=lambda i: -self._cost(method, i)) if self.window else segment.who
             # A pool's queue is refilled a quarter at a time; a window of cores call by call.
             low = window - max(1, window // 4) if self.depth else window - 1
             for i in order:
@@ -348,7 +362,7 @@ class RayBackend:
         deadline_s, for those that answer in time."""
         r = self.config.resources
         need = len(who) if r.quorum >= 1 else max(1, math.ceil(r.quorum * len(who)))
-        calls = self._submit(who, "logits", self.ray.put(indices), round_)
+        calls = self._submit(who, "logits", *self._call_args("logits", (indices, round_)))
         done = self._gather(calls, "communicate", need, r.deadline_s)
         answered = [i for i in who if i in done]
         late = [i for i in who if i not in done]
@@ -377,40 +391,64 @@ class RayBackend:
     def evaluate(self, who: Sequence[int], round_: int) -> list[dict]:
         return self._each("evaluate", "evaluate", who, round_)
 
-    def steps(self, steps: Sequence[Step], announce: Announce) -> tuple[list[list[dict]], list[float]]:
+    def steps(
+        self, steps: Sequence[Step], announce: Announce, ahead: bool = False
+    ) -> tuple[list[Any], list[float]]:
         """Run `steps` (method, who, args): (each step's results, each step's wall seconds).
 
         A participant's steps depend on nobody else's, so each participant's next call goes
         out as soon as its last one answers: the cores stay busy across what would be phase
         barriers, where the sequential way idles behind the slowest participant. A step's
         wall seconds then run from the previous step's last answer to its own. A pool runs
-        step by step (its queue, not a window, keeps its actors busy)."""
+        step by step (its queue, not a window, keeps its actors busy), and not `ahead`.
+
+        A `logits` step's result is what `logits` returns. With `ahead`, the last step is the
+        next round's communicate (steps.py): if one of its calls fails, its result is None."""
+        if ahead and not self.runs_ahead:
+            raise ValueError("this backend does not run the next round's communicate ahead")
         planned = [(m, list(who), self._call_args(m, args), self._plan(m, who)) for m, who, args in steps]
         if self.depth is None and len(planned) > 1:
             everyone = sorted({i for _, who, *_ in planned for i in who})
-            announce([method for method, *_ in planned], everyone)
-            return self._chain(planned)
+            announce([phase_of(method) for method, *_ in planned], everyone)
+            return self._chain(planned, ahead)
         results, walls = [], []
         for method, who, args, segments in planned:
-            announce([method], who)
+            announce([phase_of(method)], who)
             start = time.perf_counter()
-            done = self._gather(self._submit(who, method, *args, segments=segments), method)
-            results.append([done[i].metrics for i in who])
+            done = self._gather(self._submit(who, method, *args, segments=segments), phase_of(method))
+            results.append(self._result(method, who, done))
             walls.append(time.perf_counter() - start)
         return results, walls
 
+    @property
+    def runs_ahead(self) -> bool:
+        """Whether `steps` may take the next round's communicate (actors of their own: a
+        pool runs step by step, and its queue leaves no core idle to fill)."""
+        return self.depth is None
+
+    @staticmethod
+    def _result(method: str, who: list[int], done: dict[int, Call]) -> Any:
+        if method == "logits":
+            return who, [], [done[i].payload for i in who]
+        return [done[i].metrics for i in who]
+
     def _call_args(self, method: str, args: tuple) -> tuple:
-        """A step's arguments as its calls take them: the digest's public indices put once."""
+        """A step's arguments as its calls take them: the public indices put once."""
         if method == "digest":
             consensus, indices, round_ = args
             return consensus, self.ray.put(indices), round_
+        if method == "logits":
+            indices, round_ = args
+            return self.ray.put(indices), round_
         return args
 
-    def _chain(self, planned: list) -> tuple[list[list[dict]], list[float]]:
+    def _chain(self, planned: list, ahead: bool = False) -> tuple[list[Any], list[float]]:
         """Each participant's steps in order, each call run the way its step's segments say:
         spread calls at most a window at once (0: no limit), a stacked call (a schedule
-        probe) alone on the cores. Stacked calls first, then the participant with the most
-        work left (by last seconds)."""
+        probe) alone on the cores: at the start, or at the end when it came ready while
+        spread calls ran. Stacked calls first, then the participant with the most work left
+        (by last seconds). With `ahead`, a failure in the last step is kept, not
+        raised: that step's result is None."""
         chain: dict[int, list[int]] = {}  # participant -> its steps, in order
         way: dict[tuple[int, int], Segment] = {}  # (step, participant) -> how its call runs
         for k, (_, who, _, segments) in enumerate(planned):
@@ -422,36 +460,55 @@ class RayBackend:
 
         def entry(i: int, pos: int) -> tuple:
             k = chain[i][pos]
-            work = sum(self.seconds.get(planned[j][0], {}).get(i, 0.0) for j in chain[i][pos:])
+            work = sum(self._cost(planned[j][0], i) for j in chain[i][pos:])
             return (way[k, i].mode != STACK, -work, i, pos)
 
         ready = [entry(i, 0) for i in chain]
         heapq.heapify(ready)
         pending: dict[Any, Call] = {}
         done: list[dict[int, Call]] = [{} for _ in planned]
+        last = len(planned) - 1
+        failed = False  # a call of the step run ahead
         start = time.perf_counter()
         ends = [start] * len(planned)
-        while ready or pending:
+        later: list[tuple] = []  # stacked calls that came ready while spread ones ran
+        while ready or pending or later:
+            if not ready and not pending:
+                ready, later = later, []
+                heapq.heapify(ready)
             while ready:
                 spread, _, i, pos = ready[0]
                 segment = way[chain[i][pos], i]
                 alone = any(c.mode == STACK for c in pending.values())
+                if not spread and pending and not alone:
+                    # Emptying the cores for it now would idle one behind the longest call
+                    # running: it runs at the end, once nothing else is left.
+                    later.append(heapq.heappop(ready))
+                    continue
                 full = segment.window and len(pending) >= segment.window
                 if (not spread and pending) or (spread and (alone or full)):
-                    break  # a stacked call waits for the cores to empty, spread ones for a slot
+                    break  # a stacked call waits for the one before it, spread ones for a slot
                 heapq.heappop(ready)
                 method, _, args, _ = planned[chain[i][pos]]
                 call = Call(i, method, args, segment.threads or None, segment.mode)
                 call.step, call.sent = pos, time.perf_counter()
                 metrics, call.payload = self.slots.send(call)
                 pending[metrics] = call
+            if not pending:
+                continue
             answers = self._wait(list(pending), None, want=1)
             now = time.perf_counter()
             for ref in answers:
                 call = pending[ref]
                 call.back = now
                 k = chain[call.index][call.step]
-                self._take(ref, pending, done[k], planned[k][0])
+                try:
+                    self._take(ref, pending, done[k], phase_of(planned[k][0]))
+                except FedMDError:
+                    if not (ahead and k == last):
+                        raise
+                    failed = True  # raised again when the caller runs it in its own round
+                    continue
                 if call.index not in done[k]:
                     continue  # its actor died; resent, still pending
                 ends[k] = now
@@ -461,7 +518,11 @@ class RayBackend:
         if sum(len(d) for d in done) >= TRIM_AFTER_CALLS:
             trim_heap()
         walls = [max(0.0, end - max([start, *ends[:k]])) for k, end in enumerate(ends)]
-        return [[done[k][i].metrics for i in who] for k, (_, who, _, _) in enumerate(planned)], walls
+        results = [
+            None if failed and k == last else self._result(method, who, done[k])
+            for k, (method, who, _, _) in enumerate(planned)
+        ]
+        return results, walls
 
     def end_round(self, round_: int, busy: Sequence[int] = ()) -> None:
         """Keep each participant's state where a restart can find it. Participants in `busy`
