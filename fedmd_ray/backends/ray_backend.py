@@ -104,6 +104,7 @@ class RayBackend:
         self.slots = slots_class(ray, self.specs, shared, plan, self.tag)
         self.restarts = [0] * plan.slots
         self.seconds: dict[str, dict[int, float]] = {}  # method -> participant -> last seconds
+        self._scales: dict[str, tuple[int, float]] = {}  # method -> (calls timed, its seconds / transfer's)
         self.window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
         self.depth = POOL_DEPTH * plan.slots if pooled else None
         self.schedule = self._schedule(config, pooled)
@@ -160,8 +161,12 @@ class RayBackend:
         if i in known:
             return known[i]
         base = self.seconds.get("transfer", {})
-        both = [j for j in known if j in base]
-        scale = sum(known[j] for j in both) / max(sum(base[j] for j in both), 1e-9) if both else 1.0
+        count, scale = self._scales.get(method, (-1, 1.0))
+        if count != len(known):  # once per answer, not once per participant sorted
+            both = [j for j in known if j in base]
+            total = sum(base[j] for j in both)
+            scale = sum(known[j] for j in both) / total if both and total > 0 else 1.0
+            self._scales[method] = (len(known), scale)
         return base.get(i, 0.0) * scale
 
     def _plan(self, method: str, who: Sequence[int]) -> list[Segment]:
