@@ -223,17 +223,20 @@ def run(
         # The next round's communicate may run as the last of this round's steps (steps.py):
         # only where everyone is waited for, so that the round's answered are its chosen.
         res = config.resources
-        ahead = getattr(backend, "runs_ahead", False) and res.quorum >= 1 and res.deadline_s is None
+        ahead = backend.runs_ahead and res.quorum >= 1 and res.deadline_s is None
         upcoming: tuple | None = None  # (indices, chosen, logits' result or None, its wall seconds)
-        for round_ in range(first_round, t.rounds + 1):
-            if upcoming is not None:
-                indices, chosen, early, communicate_wall = upcoming
-            else:
-                indices = public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)
-                chosen = sample_participants(config.seed, round_, len(specs), t.participation)
-                early = None
-            upcoming = None
 
+        def draw(round_: int) -> tuple[np.ndarray, list[int]]:
+            """A round's public subset and participants, drawn in round order."""
+            indices = public_subset(rng, task.public_train.y, t.public_subset_size, t.stratified_subset)
+            return indices, sample_participants(config.seed, round_, len(specs), t.participation)
+
+        for round_ in range(first_round, t.rounds + 1):
+            if upcoming is None:
+                (indices, chosen), early = draw(round_), None
+            else:
+                indices, chosen, early, communicate_wall = upcoming
+            upcoming = None
             if early is None:
                 phase("communicate", round_, chosen)
                 with recorder.timer() as clock:
@@ -241,7 +244,7 @@ def run(
                 communicate_wall = clock.seconds
             else:
                 answered, late, scores = early
-            del early
+            del early  # its score refs must go with `scores`, right after aggregation
             releases[chosen] += 1  # late ones too: their scores left them, used or not
             # The round's row carries the most-exposed participant's epsilon; the summary each one's.
             recorder.timing(
@@ -268,18 +271,15 @@ def run(
             steps = [("digest", answered, (consensus, indices, round_)), ("revisit", answered, (round_,))]
             if evaluating:
                 steps.append(("evaluate", run_now, (round_,)))
-            if ahead and round_ < t.rounds:
-                indices_next = public_subset(
-                    rng, task.public_train.y, t.public_subset_size, t.stratified_subset
-                )
-                chosen_next = sample_participants(config.seed, round_ + 1, len(specs), t.participation)
+            next_ahead = ahead and round_ < t.rounds
+            if next_ahead:
+                indices_next, chosen_next = draw(round_ + 1)
                 steps.append(("logits", chosen_next, (indices_next, round_ + 1)))
-                results, walls = backend.steps(
-                    steps, lambda kinds, who, r=round_: phase(kinds, r, who), ahead=True
-                )
+            results, walls = backend.steps(
+                steps, lambda kinds, who, r=round_: phase(kinds, r, who), ahead=next_ahead
+            )
+            if next_ahead:
                 upcoming = (indices_next, chosen_next, results.pop(), walls.pop())
-            else:
-                results, walls = backend.steps(steps, lambda kinds, who, r=round_: phase(kinds, r, who))
             recorder.phase(round_, "digest", results[0], walls[0], answered)
             recorder.phase(round_, "revisit", results[1], walls[1], answered)
             if evaluating:

@@ -129,14 +129,23 @@ def test_fractional_gpus_are_placed(ray_session):
 
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
-def test_a_failing_participant_stops_the_run_by_name_and_keeps_results(ray_session, out_dir, backend):
-    config = tiny_config(faults=["1:digest:2"], resources={"backend": backend}, train={"rounds": 3})
+@pytest.mark.parametrize("phase", ["digest", "communicate"])
+def test_a_failing_participant_stops_the_run_by_name_and_keeps_results(ray_session, out_dir, backend, phase):
+    """Round 2 fails; all of round 1 is written. On Ray round 2's scores are computed with
+    round 1's last steps, and a failure there still stops the run in round 2's communicate,
+    as on the local backend."""
+    config = tiny_config(faults=[f"1:{phase}:2"], resources={"backend": backend}, train={"rounds": 3})
     with pytest.raises(ParticipantError) as info:
         run(config, out_dir, progress=None)
-    assert "Participant 'p01-cnn3' failed during digest" in str(info.value)
-    assert "simulated fault in digest of round 2" in str(info.value)
+    assert f"Participant 'p01-cnn3' failed during {phase}" in str(info.value)
+    assert f"simulated fault in {phase} of round 2" in str(info.value)
     rows = pq.read_table(out_dir / "metrics.parquet").to_pylist()
     assert {r["round"] for r in rows if r["phase"] == "evaluate"} == {1}
+    assert {r["participant"] for r in rows if r["round"] == 1 and r["phase"] == "evaluate"} == {
+        "p00-cnn2",
+        "p01-cnn3",
+        "p02-cnn2",
+    }
     assert "Incomplete run" in (out_dir / "summary.md").read_text()
 
 

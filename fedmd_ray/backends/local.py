@@ -97,9 +97,13 @@ class LocalBackend:
     def evaluate(self, who: Sequence[int], round_: int) -> list[dict]:
         return self._each("evaluate", "evaluate", who, round_)
 
-    def steps(self, steps: Sequence[Step], announce: Announce) -> tuple[list[list[dict]], list[float]]:
+    def steps(
+        self, steps: Sequence[Step], announce: Announce, ahead: bool = False
+    ) -> tuple[list[Any], list[float]]:
         """Run `steps` (method, who, args), each phase for everyone before the next: (each
-        step's results, each step's wall seconds)."""
+        step's results, each step's wall seconds). Never `ahead` (see runs_ahead)."""
+        if ahead:
+            raise ValueError("the local backend does not run the next round's communicate ahead")
         results, walls = [], []
         for method, who, args in steps:
             announce([phase_of(method)], list(who))
