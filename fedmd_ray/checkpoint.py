@@ -21,6 +21,9 @@ from fedmd_ray.files import atomic_write
 
 FOLDER = "checkpoint"
 MANIFEST = "latest.json"
+FORMAT = 2
+"""The checkpoint layout: participant states hold only what training needs (format 1 also
+kept what the last scores call measured)."""
 FREE_KEYS = ("name", "faults", "checkpoint_every", "resources", "train.rounds")
 """Keys that may change between a run and its resume."""
 
@@ -43,6 +46,7 @@ def write(out_dir: Path, round_: int, config: Config, participants: dict[str, di
     """Point the manifest at round `round_` (whose files are written), then drop older rounds."""
     folder = Path(out_dir) / FOLDER
     manifest = {
+        "format": FORMAT,
         "round": round_,
         "fingerprint": fingerprint(config),
         "identity": identity(config),
@@ -72,6 +76,11 @@ def read(out_dir: Path, config: Config, names: list[str]) -> tuple[int, Path, di
         raise CheckpointError(
             f"The checkpoint manifest {path} is damaged ({exc}); start the run afresh."
         ) from None
+    if manifest.get("format", 1) != FORMAT:
+        raise CheckpointError(
+            f"The checkpoint in {out_dir} was written by another version of fedmd_ray (format "
+            f"{manifest.get('format', 1)}; this one reads format {FORMAT}); start the run afresh."
+        )
     if manifest.get("fingerprint") != fingerprint(config):
         ours = identity(config)
         theirs = manifest.get("identity", {})

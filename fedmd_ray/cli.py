@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedmd_ray import checks
 from fedmd_ray import config as config_lib
 from fedmd_ray.errors import CheckpointError, FedMDError
 from fedmd_ray.presets import PRESETS, get_preset, scale
@@ -40,7 +41,7 @@ def resolve_config(
         flags.setdefault("resources", {})["address"] = address
     values = config_lib.merge(values, flags)
     values = config_lib.merge(values, config_lib.parse_overrides(overrides))
-    return config_lib.from_dict(values)
+    return checks.from_dict(values)
 
 
 def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path]:
@@ -61,10 +62,9 @@ def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path]:
 
 def _run(args: argparse.Namespace) -> int:
     from fedmd_ray.fedmd import run
-    from fedmd_ray.tracking import parse_log
 
     if args.log:
-        args.set = [*args.set, f"log={json.dumps(parse_log(args.log))}"]
+        args.set = [*args.set, f"log={args.log}"]
 
     if args.resume:
         config, out = _resumed_config(args)

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from fedmd_ray.config import flatten
 from fedmd_ray.errors import ConfigError
-from fedmd_ray.results import integer_rounds, is_result
+from fedmd_ray.phases import Phase
+from fedmd_ray.report import integer_rounds, is_result
 
 COLUMNS = (
     ("lower_bound", "lower bound"),
@@ -41,7 +42,7 @@ def load_run(path: Path) -> dict:
     if metrics.exists():
         columns = ["round", "participant", "phase", "accuracy", "note"]
         for r in pq.read_table(metrics, columns=columns).to_pylist():
-            if is_result(r, "evaluate"):
+            if is_result(r, Phase.EVALUATE):
                 curve.setdefault(r["round"], []).append(r["accuracy"])
     return {
         "path": path,

@@ -7,15 +7,13 @@ fix it, so a typo in `--set train.round=5` is caught before Ray starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmd_ray.errors import ConfigError
+from fedmd_ray.errors import ConfigError, did_you_mean
 
 __all__ = [
     "Config",
@@ -180,16 +178,15 @@ class ResourcesConfig:
     device: str = "auto"
     """'auto' (CUDA when the participant was given a GPU), 'cpu' or 'cuda'."""
     torch_threads: int | None = None
-    """Torch threads per participant; None derives it from its CPU share."""
+    """Torch threads per participant. None: its CPU share, rounded down (at least 1), where
+    the share is resources.num_cpus, or the cluster's CPUs split evenly over the
+    participants (this machine's cores with the local backend). The same on both backends
+    and for a pool, so they compute the same numbers: the thread count changes how torch
+    rounds its sums."""
     max_concurrent: int | None = None
     """Ray backend: at most this many participants compute at once. None: all of them on
-    GPUs; on CPUs, as many as the cores allow (more would only time-slice the same cores)."""
-    schedule: str = "auto"
-    """Ray backend on one CPU machine with more participants than cores: 'spread' (as many
-    participants at once as cores, one thread each), 'stack' (one at a time on every core,
-    like the local loop), or 'auto' (each round phase measured both ways in the first rounds,
-    then run the faster way). Pinning resources.torch_threads or max_concurrent, or setting
-    deadline_s, means spread."""
+    GPUs; on CPUs, as many as the cores hold at torch_threads each (more would only
+    time-slice the same cores). Changes the speed, never the numbers."""
     quorum: float = 1.0
     """Ray backend: the consensus is formed once this fraction of the round's participants
     has sent scores (and, with deadline_s, the deadline has passed). The rest are late: they
@@ -255,9 +252,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{hint} Known keys: {', '.join(sorted(known))}."
+    return f"{did_you_mean(key, known, cutoff=0.5)} Known keys: {', '.join(sorted(known))}."
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -326,7 +321,8 @@ def _from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """Build a Config from nested dicts (defaults fill what is missing), then validate it."""
+    """Build a Config from nested dicts (defaults fill what is missing) and check its values
+    (`validate`). Whether its names resolve (models, datasets, files) is `checks.check`'s."""
     config = _from_dict(Config, values)
     validate(config)
     return config
@@ -399,43 +395,28 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- values
 
 BACKENDS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-SCHEDULES = ("auto", "spread", "stack")
 PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_class")
-DIGEST_LOSSES = ("mae", "mse", "kl")
 OPTIMIZERS = ("adam", "sgd")
 SCALINGS = ("symmetric", "mean_image")
 BATCHNORMS = ("keras", "torch")
+PRIVATE_LABELS = ("fine", "coarse")
+PAYLOADS = ("float32", "float16", "topk")
+ATTACKS = ("random", "scaled", "label_flip")
+ACCOUNTANTS = ("auto", "pld", "rdp", "gdp")
+NOISE_SEEDS = ("config", "secret")
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"'{key}' is '{value}'; it must be one of {', '.join(choices)}.{hint}")
-
-
-def _check_plugin(key: str, value: str, builtins: tuple[str, ...]) -> None:
-    """A built-in name, or a user's (registered, module:function, file.py:function) that
-    resolves on this machine."""
-    if value in builtins:
-        return
-    import fedmd_ray.participant  # noqa: F401  (registers the built-in digest losses)
-    from fedmd_ray.plugins import CONSENSUS, parse_spec
-    from fedmd_ray.plugins import DIGEST_LOSSES as LOSSES
-
-    registry = CONSENSUS if key == "train.consensus" else LOSSES
-    spec = parse_spec(value) if ":" in value or "?" in value else None
-    if spec is None and registry.get(value) is None:
-        _check_choice(key, value, tuple(registry.names()))
-    try:
-        registry.check(value)
-    except ConfigError as exc:
-        raise ConfigError(f"'{key}': {exc}") from None
+        raise ConfigError(
+            f"'{key}' is '{value}'; it must be one of {', '.join(choices)}.{did_you_mean(value, choices)}"
+        )
 
 
 def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> None:
@@ -446,23 +427,31 @@ def _check_positive(key: str, value: float | None, allow_zero: bool = False) -> 
         raise ConfigError(f"'{key}' is {value}; it must be {need}.")
 
 
-def validate(config: Config) -> None:
-    """Raise ConfigError for the first value that cannot work, naming its key."""
-    # Local imports keep config free of torch at import time.
-    from fedmd_ray.consensus import AGGREGATORS
-    from fedmd_ray.data import check_dataset_name
-    from fedmd_ray.model_names import check_model_name
+def _check_fraction(key: str, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ConfigError(f"'{key}' is {value}; it must be a fraction in (0, 1].")
 
+
+def validate(config: Config) -> None:
+    """Raise ConfigError for the first value that cannot work, naming its key. Checks the
+    values themselves; `checks.check` checks that names resolve. Changes nothing."""
     if not config.models:
         raise ConfigError("'models' is empty; name at least one model, e.g. models=[\"cnn2\"].")
-    for name in config.models:
-        check_model_name(name)
     if config.participants is not None and config.participants < 1:
         raise ConfigError(f"'participants' is {config.participants}; it must be at least 1.")
-    check_dataset_name(config.data.public)
-    check_dataset_name(config.data.private)
-    if config.data.private_label not in ("fine", "coarse"):
-        raise ConfigError(f"'data.private_label' is '{config.data.private_label}'; use fine or coarse.")
+    _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
+    for name in config.log:
+        _check_choice("log", name, TRACKERS)
+    _validate_data(config.data)
+    _validate_partition(config.partition)
+    _validate_train(config.train)
+    _validate_sharing(config.sharing, config.num_participants)
+    _validate_resources(config.resources)
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check_choice("data.private_label", d.private_label, PRIVATE_LABELS)
+    _check_choice("data.scaling", d.scaling, SCALINGS)
     for key in (
         "public_train_size",
         "test_size",
@@ -470,27 +459,29 @@ def validate(config: Config) -> None:
         "synthetic_train_per_class",
         "synthetic_test_per_class",
     ):
-        _check_positive(f"data.{key}", getattr(config.data, key))
+        _check_positive(f"data.{key}", getattr(d, key))
+    if d.input_shape is not None and (
+        len(d.input_shape) != 3 or any(not isinstance(v, int) or v < 1 for v in d.input_shape)
+    ):
+        raise ConfigError(
+            f"'data.input_shape' is {d.input_shape}; it must be three positive whole numbers "
+            "(channels, height, width), e.g. [1, 28, 28]."
+        )
 
-    _check_choice("data.scaling", config.data.scaling, SCALINGS)
-    _check_choice("partition.kind", config.partition.kind, PARTITIONS)
-    _check_positive("partition.samples_per_class", config.partition.samples_per_class)
-    _check_positive("partition.samples_per_participant", config.partition.samples_per_participant)
-    _check_positive("partition.alpha", config.partition.alpha)
-    _check_positive("partition.min_writer_samples", config.partition.min_writer_samples)
 
-    t = config.train
+def _validate_partition(p: PartitionConfig) -> None:
+    _check_choice("partition.kind", p.kind, PARTITIONS)
+    for key in ("samples_per_class", "samples_per_participant", "alpha", "min_writer_samples"):
+        _check_positive(f"partition.{key}", getattr(p, key))
+
+
+def _validate_train(t: TrainConfig) -> None:
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_choice("train.batchnorm", t.batchnorm, BATCHNORMS)
-    _check_positive("train.evaluate_every", t.evaluate_every)
-    _check_positive("train.private_patience", t.private_patience)
-    _check_positive("train.private_min_delta", t.private_min_delta, allow_zero=True)
-    _check_plugin("train.digest_loss", t.digest_loss, DIGEST_LOSSES)
-    _check_plugin("train.consensus", t.consensus, tuple(AGGREGATORS))
-    _check_positive("train.lr", t.lr)
-    _check_positive("train.digest_lr", t.digest_lr)
-    _check_positive("train.temperature", t.temperature)
-    _check_positive("train.min_delta", t.min_delta, allow_zero=True)
+    for key in ("lr", "digest_lr", "temperature", "era_temperature", "evaluate_every", "private_patience"):
+        _check_positive(f"train.{key}", getattr(t, key))
+    for key in ("min_delta", "private_min_delta"):
+        _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
     for key in (
         "public_batch_size",
         "private_batch_size",
@@ -509,96 +500,48 @@ def validate(config: Config) -> None:
         "upper_bound_epochs",
     ):
         _check_positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if not 0 <= t.trim_fraction < 0.5:
+        raise ConfigError(f"'train.trim_fraction' is {t.trim_fraction}; it must be in [0, 0.5).")
+    _check_fraction("train.participation", t.participation)
 
-    sh = config.sharing
-    from fedmd_ray.sharing import ATTACKS, PAYLOADS
 
+def _validate_sharing(sh: SharingConfig, participants: int) -> None:
     _check_choice("sharing.payload", sh.payload, PAYLOADS)
     _check_choice("sharing.attack", sh.attack, ATTACKS)
+    _check_choice("sharing.accountant", sh.accountant, ACCOUNTANTS)
+    _check_choice("sharing.noise_seed", sh.noise_seed, NOISE_SEEDS)
     _check_positive("sharing.topk", sh.topk)
     _check_positive("sharing.clip", sh.clip)
     _check_positive("sharing.noise_multiplier", sh.noise_multiplier, allow_zero=True)
     _check_positive("sharing.attack_scale", sh.attack_scale)
-    from fedmd_ray.privacy import ACCOUNTANTS
-
-    _check_choice("sharing.accountant", sh.accountant, ACCOUNTANTS)
-    _check_choice("sharing.noise_seed", sh.noise_seed, ("config", "secret"))
     if not 0 < sh.delta < 1:
         raise ConfigError(f"'sharing.delta' is {sh.delta}; it must be between 0 and 1.")
     if sh.noise_multiplier > 0 and sh.clip is None:
         raise ConfigError(
             "'sharing.noise_multiplier' needs 'sharing.clip' (noise is scaled to the clip norm)."
         )
-    bad = [i for i in sh.adversaries if not 0 <= i < config.num_participants]
+    bad = [i for i in sh.adversaries if not 0 <= i < participants]
     if bad:
-        raise ConfigError(
-            f"'sharing.adversaries' names {bad}; participants are 0..{config.num_participants - 1}."
-        )
-    if not 0 <= t.trim_fraction < 0.5:
-        raise ConfigError(f"'train.trim_fraction' is {t.trim_fraction}; it must be in [0, 0.5).")
-    _check_positive("train.era_temperature", t.era_temperature)
+        raise ConfigError(f"'sharing.adversaries' names {bad}; participants are 0..{participants - 1}.")
 
-    for fault in config.faults:
-        parse_fault(fault, config.num_participants)
 
-    r = config.resources
+def _validate_resources(r: ResourcesConfig) -> None:
     _check_choice("resources.backend", r.backend, BACKENDS)
     _check_choice("resources.device", r.device, DEVICES)
     if r.placement is not None:
         _check_choice("resources.placement", r.placement, PLACEMENTS)
     _check_positive("resources.num_cpus", r.num_cpus)
     _check_positive("resources.num_gpus", r.num_gpus, allow_zero=True)
-    _check_positive("resources.torch_threads", r.torch_threads)
-    _check_positive("resources.max_concurrent", r.max_concurrent)
-    _check_choice("resources.schedule", r.schedule, SCHEDULES)
-    if r.schedule == "stack" and (r.torch_threads or r.max_concurrent):
-        raise ConfigError(
-            "'resources.schedule' is 'stack' (one participant at a time on every core), which "
-            "sets the threads and the concurrency itself; drop resources.torch_threads and "
-            "resources.max_concurrent, or use schedule 'spread'."
-        )
-    _check_positive("resources.deadline_s", r.deadline_s)
+    for key in ("torch_threads", "max_concurrent", "deadline_s", "actors"):
+        _check_positive(f"resources.{key}", getattr(r, key))
     _check_positive("resources.max_restarts", r.max_restarts, allow_zero=True)
-    _check_positive("resources.actors", r.actors)
+    _check_fraction("resources.quorum", r.quorum)
     if r.runtime_env is not None and not isinstance(r.runtime_env, dict):
         raise ConfigError(
             f'\'resources.runtime_env\' must be a mapping, e.g. {{"pip": ["timm"]}}; got {r.runtime_env!r}.'
         )
-    _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
-    from fedmd_ray.tracking import parse_log
-
-    config.log = parse_log(config.log)
-    for key, value in (("train.participation", t.participation), ("resources.quorum", r.quorum)):
-        if not 0 < value <= 1:
-            raise ConfigError(f"'{key}' is {value}; it must be a fraction in (0, 1].")
     if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
         raise ConfigError(
             f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "
             "(Ray cannot give an actor 1.5 GPUs). Use a fraction in (0, 1] or 2, 3, ..."
         )
-
-
-FAULT_PHASES = ("transfer", "communicate", "digest", "revisit", "evaluate")
-
-
-def parse_fault(text: str, participants: int) -> tuple[int, str, int, str]:
-    """'2:digest:3[:exit|:sleep5]' -> (2, 'digest', 3, 'raise' | 'exit' | 'sleep5')."""
-    parts = text.split(":")
-    try:
-        index, phase, round_ = int(parts[0]), parts[1], int(parts[2])
-        mode = parts[3] if len(parts) > 3 else "raise"
-    except (IndexError, ValueError):
-        raise ConfigError(
-            f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit|:sleepSECONDS], e.g. 1:digest:2."
-        ) from None
-    if (
-        not 0 <= index < participants
-        or phase not in FAULT_PHASES
-        or not (mode in ("raise", "exit") or re.fullmatch(r"sleep\d+(\.\d+)?", mode))
-        or len(parts) > 4
-    ):
-        raise ConfigError(
-            f"Fault '{text}': index must be 0..{participants - 1}, phase one of "
-            f"{', '.join(FAULT_PHASES)}, and the mode 'raise', 'exit' or 'sleepSECONDS'."
-        )
-    return index, phase, round_, mode

@@ -13,6 +13,7 @@ import numpy as np
 
 from fedmd_ray.errors import ConfigError, ConsensusError
 from fedmd_ray.plugins import CONSENSUS, Code, parse_spec
+from fedmd_ray.protocol import ConsensusPlan
 
 
 def _softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -147,18 +148,18 @@ def aggregate(
     return out
 
 
-def form_consensus(payloads: Sequence, names: Sequence[str], plan: dict) -> np.ndarray:
+def form_consensus(payloads: Sequence, names: Sequence[str], plan: ConsensusPlan) -> np.ndarray:
     """What both backends run: decode what participants sent, aggregate it as `plan` says
     (method, weights, options), and cast it for the trip back (float16 travels as float16)."""
     from fedmd_ray.sharing import decode
 
     consensus = aggregate(
         [decode(p) for p in payloads],
-        plan["method"],
-        plan.get("weights"),
+        plan.method,
+        plan.weights,
         names,
-        plan.get("code"),
-        plan.get("function"),
-        **plan.get("options", {}),
+        plan.code,
+        plan.function,
+        **plan.options,
     )
-    return consensus.astype(plan.get("dtype", "float32"))
+    return consensus.astype(plan.dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmd_ray.errors import ConfigError, DatasetError
+from fedmd_ray.errors import ConfigError, DatasetError, did_you_mean
 from fedmd_ray.plugins import DATASETS as REGISTRY
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -85,11 +85,8 @@ def check_dataset_name(name: str) -> None:
     if ":" in name:
         REGISTRY.check(name)  # a user's loader: module:function or file.py:function
         return
-    import difflib
-
     known = [*DATASETS, *REGISTRY.user]
-    close = difflib.get_close_matches(name.lower(), [*known, *_ALIASES], n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(name.lower(), [*known, *_ALIASES])
     raise ConfigError(
         f"Unknown dataset '{name}'.{hint} Known datasets: {', '.join(known)}; or your own: {', '.join(FORMS)}."
     )
@@ -259,12 +256,10 @@ def _load_torchvision(name: str, train: bool, root: Path, download: bool, source
 
     cls = getattr(tvd, name, None)
     if cls is None or not isinstance(cls, type):
-        import difflib
-
         known = [n for n in dir(tvd) if n[:1].isupper()]
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Dataset '{source}': torchvision has no dataset '{name}'.{hint}")
+        raise ConfigError(
+            f"Dataset '{source}': torchvision has no dataset '{name}'.{did_you_mean(name, known)}"
+        )
     if download:
         root.mkdir(parents=True, exist_ok=True)
     attempts = ({"train": train}, {"split": "train" if train else "test"})

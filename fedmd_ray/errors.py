@@ -1,6 +1,11 @@
 """The errors fedmd_ray raises on purpose. Each message says what is wrong and how to fix it;
 the CLI prints it without a traceback."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class FedMDError(Exception):
     """Base of every error a user can act on."""
@@ -41,3 +46,10 @@ class ResourceError(FedMDError, RuntimeError):
 
 class CheckpointError(FedMDError, RuntimeError):
     """A checkpoint that is missing, damaged, or from a different configuration."""
+
+
+def did_you_mean(value: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """' Did you mean 'x'?' for the choice closest to `value`, or '' when none is close:
+    the one suggestion every error about a misspelt name ends with."""
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=cutoff)
+    return f" Did you mean '{close[0]}'?" if close else ""

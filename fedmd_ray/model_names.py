@@ -4,9 +4,7 @@ actors never loads it (models.py builds the models)."""
 
 from __future__ import annotations
 
-import difflib
-
-from fedmd_ray.errors import ConfigError
+from fedmd_ray.errors import ConfigError, did_you_mean
 from fedmd_ray.plugins import MODELS, parse_spec
 
 TORCHVISION_MODELS = (
@@ -35,10 +33,8 @@ def parse_model_name(name: str) -> tuple[str, tuple]:
     base, _, params = name.strip().partition(":")
     if base not in KNOWN_MODELS:
         names = [*KNOWN_MODELS, *MODELS.user, *MODELS.entry_points()]
-        close = difflib.get_close_matches(base, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"Unknown model '{name}'.{hint} Known models: {', '.join(names)} "
+            f"Unknown model '{name}'.{did_you_mean(base, names)} Known models: {', '.join(names)} "
             "(paper CNNs take filters and dropout, e.g. cnn2:128,384,0.2), or your own: "
             "package.module:factory or path/to/file.py:factory."
         )

@@ -152,16 +152,17 @@ def check_model(
     who: str,
     factory: object = None,
     code: Code | None = None,
+    batchnorm: str = "keras",
 ) -> nn.Module:
     """Build model `name` and run it on `sample` (a batch of two real inputs, prepared as
     training prepares them); refuse, in one line naming `who`, anything that is not an
-    nn.Module mapping the batch to (2, num_classes) finite scores."""
+    nn.Module mapping the batch to (2, num_classes) finite scores. Returns the model."""
 
     def fail(what: str) -> ConfigError:
         return ConfigError(f"Model '{name}' of {who}: {what}")
 
     try:
-        model = build_model(name, tuple(sample.shape[1:]), num_classes, code, factory)
+        model = build_model(name, tuple(sample.shape[1:]), num_classes, code, factory, batchnorm)
     except ConfigError as exc:
         raise fail(str(exc)) from None
     except Exception as exc:

@@ -2,7 +2,8 @@
 
 This class knows nothing of Ray: the `local` backend calls it directly, the `ray` backend
 wraps it in an actor. Every method seeds torch and numpy from (run seed, participant,
-phase, round), so a participant computes the same numbers in any process.
+phase, round) and runs on the torch threads its spec names, so a participant computes the
+same numbers in any process. Its state is what training needs and nothing else.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmd_ray import sharing
-from fedmd_ray.errors import CheckpointError
+from fedmd_ray.errors import CheckpointError, FedMDError, ParticipantError
+from fedmd_ray.faults import fire
 from fedmd_ray.files import atomic_write
 from fedmd_ray.models import build_model, check_model, parameter_count
-from fedmd_ray.plugins import DIGEST_LOSSES, Code
-from fedmd_ray.spec import ParticipantSpec, one_per_model
+from fedmd_ray.phases import Phase
+from fedmd_ray.plugins import BUILTIN_DIGEST_LOSSES, DIGEST_LOSSES, Code
+from fedmd_ray.spec import ParticipantSpec
 
+STATE_FORMAT = 2
+"""The layout of get_state's blob (and of checkpoint files); older ones are refused."""
 EVAL_BATCH_SIZE = 1024
 CPU_EVAL_BATCH_SIZE = 128
 """Inference chunk on CPU: the paper CNNs keep full-resolution activation maps, and at 1024
@@ -81,9 +87,36 @@ def prepare(x: np.ndarray, device: torch.device, mean: torch.Tensor | None = Non
     return t.long()
 
 
-BUILTIN_DIGEST_LOSSES = ("mae", "mse", "kl")
-for _name in BUILTIN_DIGEST_LOSSES:
-    DIGEST_LOSSES.add_builtin(_name, _name)
+def use_threads(threads: int | None) -> None:
+    """Run torch on `threads` threads from now on (None: leave them as they are). Calls
+    set it every time: a pool actor serves participants one after another, and the count
+    decides how torch splits, and so rounds, its sums."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def run_call(participant: Participant, phase: Phase, *args: Any) -> tuple[dict, Any]:
+    """One call as every backend makes it: (metrics for the driver, payload). The payload is
+    what a communicate sends (scores); the metrics are numbers only, and say how long the
+    call computed."""
+    use_threads(participant.spec.torch_threads)
+    start = time.perf_counter()
+    out = getattr(participant, phase.method)(*args)
+    seconds = time.perf_counter() - start
+    if phase == Phase.COMMUNICATE:
+        return {"seconds": seconds, "bytes_sent": sharing.nbytes(out)}, out
+    return {**out, "seconds": seconds}, None
+
+
+def build_participant(spec: ParticipantSpec, *data: Any) -> Participant:
+    """A participant, or the one-line error that says why it cannot be built (its model,
+    its digest loss), naming it."""
+    try:
+        return Participant(spec, *data)
+    except FedMDError:
+        raise
+    except Exception as exc:
+        raise ParticipantError(spec.name, Phase.SETUP, f"{type(exc).__name__}: {exc}") from exc
 
 
 def digest_loss(
@@ -102,18 +135,6 @@ def digest_loss(
         * t
         * t
     )
-
-
-def check_models(specs: list[ParticipantSpec], sample_x: np.ndarray, num_classes: int) -> None:
-    """Build each distinct model once and run it on `sample_x` (two real public samples)
-    before any participant starts: a model that cannot be built, or gives scores of the
-    wrong shape, is refused in one line that names its participant."""
-    sample = prepare(sample_x, torch.device("cpu"))
-    for spec in one_per_model(specs):
-        torch.manual_seed(0)
-        check_model(
-            spec.model, sample, num_classes, f"participant {spec.name}", spec.model_factory, spec.code
-        )
 
 
 def digest_loss_function(kind: str, temperature: float, code: Code | None = None, function: object = None):
@@ -186,8 +207,7 @@ class Participant:
         private: tuple[np.ndarray, np.ndarray],
         test: tuple[np.ndarray, np.ndarray],
     ):
-        if spec.torch_threads:
-            torch.set_num_threads(spec.torch_threads)
+        use_threads(spec.torch_threads)
         keep_freed_memory()
         self.spec = spec
         self.name = spec.name
@@ -208,15 +228,14 @@ class Participant:
         self.private_y = torch.from_numpy(np.array(private[1], dtype=np.int64)).to(self.device)
         self.test_x, self.test_y = test
         self._seed(phase="init")
-        self.model = self._build().to(self.device)
+        self.model = self._checked_model(public_x[:2])
         self.digest_fn = digest_loss_function(
             self.cfg.digest_loss, self.cfg.temperature, spec.code, spec.digest_function
         )
         self.public_state: dict | None = None
+        """The public-pretrained weights, kept from transfer learning until the upper bound."""
         self.digest_opt = self._optimizer(self.model, self.cfg.digest_lr)
         self.private_opt = self._optimizer(self.model)
-        self._sent_bytes = 0
-        self._logits_seconds = 0.0
         self.restored = False
         self.report = None
         """Where progress events go (set by the backend); None: nowhere."""
@@ -224,18 +243,17 @@ class Participant:
     # ------------------------------------------------------------ state
 
     def get_state(self) -> bytes:
-        """Everything that changes between calls: weights, both optimizers, the public
-        weights kept for the upper bound. Random state needs no saving: every call seeds
-        itself from (seed, participant, phase, round)."""
+        """Everything training changes between calls: weights, both optimizers, and until
+        the upper bound has used them, the public weights. Random state needs no saving:
+        every call seeds itself from (seed, participant, phase, round)."""
         buffer = io.BytesIO()
         torch.save(
             {
+                "format": STATE_FORMAT,
                 "model": self.model.state_dict(),
                 "digest_opt": self.digest_opt.state_dict(),
                 "private_opt": self.private_opt.state_dict(),
                 "public_state": self.public_state,
-                "sent_bytes": self._sent_bytes,
-                "logits_seconds": self._logits_seconds,
             },
             buffer,
         )
@@ -247,12 +265,16 @@ class Participant:
         unpickler, 2.5x slower on a tiny model's state (3.6 vs 1.4 ms), is skipped; files
         are always read with it."""
         state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=not trusted)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(
+                f"{self.name}: its saved state is of an older fedmd_ray (format "
+                f"{state.get('format', 1) if isinstance(state, dict) else '?'}, this one reads "
+                f"{STATE_FORMAT}); start the run afresh."
+            )
         self.model.load_state_dict(state["model"])
         self.digest_opt.load_state_dict(state["digest_opt"])
         self.private_opt.load_state_dict(state["private_opt"])
         self.public_state = state["public_state"]
-        self._sent_bytes = state["sent_bytes"]
-        self._logits_seconds = state["logits_seconds"]
         self.restored = restored
 
     def save(self, path: str) -> dict:
@@ -286,23 +308,34 @@ class Participant:
         s = self.spec
         return build_model(s.model, s.image_shape, s.num_classes, s.code, s.model_factory, s.train.batchnorm)
 
+    def _checked_model(self, sample_x: np.ndarray) -> nn.Module:
+        """The model, built and run once on two real public samples before any training: a
+        factory that fails, returns no nn.Module or gives scores of the wrong shape is
+        refused in one line naming this participant."""
+        s = self.spec
+        sample = prepare(
+            sample_x, torch.device("cpu"), self.public_mean.cpu() if self.public_mean is not None else None
+        )
+        model = check_model(
+            s.model,
+            sample,
+            s.num_classes,
+            f"participant {s.name}",
+            s.model_factory,
+            s.code,
+            s.train.batchnorm,
+        )
+        return model.to(self.device)
+
     def _seed(self, phase: str, round_: int = 0) -> np.random.Generator:
         key = f"{self.spec.seed}/{self.spec.index}/{phase}/{round_}".encode()
         seed = zlib.crc32(key)
         torch.manual_seed(seed)
         return np.random.default_rng(seed)
 
-    def _maybe_fail(self, phase: str, round_: int = 0) -> None:
-        if self.restored:
-            return  # simulated crashes are one-offs: the replacement does not crash again
-        for fault_phase, fault_round, mode in self.spec.faults:
-            if (fault_phase, fault_round) == (phase, round_):
-                if mode == "exit":
-                    os._exit(1)  # a crash, as if killed: no exception, no cleanup
-                if mode.startswith("sleep"):
-                    time.sleep(float(mode[len("sleep") :]))  # a straggler
-                    continue
-                raise RuntimeError(f"simulated fault in {phase} of round {round_}")
+    def _maybe_fail(self, phase: Phase, round_: int = 0) -> None:
+        if not self.restored:  # simulated crashes are one-offs: the replacement does not crash again
+            fire(self.spec.faults, phase, round_)
 
     def _optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
         lr = lr or self.cfg.lr
@@ -395,10 +428,9 @@ class Participant:
     def transfer(self) -> dict:
         """Transfer learning: the public data (early stopping on its validation split), then
         the private data. The test accuracy after this is the participant's lower bound."""
-        start = time.perf_counter()
-        self._maybe_fail("transfer")
+        self._maybe_fail(Phase.TRANSFER)
         cfg = self.cfg
-        rng = self._seed("transfer")
+        rng = self._seed(Phase.TRANSFER)
         opt = self._optimizer(self.model)
         best, stale, public_epochs, public_acc = -1.0, 0, 0, float("nan")
         val_x, val_y = self.public_val
@@ -432,7 +464,8 @@ class Participant:
                     )
                     break
             ticker.advance(text=f"public epoch {epoch}/{cfg.public_epochs} done" + _val(public_acc))
-        self.public_state = copy.deepcopy(self.model.state_dict())
+        if cfg.upper_bound:
+            self.public_state = copy.deepcopy(self.model.state_dict())
         # One optimiser for the private data from here on: the authors' Keras classifier
         # keeps its Adam state from this private training into every revisit.
         self.private_opt = self._optimizer(self.model)
@@ -454,15 +487,13 @@ class Participant:
             "public_accuracy": public_acc,
             "public_epochs": public_epochs,
             "private_epochs": private_epochs,
-            "seconds": time.perf_counter() - start,
         }
 
-    def logits(self, indices: np.ndarray, round_: int) -> np.ndarray | dict:
-        """Communicate: class scores on the round's public subset, as they leave this
-        participant (corrupted if it is an adversary, privatised, encoded)."""
-        start = time.perf_counter()
-        self._maybe_fail("communicate", round_)
-        rng = self._seed("logits", round_)
+    def communicate(self, indices: np.ndarray, round_: int) -> np.ndarray | dict:
+        """Class scores on the round's public subset, as they leave this participant
+        (corrupted if it is an adversary, privatised, encoded). Changes nothing here."""
+        self._maybe_fail(Phase.COMMUNICATE, round_)
+        rng = self._seed(Phase.COMMUNICATE, round_)
         scores = self._scores(self.model, self.public_x[indices], self.public_mean).float().cpu().numpy()
         out = self.spec.sharing
         if self.spec.adversary:
@@ -470,44 +501,26 @@ class Participant:
         if out.clip is not None:
             noise_rng = rng if out.noise_seed == "config" else np.random.default_rng()  # OS entropy
             scores = sharing.privatise(scores, out.clip, out.noise_multiplier, noise_rng)
-        payload = sharing.encode(scores, out.payload, out.topk)
-        self._sent_bytes = sharing.nbytes(payload)
-        self._logits_seconds = time.perf_counter() - start
-        return payload
+        return sharing.encode(scores, out.payload, out.topk)
 
     def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> dict:
         """Digest: train towards the consensus on the public subset."""
-        start = time.perf_counter()
-        self._maybe_fail("digest", round_)
-        rng = self._seed("digest", round_)
+        self._maybe_fail(Phase.DIGEST, round_)
+        rng = self._seed(Phase.DIGEST, round_)
         x = prepare(self.public_x[indices], self.device, self.public_mean)
         target = torch.from_numpy(np.array(consensus, dtype=np.float32)).to(self.device)
         cfg = self.cfg
         loss = float("nan")
         for _ in range(cfg.digest_epochs):
             loss = self._fit(
-                self.model,
-                self.digest_opt,
-                x,
-                target,
-                cfg.digest_batch_size,
-                rng,
-                self.digest_fn,
+                self.model, self.digest_opt, x, target, cfg.digest_batch_size, rng, self.digest_fn
             )
-        return {
-            "loss": loss,
-            "seconds": time.perf_counter() - start,
-            "bytes_received": int(consensus.nbytes),
-            "bytes_sent": self._sent_bytes,
-            # Scores travel alone (as a payload), so their compute time rides along here.
-            "communicate_seconds": self._logits_seconds,
-        }
+        return {"loss": loss, "bytes_received": int(consensus.nbytes)}
 
     def revisit(self, round_: int) -> dict:
         """Revisit: a few epochs on the private data."""
-        start = time.perf_counter()
-        self._maybe_fail("revisit", round_)
-        rng = self._seed("revisit", round_)
+        self._maybe_fail(Phase.REVISIT, round_)
+        rng = self._seed(Phase.REVISIT, round_)
         loss = float("nan")
         for _ in range(self.cfg.revisit_epochs):
             loss = self._fit(
@@ -519,23 +532,23 @@ class Participant:
                 rng,
                 F.cross_entropy,
             )
-        return {"loss": loss, "seconds": time.perf_counter() - start}
+        return {"loss": loss}
 
     def evaluate(self, round_: int = 0) -> dict:
-        start = time.perf_counter()
-        self._maybe_fail("evaluate", round_)
+        self._maybe_fail(Phase.EVALUATE, round_)
         accuracy, loss = self._accuracy(self.model, self.test_x, self.test_y, self.private_mean)
-        return {"accuracy": accuracy, "loss": loss, "seconds": time.perf_counter() - start}
+        return {"accuracy": accuracy, "loss": loss}
 
     def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> dict:
         """The paper's upper bound: this architecture, from its public-pretrained weights,
-        trained on every participant's private data pooled. Leaves the FedMD model untouched."""
-        start = time.perf_counter()
+        trained on every participant's private data pooled. Leaves the FedMD model untouched
+        and lets the public weights go: nothing needs them after this."""
         if self.public_state is None:
-            raise RuntimeError("upper_bound() needs transfer() first")
-        rng = self._seed("upper_bound")
+            raise RuntimeError("upper_bound() needs transfer() first, with train.upper_bound on")
+        rng = self._seed(Phase.UPPER_BOUND)
         model = self._build()
         model.load_state_dict(self.public_state)
+        self.public_state = None
         model.to(self.device)
         opt = self._optimizer(model)
         x = prepare(pooled_x, self.device, self.private_mean)
@@ -549,7 +562,6 @@ class Participant:
             "loss": test_loss,
             "train_loss": loss,
             "epochs": trained,
-            "seconds": time.perf_counter() - start,
         }
 
     def _train_private(

@@ -20,7 +20,6 @@ the groups `fedmd_ray.models`, `fedmd_ray.datasets`, `fedmd_ray.consensus` and
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fedmd_ray.errors import ConfigError
+from fedmd_ray.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -149,10 +148,8 @@ def load_callable(spec: Spec, code: Code | None = None) -> Callable[..., Any]:
     obj = getattr(module, spec.attr or "", None)
     if obj is None:
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        close = difflib.get_close_matches(spec.attr or "", public, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"'{spec.text}': {spec.target} has no '{spec.attr}'.{hint} It has: {', '.join(public[:12]) or 'nothing callable'}."
+            f"'{spec.text}': {spec.target} has no '{spec.attr}'.{did_you_mean(spec.attr or '', public)} It has: {', '.join(public[:12]) or 'nothing callable'}."
         )
     if not callable(obj):
         raise ConfigError(f"'{spec.text}': '{spec.attr}' in {spec.target} is not callable.")
@@ -210,10 +207,8 @@ class Registry:
 
     def unknown(self, text: str) -> ConfigError:
         names = self.names()
-        close = difflib.get_close_matches(parse_spec(text).target, names, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
         return ConfigError(
-            f"Unknown {self.kind} '{text}'.{hint} Known: {', '.join(names)}; or name your own as "
+            f"Unknown {self.kind} '{text}'.{did_you_mean(parse_spec(text).target, names)} Known: {', '.join(names)}; or name your own as "
             "package.module:function or path/to/file.py:function."
         )
 
@@ -236,6 +231,11 @@ MODELS = Registry("model", "fedmd_ray.models")
 DATASETS = Registry("dataset", "fedmd_ray.datasets")
 CONSENSUS = Registry("consensus", "fedmd_ray.consensus")
 DIGEST_LOSSES = Registry("digest loss", "fedmd_ray.digest_losses")
+
+BUILTIN_DIGEST_LOSSES = ("mae", "mse", "kl")
+"""The digest losses participant.py implements: MAE or MSE on logits, KL on softened scores."""
+for _name in BUILTIN_DIGEST_LOSSES:
+    DIGEST_LOSSES.add_builtin(_name, _name)
 
 
 def register_model(name: str, factory: Callable[..., Any]) -> Callable[..., Any]:

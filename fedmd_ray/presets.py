@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from typing import Any
 
-from fedmd_ray.errors import ConfigError
+from fedmd_ray.errors import ConfigError, did_you_mean
 
 # The authors' ten architectures (their JSON configs), in their order.
 PAPER_MODELS = [
@@ -246,7 +245,7 @@ def scale(values: dict[str, Any], factor: float) -> dict[str, Any]:
 
 def get_preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"Unknown preset '{name}'.{hint} Known presets: {', '.join(PRESETS)}.")
+        raise ConfigError(
+            f"Unknown preset '{name}'.{did_you_mean(name, PRESETS)} Known presets: {', '.join(PRESETS)}."
+        )
     return copy.deepcopy(PRESETS[name])

@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-ACCOUNTANTS = ("auto", "pld", "rdp", "gdp")
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
 
 

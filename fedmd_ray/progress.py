@@ -1,10 +1,12 @@
 """What a person watches while a run works: which phase, which participants have finished,
 where each long one is (epoch k of n, validation accuracy, early stop), and the time left.
 
-Events come as small dicts from `fedmd.run` (a phase starts, a round ends) and from the
-participants (through the backend: directly on `local`, through a Ray actor on `ray`):
+Events come as small dicts from the backends (a phase starts: `phase_event`), from
+`fedmd.run` (a round ends) and from the participants (directly on `local`, through a Ray
+actor on `ray`):
 
   {"kind": "phase", "phase": "transfer", "round": 0, "participants": [...], "rounds": 20}
+  {"kind": "phase", "phase": "digest + revisit + evaluate", "steps": ["digest", ...], ...}
   {"kind": "progress", "participant": "p03-cnn2", "phase": "transfer", "fraction": 0.4,
    "text": "public epoch 3/20, val 0.912"}
   {"kind": "done", "participant": "p03-cnn2", "phase": "transfer"}
@@ -19,12 +21,29 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
+
+from fedmd_ray.phases import Phase
 
 PLAIN_EVERY_SECONDS = 10.0
 MAX_LIVE_ROWS = 12
-LONG_PHASES = ("transfer", "upper_bound")
 MODES = ("auto", "live", "plain", "none")
+
+
+def phase_event(phases: Sequence[str], round_: int, rounds: int, participants: list[str]) -> dict:
+    """A phase starts for `participants` (several phases, when each participant takes them
+    one after another without waiting for the others: its progress spans them all)."""
+    event = {
+        "kind": "phase",
+        "phase": " + ".join(phases),
+        "round": round_,
+        "rounds": rounds,
+        "participants": participants,
+    }
+    if len(phases) > 1:
+        event["steps"] = [str(p) for p in phases]
+    return event
 
 
 def duration(seconds: float) -> str:
@@ -124,7 +143,7 @@ class Progress:
         self.fraction = dict.fromkeys(self.names, 0.0)
         self.text, self.done = {}, set()
         self.phase_start = time.perf_counter()
-        if self.phase_name == "communicate" and self.first_round_start is None:
+        if self.round >= 1 and self.first_round_start is None:
             self.first_round_start = self.phase_start
 
     def _phase_left(self) -> float | None:
@@ -167,7 +186,7 @@ class Progress:
         """A line for a participant's progress, at most every PLAIN_EVERY_SECONDS; in long
         phases every participant's finish too, while there are few participants."""
         now = time.perf_counter()
-        few = len(self.names) <= 20 and self.phase_name in LONG_PHASES
+        few = len(self.names) <= 20 and self.phase_name in (Phase.TRANSFER, Phase.UPPER_BOUND)
         if kind == "done" and few:
             print(f"  {name} done ({self._title()})", file=self.stream, flush=True)
             return

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmd_ray.results import accuracy_curves, integer_rounds
+from fedmd_ray.report import SummaryRow, accuracy_curves, integer_rounds
 
 KEYS = ("lower_bound", "fedmd_final", "fedmd_last3", "fedmd_best", "upper_bound", "gain")
 
@@ -24,7 +24,9 @@ def from_folder(path: str | Path, seed: int) -> dict:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    summary = json.loads((path / "summary.json").read_text())["participants"]
+    summary = [
+        SummaryRow.from_dict(r) for r in json.loads((path / "summary.json").read_text())["participants"]
+    ]
     return {
         "seed": seed,
         "summary": summary,
@@ -42,18 +44,18 @@ def _ms(values: list[float]) -> tuple[float, float]:
 def aggregate(runs: list[dict]) -> dict:
     """`runs`: one {"seed", "summary", "curves"} per seed -> per participant and overall
     mean and standard deviation across seeds, and the paper's checks per seed."""
-    names = [r["participant"] for r in runs[0]["summary"]]
+    names = [r.participant for r in runs[0]["summary"]]
     per_participant = []
     for i, name in enumerate(names):
-        row = {"participant": name, "model": runs[0]["summary"][i]["model"]}
+        row = {"participant": name, "model": runs[0]["summary"][i].model}
         for key in KEYS:
-            row[key] = _ms([run["summary"][i][key] for run in runs])
+            row[key] = _ms([getattr(run["summary"][i], key) for run in runs])
         per_participant.append(row)
     overall: dict[str, tuple[float, float]] = {}
     for key in KEYS:
-        overall[key] = _ms([float(np.mean([r[key] for r in run["summary"]])) for run in runs])
+        overall[key] = _ms([float(np.mean([getattr(r, key) for r in run["summary"]])) for run in runs])
     overall["gap_to_upper_last3"] = _ms(
-        [float(np.mean([r["upper_bound"] - r["fedmd_last3"] for r in run["summary"]])) for run in runs]
+        [float(np.mean([r.upper_bound - r.fedmd_last3 for r in run["summary"]])) for run in runs]
     )
     checks = []
     for run in runs:
@@ -64,10 +66,10 @@ def aggregate(runs: list[dict]) -> dict:
             {
                 "seed": run["seed"],
                 "below_lower_bound": [
-                    r["participant"] for r in run["summary"] if r["fedmd_last3"] <= r["lower_bound"]
+                    r.participant for r in run["summary"] if r.fedmd_last3 <= r.lower_bound
                 ],
                 "largest_drop": max([0.0, *drops]),
-                "gap_to_upper": float(np.mean([r["upper_bound"] - r["fedmd_last3"] for r in run["summary"]])),
+                "gap_to_upper": float(np.mean([r.upper_bound - r.fedmd_last3 for r in run["summary"]])),
             }
         )
     return {

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedmd_ray.config import ATTACKS
 from fedmd_ray.privacy import sensitivity
-
-PAYLOADS = ("float32", "float16", "topk")
-ATTACKS = ("random", "scaled", "label_flip")
 
 
 def corrupt(scores: np.ndarray, attack: str, scale: float, rng: np.random.Generator) -> np.ndarray:

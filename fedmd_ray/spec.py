@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedmd_ray.config import SharingConfig, TrainConfig
+from fedmd_ray.faults import Fault
 from fedmd_ray.plugins import Code
 
 
@@ -27,8 +28,8 @@ class ParticipantSpec:
     sharing: SharingConfig = field(default_factory=SharingConfig)
     adversary: bool = False
     """Sends corrupted scores (sharing.attack) instead of its own."""
-    faults: tuple[tuple[str, int, str], ...] = ()
-    """Simulated failures for this participant: (phase, round, 'raise' | 'exit')."""
+    faults: tuple[Fault, ...] = ()
+    """Simulated failures planned for this participant (faults.py)."""
     code: Code | None = None
     """Where user code shipped to this participant's actor lives (None: import as usual)."""
     model_factory: object = None
@@ -39,11 +40,3 @@ class ParticipantSpec:
     """data.scaling='mean_image': the public data's per-pixel mean image in [0, 1] (C, H, W)."""
     private_mean: np.ndarray | None = None
     """... and the private dataset's, for private training and test images."""
-
-
-def one_per_model(specs: list[ParticipantSpec]) -> list[ParticipantSpec]:
-    """The first participant of each distinct model: what a model check needs to build."""
-    first: dict[str, ParticipantSpec] = {}
-    for spec in specs:
-        first.setdefault(spec.model, spec)
-    return list(first.values())

@@ -16,8 +16,8 @@ from typing import Protocol
 
 from fedmd_ray.config import flatten
 from fedmd_ray.errors import ConfigError
-
-TRACKERS = ("tensorboard", "mlflow")
+from fedmd_ray.phases import Phase
+from fedmd_ray.report import ALL, is_result
 
 
 class Tracker(Protocol):
@@ -80,17 +80,6 @@ def _mlflow_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
 
 
-def parse_log(value: str | list[str] | None) -> list[str]:
-    """'tensorboard,mlflow' or a list -> the trackers' names, checked."""
-    if not value:
-        return []
-    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
-    for n in names:
-        if n not in TRACKERS:
-            raise ConfigError(f"'log' names '{n}'; it may name {', '.join(TRACKERS)} (comma-separated).")
-    return names
-
-
 def open_trackers(names: list[str], out_dir: Path | None, config: dict, run_name: str) -> list[Tracker]:
     if names and out_dir is None:
         raise ConfigError("--log needs a results folder (the run was started without one).")
@@ -105,7 +94,7 @@ def round_scalars(rows: list[dict], lower: dict[str, float]) -> dict[str, float]
     acc, gains, moved = [], [], {}
     for r in rows:
         name = r["participant"]
-        if r["phase"] == "evaluate" and r.get("accuracy") is not None:
+        if is_result(r, Phase.EVALUATE):
             out[f"participant/{name}/accuracy"] = r["accuracy"]
             acc.append(r["accuracy"])
             if r.get("loss") is not None:
@@ -113,9 +102,9 @@ def round_scalars(rows: list[dict], lower: dict[str, float]) -> dict[str, float]
             if name in lower:
                 out[f"participant/{name}/gain"] = r["accuracy"] - lower[name]
                 gains.append(r["accuracy"] - lower[name])
-        if r["phase"] == "digest" and name != "*":
-            moved[name] = (r.get("bytes_sent") or 0) + (r.get("bytes_received") or 0)
-        if r["phase"] == "communicate" and name == "*" and r.get("epsilon") is not None:
+        if (is_result(r, Phase.COMMUNICATE) or is_result(r, Phase.DIGEST)) and r["round"] >= 1:
+            moved[name] = moved.get(name, 0) + (r.get("bytes_sent") or 0) + (r.get("bytes_received") or 0)
+        if r["phase"] == Phase.COMMUNICATE and name == ALL and r.get("epsilon") is not None:
             if not math.isinf(r["epsilon"]):
                 out["privacy/epsilon"] = r["epsilon"]
     for name, b in moved.items():

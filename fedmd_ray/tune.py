@@ -25,9 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedmd_ray.backends import even_share, init_ray
-from fedmd_ray.config import Config, ConfigError, from_dict, load_file, merge, parse_overrides
+from fedmd_ray.backends.resources import even_share, init_ray
+from fedmd_ray.checks import from_dict
+from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
 from fedmd_ray.presets import get_preset
+from fedmd_ray.report import SummaryRow
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.5
@@ -78,11 +80,11 @@ def _check_fits(bundles: list[dict[str, float]], cluster: dict[str, float]) -> N
             )
 
 
-def summarise(summary: list[dict]) -> dict[str, float]:
+def summarise(summary: list[SummaryRow]) -> dict[str, float]:
     """The numbers a trial reports after a round."""
-    lower = [r["lower_bound"] for r in summary]
-    final = [r["fedmd_final"] for r in summary]
-    gains = [r["gain"] for r in summary]
+    lower = [r.lower_bound for r in summary]
+    final = [r.fedmd_final for r in summary]
+    gains = [r.gain for r in summary]
     return {
         "mean_accuracy": sum(final) / len(final),
         "mean_gain": sum(gains) / len(gains),

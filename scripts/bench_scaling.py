@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,111 +25,35 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from fedmd_ray import RunResult, run  # noqa: E402
-from fedmd_ray.config import from_dict  # noqa: E402
-from fedmd_ray.results import seconds_per_round  # noqa: E402
-
-TINY = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2", "cnn3:8,8,16,0.1"]
+from fedmd_ray.benchmarking import local_ray, measure, raylet_pids, synthetic_config  # noqa: E402
 
 
 def config(participants: int, subset: int, placement: str | None = None, rounds: int = 2) -> dict:
-    return {
-        "name": "scaling",
-        "models": TINY,
-        "participants": participants,
-        "data": {
-            "public": "synthetic",
-            "public_classes": list(range(10)),
-            "private": "synthetic",
-            "private_classes": list(range(10, 16)),
-            "synthetic_train_per_class": max(300, subset // 10 + 1),
-            "synthetic_test_per_class": 30,
-        },
-        "partition": {"kind": "per_class", "samples_per_class": 1 if participants > 40 else 3},
-        "train": {
-            "public_epochs": 1,
-            "private_epochs": 5,
-            "rounds": rounds,
-            "public_subset_size": subset,
-            "revisit_epochs": 1,
-            "upper_bound": False,
-            "digest_batch_size": 128,
-        },
-        "resources": {"backend": "ray", "placement": placement},
-    }
-
-
-def raylet_pids(nodes: list | None = None) -> set[int]:
-    """The raylets of this script's Ray (every node of a Cluster, or the local ray.init)."""
-    if nodes is None:
-        import ray._private.worker as worker
-
-        nodes = [worker._global_node]
-    return {info.process.pid for node in nodes for info in node.all_processes.get("raylet", [])}
-
-
-def actor_pss_mib(raylets: set[int] | None = None) -> float:
-    """PSS of the worker processes (actors) started by `raylets` (default: this driver's)."""
-    raylets = raylet_pids() if raylets is None else raylets
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            if parent not in raylets:
-                continue
-            # Proportional set size: shared pages (torch's libraries, the mmapped object
-            # store) are split among the processes that map them instead of counted in each.
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / 1024
-
-
-def local_ray() -> None:
-    """This script's own Ray on 2 CPUs and loopback, never a cluster already running here."""
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
+    return synthetic_config(
+        "scaling",
+        participants,
+        rounds=rounds,
+        public_train=max(3000, subset + 10),
+        public_subset=subset,
+        samples_per_class=1 if participants > 40 else 3,
+        test_per_class=30,
+        name="scaling",
+        train={"digest_batch_size": 128},
+        resources={"backend": "ray", "placement": placement},
     )
 
 
-def run_sampled(
-    values: dict, raylets: set[int] | None = None, out: Path | None = None
-) -> tuple[RunResult, float | None]:
-    """Run `values` (writing into `out` when given, as a real run does), reading the actors'
-    PSS at the end of every round: (result, peak MiB)."""
-    memory: list[float] = []
-    result = run(
-        from_dict(values), out, progress=None, on_round=lambda r, _: memory.append(actor_pss_mib(raylets))
+def sample(values: dict, out: Path, raylets: set[int] | None = None) -> dict:
+    m = measure(values, out, raylets=raylets)
+    rows = m.result.metrics.to_pylist()
+    moved = (
+        sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["round"] >= 1) / m.config.train.rounds
     )
-    return result, max(memory) if memory else None
-
-
-def save_rows(rows: list[dict], path: Path) -> None:
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    print(f"\nwritten: {path}")
-
-
-def measure(values: dict, raylets: set[int] | None = None) -> dict:
-    start = time.perf_counter()
-    result, pss = run_sampled(values, raylets)
-    rows = result.metrics.to_pylist()
-    rounds = values["train"]["rounds"]
-    moved = sum(r["bytes_sent"] + r["bytes_received"] for r in rows if r["phase"] == "digest") / rounds
     return {
-        "seconds_per_round": seconds_per_round(rows),
-        "actor_pss_mib": pss,
+        "seconds_per_round": m.seconds_per_round,
+        "actor_pss_mib": m.actor_pss_mib,
         "mib_moved_per_round": moved / 2**20,
-        "total_seconds": time.perf_counter() - start,
+        "total_seconds": m.total_seconds,
     }
 
 
@@ -160,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        m = measure(config(10, 1000, placement="SPREAD"), raylet_pids(cluster.list_all_nodes()))
+        m = sample(config(10, 1000, "SPREAD"), out / f"nodes-{nodes}", raylet_pids(cluster.list_all_nodes()))
         ray.shutdown()
         cluster.shutdown()
         rows.append({"sweep": "nodes", "nodes": nodes, "participants": 10, "subset": 1000, **m})
@@ -172,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     local_ray()
     print("\nparticipants  s/round  actor PSS MiB  MiB moved/round")
     for n in [int(x) for x in args.participants.split(",") if x]:
-        m = measure(config(n, 1000))
+        m = sample(config(n, 1000), out / f"participants-{n}")
         rows.append({"sweep": "participants", "nodes": 1, "participants": n, "subset": 1000, **m})
         print(
             f"{n:12d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  {m['mib_moved_per_round']:15.2f}",
@@ -180,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\npublic subset  s/round  actor PSS MiB  MiB moved/round")
     for subset in [int(x) for x in args.subsets.split(",") if x]:
-        m = measure(config(10, subset))
+        m = sample(config(10, subset), out / f"subset-{subset}")
         rows.append({"sweep": "subset", "nodes": 1, "participants": 10, "subset": subset, **m})
         print(
             f"{subset:13d}  {m['seconds_per_round']:7.2f}  {m['actor_pss_mib']:13.0f}  "
@@ -188,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     ray.shutdown()
-    save_rows(rows, out / "scaling.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), out / "scaling.parquet")
+    print(f"\nwritten: {out / 'scaling.parquet'}")
     return 0
 
 

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmd_ray import run
-from fedmd_ray.config import from_dict, merge
+from fedmd_ray.checks import from_dict
+from fedmd_ray.config import merge, parse_overrides
 from fedmd_ray.presets import get_preset
 from fedmd_ray.tasks import build_task
 
@@ -59,7 +60,7 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def base_config(data_dir: str | None, backend: str, rounds: int) -> dict:
+def base_config(data_dir: str | None, backend: str, rounds: int, participants: int = 10) -> dict:
     if data_dir:
         values = get_preset("mnist-femnist")
         values = merge(
@@ -67,7 +68,7 @@ def base_config(data_dir: str | None, backend: str, rounds: int) -> dict:
             {
                 "data": {"data_dir": data_dir, "public_train_size": 6000, "test_size": 1200},
                 "models": ["cnn2:32,64,0.2", "cnn3:32,64,64,0.2", "cnn2:64,64,0.3", "cnn3:32,32,64,0.2"],
-                "participants": 10,
+                "participants": participants,
                 "train": {
                     "public_epochs": 1,
                     "public_subset_size": 1000,
@@ -79,7 +80,7 @@ def base_config(data_dir: str | None, backend: str, rounds: int) -> dict:
     else:
         values = merge(
             get_preset("smoke"),
-            {"participants": 10, "train": {"public_subset_size": 1000, "digest_batch_size": 64}},
+            {"participants": participants, "train": {"public_subset_size": 1000, "digest_batch_size": 64}},
         )
     return merge(
         values,
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="MNIST and EMNIST in torchvision's layout; synthetic without it")
     parser.add_argument("--out", default="runs/compare", help="where the table and plot go")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--participants", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="on every variant")
     parser.add_argument("--backend", default="ray", choices=["ray", "local"])
     parser.add_argument("--only", help="comma-separated variant names (default: all)")
     parser.add_argument(
@@ -117,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in variants]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(variants)}")
-    base = base_config(args.data_dir, args.backend, args.rounds)
+    base = merge(
+        base_config(args.data_dir, args.backend, args.rounds, args.participants), parse_overrides(args.set)
+    )
     task = build_task(from_dict(base))  # one task: the same partitions for every variant
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,16 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         folder = "".join(ch if ch.isalnum() or ch in "-_+." else "_" for ch in name)
         result = run(config, out / folder, progress=None, task=task)
-        honest = [r for r in result.summary if not r["adversary"]]
+        honest = [r for r in result.summary if not r.adversary]
         eps = [r["epsilon"] for r in result.metrics.to_pylist() if r["epsilon"] is not None]
         rows.append(
             {
                 "variant": name,
-                "final_accuracy": float(np.mean([r["fedmd_final"] for r in honest])),
-                "lower_bound": float(np.mean([r["lower_bound"] for r in honest])),
-                "gain": float(np.mean([r["gain"] for r in honest])),
-                "kib_per_round": float(np.mean([r["bytes_per_round"] for r in result.summary])) / 1024,
-                "fedavg_kib_per_round": float(np.mean([r["fedavg_bytes_per_round"] for r in result.summary]))
+                "final_accuracy": float(np.mean([r.fedmd_final for r in honest])),
+                "lower_bound": float(np.mean([r.lower_bound for r in honest])),
+                "gain": float(np.mean([r.gain for r in honest])),
+                "kib_per_round": float(np.mean([r.bytes_per_round for r in result.summary])) / 1024,
+                "fedavg_kib_per_round": float(np.mean([r.fedavg_bytes_per_round for r in result.summary]))
                 / 1024,
                 "epsilon": eps[-1] if eps else None,
                 "seconds": time.perf_counter() - start,

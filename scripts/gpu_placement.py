@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
 
 import ray
 import torch
 
-from fedmd_ray.backends import init_ray
+from fedmd_ray.backends.resources import init_ray
+from fedmd_ray.benchmarking import nvidia_smi
 from fedmd_ray.models import build_model
 from fedmd_ray.presets import PAPER_MODELS
 
@@ -51,17 +51,7 @@ class Probe:
 
 
 def per_process_mib() -> dict[int, float]:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    rows = [line.split(",") for line in out.splitlines() if line.strip()]
-    return {int(pid): float(mib) for pid, mib in rows}
+    return {int(pid): float(mib) for pid, mib in nvidia_smi("compute-apps=pid,used_memory")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from fedmd_ray.data import location
 from fedmd_ray.errors import FedMDError
 from fedmd_ray.fedmd import run
 from fedmd_ray.presets import PRESETS
-from fedmd_ray.results import accuracy_curves, plot_accuracy, render_summary
+from fedmd_ray.report import accuracy_curves, plot_accuracy, render_summary
 
 PAPER_CLAIM = (
     "FedMD paper (Li & Wang, 2019), both experiments: each of the 10 models gains about 20 "
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
 
     plot_accuracy(result.metrics, result.summary, out / "figure.png", config.name, panels=False)
-    gains = [r["gain"] for r in result.summary]
-    below_upper = [r["upper_bound"] - r["fedmd_final"] for r in result.summary]
+    gains = [r.gain for r in result.summary]
+    below_upper = [r.upper_bound - r.fedmd_final for r in result.summary]
     command = "python scripts/reproduce.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     report = [
         f"# Reproduction: `{args.experiment}`"

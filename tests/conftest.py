@@ -1,6 +1,7 @@
-"""Shared fixtures: a real local Ray per test module (loopback only, 2 CPUs, one fake GPU
-for placement tests; per module, so multi-node modules can start their own cluster) and
-tiny configs that train in seconds."""
+"""Shared fixtures: a real local Ray (loopback only, 2 CPUs, one fake GPU for placement
+tests), started once and kept for every test that needs it (a multi-node module shuts it
+down for its own cluster; the next test that needs it starts it again), and tiny configs
+that train in seconds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmd_ray.config import from_dict, merge
+from fedmd_ray.checks import from_dict
+from fedmd_ray.config import merge
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Keep every Ray process of the tests on loopback: without this, Ray swaps 127.0.0.1 for the
@@ -17,23 +19,35 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
-@pytest.fixture(scope="module")
+LOCAL_RAY = {
+    "address": "local",  # a fresh Ray of our own, even when another one runs on this machine
+    "num_cpus": 2,
+    "num_gpus": 1,
+    "_node_ip_address": "127.0.0.1",
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "configure_logging": False,
+}
+
+
+@pytest.fixture
 def ray_session():
+    """The tests' local Ray, started at the first test that needs it (starting Ray costs
+    seconds; a test module that needs a cluster of its own shuts this one down first)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
+    yield ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_down_at_the_end():
+    yield
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        address="local",  # a fresh Ray of our own, even when another one runs on this machine
-        num_cpus=2,
-        num_gpus=1,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    yield ray
-    ray.shutdown()
 
 
 TINY = {

@@ -1,6 +1,8 @@
 """The authors' training details: mean-image scaling, early stopping of the private
 training, the revisit optimiser kept from the private training, evaluation every k rounds."""
 
+import math
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -8,9 +10,11 @@ import torch
 from conftest import tiny_config
 
 from fedmd_ray import privacy
-from fedmd_ray.backends import LocalBackend
-from fedmd_ray.fedmd import participant_specs, run, sample_participants
+from fedmd_ray.backends.local import LocalBackend
+from fedmd_ray.fedmd import participant_specs, run
 from fedmd_ray.participant import prepare
+from fedmd_ray.phases import Phase
+from fedmd_ray.plans import sample_participants
 from fedmd_ray.tasks import build_task
 
 
@@ -58,9 +62,13 @@ def test_the_revisit_continues_the_private_optimiser_of_transfer_learning():
 
 def test_evaluation_every_k_rounds_and_after_the_last(out_dir):
     result = run(tiny_config(train={"rounds": 3, "evaluate_every": 2}), out_dir, progress=None)
-    rounds = sorted({r["round"] for r in result.metrics.to_pylist() if r["phase"] == "evaluate"})
+    rows = result.metrics.to_pylist()
+    rounds = sorted({r["round"] for r in rows if r["phase"] == Phase.EVALUATE})
     assert rounds == [2, 3]
-    assert all(r["fedmd_final"] == r["fedmd_final"] for r in result.summary)  # measured, not NaN
+    last = {r["participant"]: r["accuracy"] for r in rows if r["phase"] == Phase.EVALUATE and r["round"] == 3}
+    for r in result.summary:  # measured, not missing: a float, and round 3's
+        assert isinstance(r.fedmd_final, float) and not math.isnan(r.fedmd_final)
+        assert r.fedmd_final == last[r.participant]
 
 
 def test_metrics_are_written_a_part_per_round_and_read_back_whole(out_dir):
@@ -78,7 +86,7 @@ def test_sitting_out_costs_no_evaluation_and_repeats_the_last_result(out_dir):
     config = tiny_config(train={"rounds": 3, "participation": 0.34})
     rows = run(config, out_dir, progress=None).metrics.to_pylist()
     evals = {
-        (r["round"], r["participant"][:3]): r for r in rows if r["phase"] == "evaluate" and not r["note"]
+        (r["round"], r["participant"][:3]): r for r in rows if r["phase"] == Phase.EVALUATE and not r["note"]
     }
     for round_ in (2, 3):
         chosen = {f"p{i:02d}" for i in sample_participants(0, round_, 3, 0.34)}
@@ -97,7 +105,7 @@ def test_epsilon_per_participant_counts_its_own_releases(out_dir):
     result = run(config, out_dir, progress=None)
     for i, row in enumerate(result.summary):
         releases = sum(i in sample_participants(0, r, 3, 0.34) for r in (1, 2, 3))
-        assert row["epsilon"] == pytest.approx(privacy.epsilon(2.0, releases, 1e-5))
-    assert max(r["epsilon"] for r in result.summary) == pytest.approx(
+        assert row.epsilon == pytest.approx(privacy.epsilon(2.0, releases, 1e-5))
+    assert max(r.epsilon for r in result.summary) == pytest.approx(
         next(r["epsilon"] for r in result.metrics.to_pylist()[::-1] if r["epsilon"] is not None)
     )

@@ -1,23 +1,42 @@
-"""Failures a long run must survive: a participant's actor dying mid-round (restarted from
-its last round's state, same final numbers) and the driver stopping (resumed from the run
-directory's checkpoint, same final numbers)."""
+"""Failures a long run must survive, on the default settings: a participant's actor dying
+mid-round (restarted from its last round's state), killed from outside, a driver killed
+with SIGKILL and resumed from the run directory — each ending with exactly the numbers of
+an undisturbed run."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray import run
 from fedmd_ray.errors import CheckpointError, ParticipantError
-from tests.conftest import numbers, tiny_config
+from tests.conftest import LOCAL_RAY, numbers, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = {"backend": "ray", "torch_threads": None}  # threads from the cores, as a user runs it
+
+
+@pytest.fixture(scope="module")
+def undisturbed():
+    """The run every disturbed one must match: Ray, default resources, 3 rounds."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**LOCAL_RAY)
+    return run(tiny_config(resources=DEFAULTS, train={"rounds": 3}), progress=None)
 
 
 @pytest.mark.slow
-def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_session):
-    undisturbed = run(tiny_config(resources={"backend": "ray"}, train={"rounds": 3}), progress=None)
+def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_session, undisturbed):
     crashed = run(
-        tiny_config(resources={"backend": "ray"}, train={"rounds": 3}, faults=["1:digest:2:exit"]),
+        tiny_config(resources=DEFAULTS, train={"rounds": 3}, faults=["1:digest:2:exit"]),
         progress=None,
     )
     assert numbers(crashed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
@@ -31,11 +50,10 @@ def test_an_actor_killed_mid_round_is_restarted_and_the_run_ends_the_same(ray_se
 
 
 @pytest.mark.slow
-def test_ray_kill_from_outside_during_a_round(ray_session):
+def test_ray_kill_from_outside_during_a_round(ray_session, undisturbed):
     """The driver's view of an actor killed by someone else (an OOM killer, an operator)."""
-    undisturbed = run(tiny_config(resources={"backend": "ray"}, train={"rounds": 3}), progress=None)
 
-    def kill_during_round_2(round_, _evaluated):
+    def kill_during_round_2(round_, _summary):
         if round_ != 1:
             return
 
@@ -46,24 +64,44 @@ def test_ray_kill_from_outside_during_a_round(ray_session):
 
         threading.Thread(target=kill, daemon=True).start()
 
-    config = tiny_config(resources={"backend": "ray"}, train={"rounds": 3}, faults=["1:digest:2:sleep5"])
+    config = tiny_config(resources=DEFAULTS, train={"rounds": 3}, faults=["1:digest:2:sleep5"])
     killed = run(config, progress=None, on_round=kill_during_round_2)
     assert numbers(killed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
     restarted = [r for r in killed.metrics.to_pylist() if r["note"] and r["note"].startswith("restarted")]
     assert [(r["round"], r["participant"]) for r in restarted] == [(2, "p01-cnn3")]
 
 
+def _kill(ray, suffix: str) -> None:
+    """Kill the participant actor whose name ends in `suffix`, and wait until it is dead."""
+    name = next(n for n in ray.util.list_named_actors() if n.endswith(suffix))
+    actor = ray.get_actor(name)
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} did not die")
+
+
+@pytest.mark.slow
 def test_restarts_are_bounded(ray_session):
-    config = tiny_config(resources={"backend": "ray", "max_restarts": 0}, faults=["0:revisit:1:exit"])
-    with pytest.raises(ParticipantError, match=r"'p00-cnn2' failed during revisit.*max_restarts=0"):
-        run(config, progress=None)
+    """p01's actor is killed after round 1 and restarted; its replacement is killed after
+    round 2, one death more than resources.max_restarts=1 allows."""
+    config = tiny_config(resources={**DEFAULTS, "max_restarts": 1}, train={"rounds": 3})
+    suffixes = {1: "/p01-cnn3", 2: "/p01-cnn3-r1"}
+    with pytest.raises(
+        ParticipantError,
+        match=r"'p01-cnn3' failed during .*restarted 1 times already; resources.max_restarts=1",
+    ):
+        run(config, progress=None, on_round=lambda round_, _summary: _kill(ray_session, suffixes[round_]))
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.slow)])
-def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_the_same(ray_session, tmp_path, backend):
-    settings = {"resources": {"backend": backend}, "train": {"rounds": 3}}
+def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_the_same(tmp_path):
+    settings = {"resources": {"backend": "local"}, "train": {"rounds": 3}}
     whole = run(tiny_config(**settings), tmp_path / "whole", progress=None)
-
     out = tmp_path / "stopped"
     with pytest.raises(ParticipantError):  # the driver stops in round 3
         run(tiny_config(**settings, faults=["2:revisit:3"]), out, progress=None)
@@ -71,8 +109,38 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_the_same(ray_session
     resumed = run(tiny_config(**settings), out, progress=None, resume=True)
     assert numbers(resumed.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
     assert numbers(pq.read_table(out / "metrics.parquet").to_pylist()) == numbers(whole.metrics.to_pylist())
-    assert [r["fedmd_final"] for r in resumed.summary] == [r["fedmd_final"] for r in whole.summary]
+    assert [r.fedmd_final for r in resumed.summary] == [r.fedmd_final for r in whole.summary]
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["latest.json", "round-0003"]
+
+
+@pytest.mark.slow
+def test_a_driver_killed_with_sigkill_resumes_with_the_same_numbers(ray_session, undisturbed, tmp_path):
+    """`fedmd-ray run` on Ray, killed with SIGKILL once round 1's checkpoint is written (no
+    handler runs, nothing is flushed), then resumed: the numbers of the undisturbed run."""
+    out = tmp_path / "killed"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(resources=DEFAULTS, train={"rounds": 3}).to_dict()))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    # The driver starts a Ray of its own (2 CPUs, loopback), as a user's `fedmd-ray run` does.
+    script = (
+        "import sys, ray\n"
+        "from tests.conftest import LOCAL_RAY\n"
+        "from fedmd_ray.cli import main\n"
+        "ray.init(**{**LOCAL_RAY, 'num_gpus': 0})\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = [sys.executable, "-c", script, "run", "--config", str(config), "--out", str(out), "--quiet"]
+    driver = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
+    manifest = out / "checkpoint" / "latest.json"
+    deadline = time.monotonic() + 240
+    while not (manifest.exists() and json.loads(manifest.read_text())["round"] >= 1):
+        assert driver.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    driver.wait()
+    resumed = run(tiny_config(resources=DEFAULTS, train={"rounds": 3}), out, progress=None, resume=True)
+    assert numbers(resumed.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
 
 
 def test_a_resume_can_add_rounds(tmp_path):
@@ -83,14 +151,22 @@ def test_a_resume_can_add_rounds(tmp_path):
     assert numbers(longer.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
 
 
-def test_mismatched_damaged_or_missing_checkpoints_are_refused(tmp_path):
+def test_mismatched_damaged_missing_or_old_checkpoints_are_refused(tmp_path):
     out = tmp_path / "run"
     run(tiny_config(train={"rounds": 1}), out, progress=None)
     with pytest.raises(CheckpointError, match=r"different configuration: train.lr \(0.001 -> 0.01\)"):
         run(tiny_config(train={"rounds": 2, "lr": 0.01}), out, progress=None, resume=True)
     state = out / "checkpoint" / "round-0001" / "p01-cnn3.pt"
-    state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
+    good = state.read_bytes()
+    state.write_bytes(good[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match=r"p01-cnn3: checkpoint .*p01-cnn3.pt is damaged"):
+        run(tiny_config(train={"rounds": 2}), out, progress=None, resume=True)
+    state.write_bytes(good)
+    manifest = out / "checkpoint" / "latest.json"
+    old = json.loads(manifest.read_text())
+    del old["format"]  # as the previous version wrote it
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match=r"another version of fedmd_ray \(format 1; .* format 2\)"):
         run(tiny_config(train={"rounds": 2}), out, progress=None, resume=True)
     with pytest.raises(CheckpointError, match=r"No checkpoint in .*nothing-here"):
         run(tiny_config(), tmp_path / "nothing-here", progress=None, resume=True)

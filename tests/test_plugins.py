@@ -79,7 +79,8 @@ def user_dir(tmp_path, monkeypatch):
 
 
 def test_specs_parse_names_modules_files_and_options():
-    assert parse_spec("small") == parse_spec("small")
+    plain = parse_spec("small?width=8")
+    assert (plain.kind, plain.target, plain.attr, plain.kwargs) == ("name", "small", None, {"width": 8})
     s = parse_spec("nets/mine.py:wide?width=64&depth=3&act=gelu&drop=0.1")
     assert (s.kind, s.target, s.attr) == ("file", "nets/mine.py", "wide")
     assert s.kwargs == {"width": 64, "depth": 3, "act": "gelu", "drop": 0.1}
@@ -93,9 +94,9 @@ def test_a_user_model_file_runs_and_is_summarised_like_a_builtin(ray_session, us
     local = run(tiny_config(models=models), user_dir / "local", progress=None)
     ray_run = run(tiny_config(models=models, resources={"backend": "ray"}), user_dir / "ray", progress=None)
     assert numbers(local.metrics.to_pylist()) == numbers(ray_run.metrics.to_pylist())
-    rows = {r["participant"]: r for r in ray_run.summary}
-    assert rows["p00-small"]["model"] == "my_nets.py:small"
-    assert rows["p01-small"]["parameters"] == sum(
+    rows = {r.participant: r for r in ray_run.summary}
+    assert rows["p00-small"].model == "my_nets.py:small"
+    assert rows["p01-small"].parameters == sum(
         p.numel() for p in nn.Sequential(nn.Conv2d(1, 12, 3), nn.Linear(48, 16)).parameters()
     )
 
@@ -128,9 +129,10 @@ def test_bad_models_are_refused_before_any_work_naming_the_participant(user_dir,
         ("my_nets.py:raises", "its factory raised RuntimeError: no such layer"),
     ],
 )
-def test_on_ray_bad_models_are_refused_before_any_participant_starts(ray_session, user_dir, model, message):
-    """The driver of Ray actors never loads torch: the check runs on the consensus actor,
-    with the user's code shipped there, and its refusal reads as on the local backend."""
+def test_on_ray_bad_models_are_refused_before_any_work(ray_session, user_dir, model, message):
+    """The driver of Ray actors never loads torch: each participant checks its model in its
+    actor, with the user's code shipped there; the refusal reads as on the local backend,
+    comes before transfer learning, and leaves nothing running and no results folder."""
     config = tiny_config(models=[model, "cnn2:8,16,0.1"], resources={"backend": "ray"})
     with pytest.raises(ConfigError, match=message):
         run(config, user_dir / "out", progress=None)
@@ -282,8 +284,8 @@ def test_tabular_features_with_a_user_model(user_dir):
         train={"rounds": 2},
     )
     result = run(config, progress=None)
-    assert result.summary[0]["parameters"] == 12 * 16 + 16 + 16 * 16 + 16
-    assert all(r["fedmd_final"] > 1 / 6 for r in result.summary)  # better than chance on 6 classes
+    assert result.summary[0].parameters == 12 * 16 + 16 + 16 * 16 + 16
+    assert all(r.fedmd_final > 1 / 6 for r in result.summary)  # better than chance on 6 classes
     with pytest.raises(
         ConfigError, match=r"takes images \(C, H, W\); this data's samples have shape \(12,\)"
     ):

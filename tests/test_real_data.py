@@ -27,8 +27,8 @@ def test_fashion_preset_fedmd_beats_the_lower_bound(ray_session, tmp_path):
     data_dir = str(real_data_dir()) if real_data_dir() else None
     config = resolve_config("fashion", None, ["train.upper_bound=false", "train.rounds=5"], data_dir)
     result = run(config, tmp_path / "fashion", progress=None)
-    lower = sum(r["lower_bound"] for r in result.summary) / len(result.summary)
-    final = sum(r["fedmd_final"] for r in result.summary) / len(result.summary)
+    lower = sum(r.lower_bound for r in result.summary) / len(result.summary)
+    final = sum(r.fedmd_final for r in result.summary) / len(result.summary)
     assert final > lower + 0.01, result.summary
 
 

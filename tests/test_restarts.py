@@ -7,17 +7,17 @@ def test_a_snapshot_counts_only_once_a_later_call_answers():
     journal = RestartJournal(1)
     journal.record(0, "transfer")
     journal.snapshot(0, "state-after-transfer")
-    journal.record(0, "logits")
+    journal.record(0, "digest-1")
     # Not yet confirmed: a restart starts from nothing and replays everything before the call.
-    assert journal.replay(0, "logits") == (None, ["transfer"])
+    assert journal.replay(0, "digest-1") == (None, ["transfer"])
 
     journal.snapshot(0, "state-after-transfer")
-    journal.record(0, "logits")
-    journal.confirm(0)  # "logits" answered, so the snapshot queued before it was taken
+    journal.record(0, "digest-1")
+    journal.confirm(0)  # "digest-1" answered, so the snapshot queued before it was taken
     assert journal.saved[0] == "state-after-transfer"
-    assert journal.calls[0] == ["logits"]
-    journal.record(0, "digest")
-    assert journal.replay(0, "digest") == ("state-after-transfer", ["logits"])
+    assert journal.calls[0] == ["digest-1"]
+    journal.record(0, "revisit")
+    assert journal.replay(0, "revisit") == ("state-after-transfer", ["digest-1"])
 
 
 def test_a_restart_drops_the_pending_snapshot():

@@ -4,7 +4,7 @@ the consensus when the driver stops waiting for them."""
 import pytest
 
 from fedmd_ray import run
-from fedmd_ray.fedmd import sample_participants
+from fedmd_ray.plans import sample_participants
 from tests.conftest import numbers, tiny_config
 
 

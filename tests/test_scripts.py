@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from fedmd_ray.backends import concurrency_window
+from fedmd_ray.backends.resources import concurrency_window, even_share, participant_threads
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,14 @@ def test_compare_consensus_writes_table_and_plot(tmp_path):
         f"{agg}:half",
         "--rounds",
         "1",
+        "--participants",
+        "3",
+        "--set",
+        "train.public_epochs=1",
+        "--set",
+        "train.private_epochs=5",
+        "--set",
+        "train.public_subset_size=200",
         "--backend",
         "local",
         "--out",
@@ -110,9 +118,20 @@ def test_concurrency_window():
     assert concurrency_window(tiny_config(resources={"max_concurrent": 1}), {"CPU": 8}, threads=1) == 1
 
 
-def test_even_cpu_share_fits_node_by_node():
-    from fedmd_ray.backends import even_share
+def test_threads_follow_the_config_and_the_cluster_not_the_backend():
+    ten = tiny_config(models=["cnn2:8,16,0.1"] * 10, resources={"torch_threads": None})
+    assert participant_threads(ten, 2) == 1  # 0.2 of a core each
+    assert participant_threads(ten, 40) == 4
+    two = tiny_config(models=["cnn2:8,16,0.1"] * 2, resources={"torch_threads": None})
+    assert participant_threads(two, 5) == 2  # 2.5 cores each, rounded down
+    assert participant_threads(tiny_config(resources={"torch_threads": 3}), 2) == 3
+    assert participant_threads(tiny_config(resources={"torch_threads": None, "num_cpus": 2.0}), 64) == 2
+    # a pool's participants get what they would get with actors of their own
+    pooled = tiny_config(models=["cnn2:8,16,0.1"] * 10, resources={"torch_threads": None, "actors": 2})
+    assert participant_threads(pooled, 40) == participant_threads(ten, 40)
 
+
+def test_even_cpu_share_fits_node_by_node():
     assert even_share([2.0], 10) == 0.2
     assert even_share([1.0] * 4, 10) == 0.33  # 0.4 each would leave two actors without a node
     assert even_share([1.0, 1.0], 3) == 0.5

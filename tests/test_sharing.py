@@ -7,6 +7,8 @@ import pytest
 from fedmd_ray import run, sharing
 from fedmd_ray.consensus import aggregate, era
 from fedmd_ray.errors import ParticipantError
+from fedmd_ray.models import build_model
+from fedmd_ray.phases import Phase
 from tests.conftest import tiny_config
 
 RNG = np.random.default_rng(0)
@@ -65,9 +67,14 @@ def test_confidence_and_era_aggregators():
     "payload, per_row", [("float32", 16 * 4 * 2), ("float16", 16 * 2 * 2), ("topk", 3 * 6 + 16 * 4)]
 )
 def test_bytes_per_round_are_counted(payload, per_row):
-    result = run(tiny_config(sharing={"payload": payload}, train={"rounds": 1}), progress=None)
-    assert all(r["bytes_per_round"] == 300 * per_row for r in result.summary)
-    assert all(r["fedavg_bytes_per_round"] == 8 * r["parameters"] for r in result.summary)
+    config = tiny_config(sharing={"payload": payload}, train={"rounds": 1})
+    result = run(config, progress=None)
+    assert all(r.bytes_per_round == 300 * per_row for r in result.summary)
+    # FedAvg moves each model's parameters up and down: measured on the models themselves
+    for r in result.summary:
+        model = build_model(r.model, (1, 16, 16), 16)
+        up = sum(t.numel() * t.element_size() for t in model.parameters())
+        assert r.fedavg_bytes_per_round == 2 * up
 
 
 def test_dp_epsilon_is_reported_per_run(out_dir):
@@ -98,15 +105,42 @@ def test_median_protects_honest_participants_from_scaled_scores():
             partition={"samples_per_class": 2},
         )
         result = run(config, progress=None)
-        honest[method] = np.mean([r["fedmd_final"] for r in result.summary if not r["adversary"]])
+        honest[method] = np.mean([r.fedmd_final for r in result.summary if not r.adversary])
     assert honest["median"] > honest["mean"] + 0.05
     assert honest["trimmed_mean"] > honest["mean"] + 0.05
 
 
 def test_only_metrics_reach_the_driver(ray_session):
-    from fedmd_ray.backends.actors import metrics_only
+    """The dispatcher every Ray call goes through refuses an answer that carries an array:
+    scores go to the consensus actor, weights and private data never leave."""
+    from fedmd_ray.backends.dispatch import Dispatcher, Step
 
-    result = run(tiny_config(resources={"backend": "ray"}, train={"rounds": 1}), progress=None)
-    assert result.summary  # every participant result passed the check on its way in
-    with pytest.raises(ParticipantError, match="sent the driver a ndarray"):
-        metrics_only({"accuracy": 0.5, "weights": np.zeros(3)}, "p00", "evaluate")
+    class Leaky:
+        """An actor that answers a call with its weights among the metrics."""
+
+        def call(self, phase, *args):
+            return {"accuracy": 0.5, "weights": np.zeros(3)}, None
+
+    class OneActor:
+        """Slots, as slots.py has them, for one participant on one such actor."""
+
+        room = 1
+
+        def __init__(self):
+            self.actors = [ray_session.remote(Leaky).remote()]
+
+        def slot(self, index):
+            return 0
+
+        def send(self, call, replay=False):
+            call.actor = self.actors[0]
+            return tuple(call.remote(call.actor, 2))
+
+        def answered(self, call):
+            pass
+
+    dispatcher = Dispatcher(ray_session, OneActor(), ["p00-leaky"], None, 0)
+    with pytest.raises(
+        ParticipantError, match="'p00-leaky' failed during evaluate: sent the driver a ndarray"
+    ):
+        dispatcher.run([Step(Phase.EVALUATE, [0], (1,))])

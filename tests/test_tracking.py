@@ -8,9 +8,8 @@ import pytest
 from conftest import tiny_config
 
 from fedmd_ray.cli import main
-from fedmd_ray.config import ConfigError
+from fedmd_ray.config import ConfigError, from_dict
 from fedmd_ray.fedmd import run
-from fedmd_ray.tracking import parse_log
 
 
 def test_tensorboard_event_files_hold_every_rounds_metrics(out_dir):
@@ -26,7 +25,7 @@ def test_tensorboard_event_files_hold_every_rounds_metrics(out_dir):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"mean/accuracy", "mean/gain", "mean/bytes", "privacy/epsilon"} <= set(tags)
-    names = [r["participant"] for r in result.summary]
+    names = [r.participant for r in result.summary]
     for name in names:
         assert f"participant/{name}/accuracy" in tags and f"participant/{name}/gain" in tags
     # The same numbers as metrics.parquet, round by round.
@@ -43,11 +42,12 @@ def test_tensorboard_event_files_hold_every_rounds_metrics(out_dir):
     assert any("config" in tag for tag in acc.Tags()["tensors"])  # the config, as text
 
 
-def test_log_names_are_checked():
-    assert parse_log("tensorboard, mlflow") == ["tensorboard", "mlflow"]
-    with pytest.raises(ConfigError, match="may name tensorboard, mlflow"):
-        parse_log("tensorbord")
+def test_log_names_are_checked(capsys):
+    assert from_dict({"log": "tensorboard, mlflow"}).log == ["tensorboard", "mlflow"]
+    with pytest.raises(ConfigError, match="'log' is 'tensorbord'.*Did you mean 'tensorboard'"):
+        from_dict({"log": ["tensorbord"]})
     assert main(["run", "--log", "wandb", "--out", "/nonexistent/x"]) == 1
+    assert "'log' is 'wandb'; it must be one of tensorboard, mlflow" in capsys.readouterr().err
 
 
 def test_compare_two_runs(tmp_path, capsys):

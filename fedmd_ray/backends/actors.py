@@ -4,14 +4,15 @@ metrics only; scores and states stay in the object store."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 
-from fedmd_ray import sharing
 from fedmd_ray.consensus import form_consensus
-from fedmd_ray.errors import ConsensusError, ParticipantError
+from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
+from fedmd_ray.phases import Phase
+from fedmd_ray.procfs import private_memory
+from fedmd_ray.protocol import AggregatorStatus, ConsensusPlan
 from fedmd_ray.spec import ParticipantSpec
 
 HELD_BYTES = 2**30
@@ -29,45 +30,6 @@ def held_budget(nodes: list[dict], actors: int) -> int:
     memory: HELD_SHARE of the alive `nodes`' memory resource, split evenly."""
     memory = sum(float(n.get("Resources", {}).get("memory", 0)) for n in nodes if n.get("Alive"))
     return int(HELD_SHARE * memory / max(1, actors)) if memory else HELD_BYTES
-
-
-def private_memory() -> int:
-    """This process's anonymous resident memory in bytes (its heap: not shared libraries,
-    not the object store's mapped pages); where /proc is missing, its peak resident size."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-MUTATING = frozenset({"transfer", "load", "logits", "digest", "revisit"})
-"""Calls that change a participant's state: replayed after a restart, and in a pool, the
-calls after which its new state is kept."""
-
-
-def split_answer(method: str, out: Any, seconds: float) -> tuple[Any, Any]:
-    """(metrics for the driver, payload for the object store) of one participant call."""
-    if method == "logits":
-        return {"bytes_sent": int(sharing.nbytes(out)), "seconds": seconds}, out
-    if method == "get_state":
-        return {"bytes": len(out)}, out
-    return out, None
-
-
-def torch_threads(threads: int | None) -> None:
-    """Run on `threads` torch threads from now on (None: leave them as they are)."""
-    import torch
-
-    if threads and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
 
 
 def cap_gpu_memory() -> float | None:
@@ -97,32 +59,46 @@ def _reporter(sink: Any):
 
 class ParticipantActor:
     """A participant as a Ray actor. Every call answers (metrics, payload) as two objects, so
-    the driver reads the small metrics (and learns of failures) while the payload (scores,
-    state) stays in the object store for whoever needs it. The participant is built here,
-    in the actor: the driver defines this class without loading torch."""
+    the driver reads the small metrics (and learns of failures) while the payload (scores)
+    stays in the object store for whoever needs it. The participant is built here, in the
+    actor: the driver defines this class without loading torch. A participant that cannot
+    be built (its model, its digest loss) answers every call with why, naming itself: an
+    actor whose constructor raised would look dead to Ray, and be restarted."""
 
     def __init__(self, spec: ParticipantSpec, *data: Any, restored: bool = False, sink: Any = None):
-        from fedmd_ray.participant import Participant
+        from fedmd_ray.participant import build_participant
 
         cap_gpu_memory()
-        self.participant = Participant(spec, *data)
+        self.participant, self.failure = None, None
+        try:
+            self.participant = build_participant(spec, *data)
+        except FedMDError as exc:
+            self.failure = exc
+            return
         self.participant.restored = restored
         self.participant.report = _reporter(sink)
 
-    def call(self, method: str, *args: Any, threads: int | None = None) -> tuple[Any, Any]:
-        torch_threads(threads)
-        start = time.perf_counter()
-        out = getattr(self.participant, method)(*args)
-        return split_answer(method, out, time.perf_counter() - start)
+    def call(self, phase: Phase, *args: Any) -> tuple[Any, Any]:
+        from fedmd_ray.participant import run_call
+
+        if self.failure is not None:
+            raise self.failure
+        return run_call(self.participant, phase, *args)
+
+    def state(self) -> bytes:
+        """The participant's state, for a restart to start from."""
+        return self.participant.get_state() if self.participant is not None else b""
 
     def set_state(self, *args: Any, **kwargs: Any) -> None:
-        self.participant.set_state(*args, **kwargs)
+        if self.participant is not None:
+            self.participant.set_state(*args, **kwargs)
 
 
 class PoolWorker:
     """One actor of a pool serving many participants: for each call it rebuilds the
-    participant from its spec, private data and state, runs the call, and hands the new
-    state back to the object store. The public data and test set stay mapped here."""
+    participant from its spec, private data and state (unless it still holds it), runs the
+    call, and hands the new state back to the object store. The public data and test set
+    stay mapped here."""
 
     def __init__(
         self,
@@ -130,11 +106,9 @@ class PoolWorker:
         public_y: np.ndarray,
         val: tuple,
         test: tuple,
-        threads: int,
         sink: Any = None,
         held_budget: int = HELD_BYTES,
     ):
-        torch_threads(threads)
         cap_gpu_memory()
         self.shared = (public_x, public_y, val)
         self.test = test
@@ -145,23 +119,15 @@ class PoolWorker:
         self.inputs: dict[int, tuple[ParticipantSpec, tuple]] = {}
 
     def call(
-        self,
-        index: int,
-        boxed: list,
-        version: int,
-        replay: bool,
-        method: str,
-        *args: Any,
-        threads: int | None = None,
+        self, index: int, boxed: list, version: int, replay: bool, phase: Phase, *args: Any
     ) -> tuple[Any, Any, bytes | None]:
         """`boxed`: refs to the participant's spec, private data and state, in a list so that
         Ray does not fetch them: they are needed only when this actor does not hold
         `version` of the participant already."""
         import ray
 
-        from fedmd_ray.participant import Participant
+        from fedmd_ray.participant import build_participant, run_call
 
-        torch_threads(threads)
         kept = self.held.get(index)
         if kept is not None and kept[0] == version and not replay:
             participant = kept[1]  # the same state it left here with: no rebuild, no reload
@@ -173,16 +139,14 @@ class PoolWorker:
                 self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
             spec, private = self.inputs[index]
             state = ray.get(state_ref) if state_ref is not None else None
-            participant = Participant(spec, *self.shared, private, self.test)
+            participant = build_participant(spec, *self.shared, private, self.test)
             participant.report = self.report
             if state is not None:
                 participant.set_state(state, restored=replay, trusted=True)
             participant.restored = participant.restored or replay
-        start = time.perf_counter()
-        out = getattr(participant, method)(*args)
-        metrics, payload = split_answer(method, out, time.perf_counter() - start)
-        new_state = participant.get_state() if method in MUTATING else None
-        self._hold(index, version + (method in MUTATING), participant)
+        metrics, payload = run_call(participant, phase, *args)
+        new_state = participant.get_state() if phase.mutating else None
+        self._hold(index, version + phase.mutating, participant)
         return metrics, payload, new_state
 
     def _hold(self, index: int, version: int, participant: Any) -> None:
@@ -197,13 +161,13 @@ class PoolWorker:
 
 class Aggregator:
     """Forms the consensus next to the data, as a long-lived actor (a plain task's worker
-    would be reaped between rounds and cost a process start each time).
+    would be reaped between rounds and cost a process start each time). Needs numpy only.
 
     The score refs come wrapped in a list so this actor, not Ray, reads them and can name a
     participant whose scores failed. Returns (status, consensus): the driver reads only the
     small status; the consensus stays in the object store for the participants."""
 
-    def aggregate(self, plan: dict, names: list[str], wrapped: list) -> tuple[dict, Any]:
+    def aggregate(self, plan: ConsensusPlan, names: list[str], wrapped: list) -> tuple[AggregatorStatus, Any]:
         import ray
 
         scores = []
@@ -211,18 +175,12 @@ class Aggregator:
             try:
                 scores.append(ray.get(ref))
             except Exception as exc:  # the participant's own failure, re-raised by Ray
-                return {"participant": name, "phase": "communicate", "error": describe_ray_error(exc)}, None
+                return AggregatorStatus(error=describe_ray_error(exc), participant=name), None
         try:
             consensus = form_consensus(scores, names, plan)
         except ConsensusError as exc:
-            return {"consensus_error": str(exc)}, None
-        return {"ok": True, "bytes": int(consensus.nbytes)}, consensus
-
-    def check_models(self, specs: list[ParticipantSpec], sample_x: np.ndarray, num_classes: int) -> None:
-        """participant.check_models, here rather than on the driver, which never loads torch."""
-        from fedmd_ray.participant import check_models
-
-        check_models(specs, sample_x, num_classes)
+            return AggregatorStatus(error=str(exc)), None
+        return AggregatorStatus(bytes=int(consensus.nbytes)), consensus
 
 
 class ProgressSink:

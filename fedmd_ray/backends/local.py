@@ -1,10 +1,11 @@
 """The `local` backend: every participant in this process, one after another. For
-debugging, and the reference the benchmarks and the tests compare the Ray backend against."""
+debugging, and the reference the benchmarks and the tests compare the Ray backend against:
+each participant runs on the threads the Ray backend would give it, so both compute the
+same numbers."""
 
 from __future__ import annotations
 
 import gc
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,28 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmd_ray.backends.steps import Announce, Step, phase_of
+from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.config import Config
 from fedmd_ray.consensus import form_consensus
 from fedmd_ray.errors import FedMDError, ParticipantError
-from fedmd_ray.participant import Participant, ParticipantSpec, check_models
+from fedmd_ray.participant import Participant, build_participant, run_call
+from fedmd_ray.phases import Phase
+from fedmd_ray.plans import RoundPlan
+from fedmd_ray.progress import phase_event
+from fedmd_ray.protocol import ConsensusPlan, Event, Scores, Updates
+from fedmd_ray.spec import ParticipantSpec
 from fedmd_ray.tasks import Task, participant_args
-
-
-def guard(name: str, phase: str, fn: Callable[[], Any]) -> Any:
-    """Run one participant call; any failure stops the run with the participant's name."""
-    try:
-        return fn()
-    except FedMDError:
-        raise
-    except Exception as exc:
-        raise ParticipantError(name, phase, f"{type(exc).__name__}: {exc}") from exc
 
 
 class LocalBackend:
     name = "local"
-    runs_ahead = False
-    """One participant at a time leaves no idle core for the next round's scores to fill."""
+    placement = None
 
     def __init__(
         self,
@@ -43,93 +38,107 @@ class LocalBackend:
         specs: Sequence[ParticipantSpec],
         report: Callable[[dict], None] | None = None,
     ):
-        check_models(list(specs), task.public_train.x[:2], task.num_classes)
-        threads = config.resources.torch_threads or os.cpu_count() or 1
+        threads = participant_threads(config, local_cpus())
+        self.config = config
         self.names = [s.name for s in specs]
-        self.events: list[dict] = []
         self.report = report
-        self.participants = []
+        self.participants: list[Participant] = []
         for spec in specs:
             spec.torch_threads = threads
-            participant = guard(
-                spec.name,
-                "setup",
-                lambda s=spec: Participant(
-                    s, task.public_train.x, task.public_train.y, *participant_args(task, s.index)
-                ),
+            participant = build_participant(
+                spec, task.public_train.x, task.public_train.y, *participant_args(task, spec.index)
             )
             participant.report = report
             self.participants.append(participant)
 
-    def _each(self, phase: str, method: str, who: Sequence[int] | None, *args: Any) -> list:
-        chosen = range(len(self.participants)) if who is None else who
+    def _each(
+        self, phase: Phase, who: Sequence[int], args: Callable[[int], tuple] | tuple = ()
+    ) -> list[dict]:
+        """`phase` for each of `who` in turn: their metrics (and payloads, for scores)."""
         out = []
-        for i in chosen:
-            out.append(guard(self.names[i], phase, lambda p=self.participants[i]: getattr(p, method)(*args)))
+        for i in who:
+            call_args = args(i) if callable(args) else args
+            try:
+                out.append(run_call(self.participants[i], phase, *call_args))
+            except FedMDError:
+                raise
+            except Exception as exc:
+                raise ParticipantError(self.names[i], phase, f"{type(exc).__name__}: {exc}") from exc
             if self.report is not None:
                 self.report({"kind": "done", "participant": self.names[i], "phase": phase})
         return out
 
+    def _announce(self, phase: Phase, who: Sequence[int], round_: int = 0) -> None:
+        if self.report is not None:
+            names = [self.names[i] for i in who]
+            self.report(phase_event([phase], round_, self.config.train.rounds, names))
+
+    def _everyone(self, phase: Phase, *args: Any) -> list[dict]:
+        who = range(len(self.participants))
+        self._announce(phase, who)
+        return [metrics for metrics, _ in self._each(phase, who, args)]
+
     def describe(self) -> list[dict]:
-        return self._each("setup", "describe", None)
+        return self._everyone(Phase.SETUP)
 
     def transfer(self) -> list[dict]:
-        return self._each("transfer", "transfer", None)
+        return self._everyone(Phase.TRANSFER)
 
     def upper_bound(self, pooled_x: np.ndarray, pooled_y: np.ndarray) -> list[dict]:
-        return self._each("upper_bound", "upper_bound", None, pooled_x, pooled_y)
+        return self._everyone(Phase.UPPER_BOUND, pooled_x, pooled_y)
 
-    def logits(self, who: Sequence[int], indices: np.ndarray, round_: int) -> tuple[list, list, list]:
-        """(answered, late, scores): sequentially, everyone answers."""
-        return list(who), [], self._each("communicate", "logits", who, indices, round_)
+    def communicate(self, plan: RoundPlan) -> Scores:
+        """Sequentially, everyone answers."""
+        self._announce(Phase.COMMUNICATE, plan.chosen, plan.round)
+        start = time.perf_counter()
+        answers = self._each(Phase.COMMUNICATE, plan.chosen, (plan.indices, plan.round))
+        metrics = [m for m, _ in answers]
+        payloads = [p for _, p in answers]
+        return Scores(plan, list(plan.chosen), [], payloads, metrics, time.perf_counter() - start)
 
-    def aggregate(self, scores: list, names: list[str], plan: dict) -> np.ndarray:
-        return form_consensus(scores, names, plan)
+    def aggregate(self, scores: Scores, plan: ConsensusPlan) -> np.ndarray:
+        payloads, scores.payloads = scores.payloads, []
+        return form_consensus(payloads, [self.names[i] for i in scores.answered], plan)
 
-    def digest(
-        self, who: Sequence[int], consensus: np.ndarray, indices: np.ndarray, round_: int
-    ) -> list[dict]:
-        return self._each("digest", "digest", who, consensus, indices, round_)
-
-    def revisit(self, who: Sequence[int], round_: int) -> list[dict]:
-        return self._each("revisit", "revisit", who, round_)
-
-    def evaluate(self, who: Sequence[int], round_: int) -> list[dict]:
-        return self._each("evaluate", "evaluate", who, round_)
-
-    def steps(
-        self, steps: Sequence[Step], announce: Announce, ahead: bool = False
-    ) -> tuple[list[Any], list[float]]:
-        """Run `steps` (method, who, args), each phase for everyone before the next: (each
-        step's results, each step's wall seconds). Never `ahead` (see runs_ahead)."""
-        if ahead:
-            raise ValueError("the local backend does not run the next round's communicate ahead")
-        results, walls = [], []
-        for method, who, args in steps:
-            announce([phase_of(method)], list(who))
+    def update(
+        self, scores: Scores, consensus: np.ndarray, evaluate: Sequence[int], upcoming: RoundPlan | None
+    ) -> Updates:
+        """Each phase for everyone before the next; `upcoming` waits for its own round."""
+        plan = scores.plan
+        steps = (
+            (Phase.DIGEST, scores.answered, (consensus, plan.indices, plan.round)),
+            (Phase.REVISIT, scores.answered, (plan.round,)),
+            (Phase.EVALUATE, list(evaluate), (plan.round,)),
+        )
+        results, walls = [], {}
+        for phase, who, args in steps:
+            self._announce(phase, who, plan.round)
             start = time.perf_counter()
-            results.append(getattr(self, method)(who, *args))
-            walls.append(time.perf_counter() - start)
-        return results, walls
+            results.append([metrics for metrics, _ in self._each(phase, who, args)])
+            walls[phase] = time.perf_counter() - start
+        return Updates(*results, walls=walls)
 
-    def end_round(self, round_: int, busy: Sequence[int] = ()) -> None:
-        """Nothing to keep: participants live in this process."""
+    def end_round(self, round_: int, busy: Sequence[int] = ()) -> list[Event]:
+        """Nothing to keep: participants live in this process, and nothing happens to them."""
+        return []
 
-    def save(self, directory: Path) -> dict[str, dict]:
+    def save(self, folder: Path) -> dict[str, dict]:
         """Each participant writes its own state file; returns name -> {file, sha256, bytes}."""
-        saved = {}
-        for name, p in zip(self.names, self.participants):
-            path = directory / f"{name}.pt"
-            saved[name] = {"file": path.name, **guard(name, "checkpoint", lambda p=p, f=path: p.save(str(f)))}
-        return saved
+        paths = [folder / f"{name}.pt" for name in self.names]
+        answers = self._each(Phase.CHECKPOINT, range(len(self.names)), lambda i: (str(paths[i]),))
+        return {
+            name: {"file": path.name, "sha256": m["sha256"], "bytes": m["bytes"]}
+            for name, path, (m, _) in zip(self.names, paths, answers)
+        }
 
-    def restore(self, directory: Path, entries: dict[str, dict]) -> list[dict]:
-        return [
-            guard(
-                name, "resume", lambda p=p, e=entries[name]: p.load(str(directory / e["file"]), e["sha256"])
-            )
-            for name, p in zip(self.names, self.participants)
-        ]
+    def restore(self, folder: Path, entries: dict[str, dict]) -> None:
+        def load_args(i: int) -> tuple:
+            entry = entries[self.names[i]]
+            return str(folder / entry["file"]), entry["sha256"]
+
+        who = range(len(self.names))
+        self._announce(Phase.RESUME, who)
+        self._each(Phase.RESUME, who, load_args)
 
     def shutdown(self) -> None:
         self.participants = []

@@ -58,6 +58,28 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
         raise
 
 
+def local_cpus() -> int:
+    """The cores this process may run on (what the local backend's participants share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def participant_threads(config: Config, cluster_cpus: float) -> int:
+    """Torch threads of every participant: resources.torch_threads, or its CPU share rounded
+    down, at least 1. The share is resources.num_cpus, or the cluster's CPUs split evenly
+    over the participants (not the actors: a pool's participants get what they would get
+    with actors of their own). Both backends and both kinds of actors take it from here, so
+    that they run the same arithmetic: torch splits its sums by thread, and the split
+    changes how they round."""
+    r = config.resources
+    if r.torch_threads:
+        return r.torch_threads
+    share = r.num_cpus if r.num_cpus is not None else cluster_cpus / config.num_participants
+    return max(1, int(share + 1e-9))
+
+
 def even_share(node_cpus: list[float], n: int) -> float:
     """The largest CPU share, in hundredths (Ray's resolution for fractions), of which `n`
     fit on these nodes: an even split of the total may not, when nodes are small (4 nodes of
@@ -92,14 +114,14 @@ def plan_resources(
             f"{n} {what} x {cpus} CPU need {cpus * n:g} CPUs; the Ray cluster has "
             f"{total_cpus:g}. Lower resources.num_cpus or leave it unset to share evenly."
         )
-    threads = config.resources.torch_threads or max(1, int(cpus))
-    return cpus, gpus, threads
+    return cpus, gpus, participant_threads(config, total_cpus)
 
 
 def concurrency_window(config: Config, cluster: dict[str, float], threads: int) -> int | None:
     """How many participants may compute at once: resources.max_concurrent, or on CPU-only
     runs with more participants than cores, the cores' worth (cores / torch threads). GPU
-    runs are not windowed: kernels from many actors overlap on the device."""
+    runs are not windowed: kernels from many actors overlap on the device. The window
+    decides how fast, never what is computed."""
     if config.resources.max_concurrent is not None:
         return config.resources.max_concurrent
     cpus = int(cluster.get("CPU", 0))
@@ -202,7 +224,7 @@ def place(config: Config, slots: int, pooled: bool) -> Placement:
     if group is not None:
         bundle = group.bundle_specs[1]
         cpus, gpus = float(bundle.get("CPU", 0)), float(bundle.get("GPU", 0))
-        threads = config.resources.torch_threads or max(1, int(cpus))
+        threads = participant_threads(config, cpus * slots)
         return Placement(cpus, gpus, threads, slots, group, own=False, offset=1)
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     cpus, gpus, threads = plan_resources(

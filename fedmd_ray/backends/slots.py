@@ -1,6 +1,8 @@
 """Where a participant's call runs: its own actor, or an actor of a pool. Both offer the
-same four things, so the Ray backend never asks which it has:
+same things, so the dispatcher never asks which it has:
 
+- `slot(index)`, `room`: which actor serves a participant, and how many calls may wait
+  on one actor at once;
 - `send(call)`: submit the call, answer (metrics ref, payload ref);
 - `answered(call)`: the call's metrics came back;
 - `bring_back(call)`: the call's actor died; start a new one, restore where it was, resend;
@@ -12,10 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedmd_ray.backends.actors import MUTATING, ParticipantActor, PoolWorker, held_budget
+from fedmd_ray.backends.actors import ParticipantActor, PoolWorker, held_budget
 from fedmd_ray.backends.resources import Placement
 from fedmd_ray.backends.restarts import RestartJournal
+from fedmd_ray.phases import Phase
 from fedmd_ray.spec import ParticipantSpec
+
+POOL_DEPTH = 32
+"""Calls queued at once per pool actor. Submitting a phase's 10 000 calls at once made the
+driver hold every one's task and return bookkeeping together (~40-60 KiB a call: 2.8 GiB at
+10 000 participants); 32 keep each actor busy while the driver refills."""
 
 
 class Call:
@@ -23,7 +31,7 @@ class Call:
 
     __slots__ = (
         "index",
-        "method",
+        "phase",
         "args",
         "state",
         "version",
@@ -32,28 +40,17 @@ class Call:
         "new_state",
         "actor",
         "confirms",
-        "threads",
-        "mode",
-        "sent",
-        "back",
-        "step",
     )
 
-    def __init__(self, index: int, method: str, args: tuple, threads: int | None = None, mode: str = ""):
-        self.index, self.method, self.args = index, method, args
+    def __init__(self, index: int, phase: Phase, args: tuple):
+        self.index, self.phase, self.args = index, phase, args
         self.state = self.metrics = self.payload = self.new_state = self.actor = None
         self.version = 0
-        self.confirms = False  # its answer confirms a pending state snapshot
-        self.threads = threads  # torch threads to run it on (None: as the actor has them)
-        self.mode = mode  # the schedule's way of running it (schedule.py)
-        self.sent = self.back = 0.0  # driver clock: submitted, answer seen
-        self.step = 0  # its place in its participant's chain of steps (RayBackend.steps)
+        self.confirms = False  # queued after a pending snapshot: its answer confirms it
 
     def remote(self, actor: Any, num_returns: int, *head: Any) -> Any:
         """Submit this call to `actor`'s `call` method, `head` before its own arguments."""
-        return actor.call.options(num_returns=num_returns).remote(
-            *head, self.method, *self.args, threads=self.threads
-        )
+        return actor.call.options(num_returns=num_returns).remote(*head, self.phase, *self.args)
 
 
 class Shared:
@@ -66,6 +63,9 @@ class Shared:
 
 class DedicatedActors:
     """One actor per participant, holding its state in memory; restarts use the journal."""
+
+    room = 1
+    """A participant's calls depend on each other: one at a time."""
 
     def __init__(
         self, ray: Any, specs: Sequence[ParticipantSpec], shared: Shared, placement: Placement, tag: str
@@ -89,7 +89,7 @@ class DedicatedActors:
     def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
         actor = call.actor = self.actors[call.index]
         if not replay:
-            if call.method in MUTATING:
+            if call.phase.mutating:
                 self.journal.record(call.index, call)
             call.confirms = self.journal.pending[call.index] is not None
         return tuple(call.remote(actor, 2))
@@ -110,13 +110,14 @@ class DedicatedActors:
 
     def snapshot(self, who: Sequence[int]) -> None:
         for i in who:
-            _, state = self.actors[i].call.options(num_returns=2).remote("get_state")
-            self.journal.snapshot(i, state)
+            self.journal.snapshot(i, self.actors[i].state.remote())
 
 
 class ActorPool:
     """A few actors serving many participants in turn (participant i on actor i mod k); each
     participant's state waits in the object store between its calls and travels with each."""
+
+    room = POOL_DEPTH
 
     def __init__(
         self, ray: Any, specs: Sequence[ParticipantSpec], shared: Shared, placement: Placement, tag: str
@@ -142,7 +143,7 @@ class ActorPool:
         options = self.placement.actor_options(slot)
         options["name"] = f"fedmd-{self.tag}/pool-{slot:02d}" + (f"-r{generation}" if generation else "")
         cls = self.ray.remote(PoolWorker).options(**options)
-        return cls.remote(*s.public, s.val, s.test, self.placement.threads, s.sink, self.held_budget)
+        return cls.remote(*s.public, s.val, s.test, s.sink, self.held_budget)
 
     def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
         i = call.index
@@ -153,7 +154,7 @@ class ActorPool:
         # resolve: the actor fetches them only when it does not hold this version already.
         boxed = [self.spec_refs[i], self.shared.private[i], call.state]
         refs = call.remote(actor, 3, i, boxed, call.version, replay)
-        call.new_state = refs[2] if call.method in MUTATING else None  # else a ref to None
+        call.new_state = refs[2] if call.phase.mutating else None  # else a ref to None
         return refs[0], refs[1]
 
     def answered(self, call: Call) -> None:

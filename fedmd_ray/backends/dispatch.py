@@ -1,0 +1,316 @@
+"""The one engine every participant call on Ray goes through: transfer learning, a round's
+steps, checkpoints, restores, descriptions.
+
+Work comes as steps (a phase, the participants that take it, their arguments). Each
+participant's steps form a chain: its next call goes out as soon as its last one answered,
+since no participant needs another's step. How many calls run at once is said in one
+place, by the slots and the backend's window:
+
+- a slot (an actor) holds at most `slots.room` calls (its own actor: 1, a pool actor: a
+  queue deep enough to stay busy while the driver refills it);
+- at most `window` calls run at once in all (CPU runs with more participants than cores;
+  None: as many as the slots hold).
+
+Among the calls that may go out, the participant with the most work left goes first (by
+the seconds its calls took last time), so a long call does not start last and leave a core
+idle at the end. Neither the order nor the window changes a number: every call seeds itself
+and runs on its participant's threads.
+
+A call whose actor died is resent to a new one (slots.bring_back, restarts.py), at most
+`max_restarts` times per actor; a participant that raised stops the run with its name.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmd_ray.backends.actors import describe_ray_error, metrics_only
+from fedmd_ray.backends.slots import Call
+from fedmd_ray.errors import FedMDError, ParticipantError
+from fedmd_ray.phases import Phase
+from fedmd_ray.protocol import Event
+
+PROGRESS_POLL_SECONDS = 0.5
+TRIM_AFTER_CALLS = 256
+
+
+@dataclass
+class Step:
+    """One phase for some participants: `args` for everyone, or `args(i)` for participant i."""
+
+    phase: Phase
+    who: list[int]
+    args: tuple | Callable[[int], tuple] = ()
+
+    def args_of(self, i: int) -> tuple:
+        return self.args(i) if callable(self.args) else self.args
+
+
+@dataclass
+class Outcome:
+    """What a run of steps gave: per step, the answered calls by participant; per step, its
+    wall seconds (from the previous step's last answer to its own); the participants of a
+    quorum step that did not answer in time; a failure kept rather than raised."""
+
+    done: list[dict[int, Call]]
+    walls: list[float]
+    late: list[int] = field(default_factory=list)
+    failure: FedMDError | None = None
+
+
+class Costs:
+    """Each participant's last seconds per phase: the order calls go out in."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[Phase, dict[int, float]] = {}
+        self._scales: dict[Phase, tuple[int, float]] = {}
+
+    def record(self, phase: Phase, index: int, seconds: float) -> None:
+        self.seconds.setdefault(phase, {})[index] = seconds
+
+    def of(self, phase: Phase, i: int) -> float:
+        """Participant i's seconds in its last `phase` call; before it has made one, its
+        transfer learning's seconds scaled by how the two compare for the others (in the
+        first round, for everyone: the model that transferred longest goes first)."""
+        known = self.seconds.get(phase, {})
+        if i in known:
+            return known[i]
+        base = self.seconds.get(Phase.TRANSFER, {})
+        count, scale = self._scales.get(phase, (-1, 1.0))
+        if count != len(known):  # recomputed once per answer, not once per participant sorted
+            both = [j for j in known if j in base]
+            total = sum(base[j] for j in both)
+            scale = sum(known[j] for j in both) / total if both and total > 0 else 1.0
+            self._scales[phase] = (len(known), scale)
+        return base.get(i, 0.0) * scale
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        ray: Any,
+        slots: Any,
+        names: list[str],
+        window: int | None,
+        max_restarts: int,
+        sink: Any = None,
+        report: Callable[[dict], None] | None = None,
+    ):
+        self.ray, self.slots, self.names, self.window = ray, slots, names, window
+        self.max_restarts, self.sink, self.report = max_restarts, sink, report
+        self.costs = Costs()
+        self.restarts: dict[int, int] = {}
+        self.events: list[Event] = []
+        self._drained = 0.0
+
+    def run(
+        self,
+        steps: Sequence[Step],
+        need: int | None = None,
+        deadline_s: float | None = None,
+        spare_last: bool = False,
+    ) -> Outcome:
+        """Run `steps`, each participant's in order. With `need` (one step only), stop once
+        that many have answered and, with `deadline_s`, the deadline has passed: the rest
+        are late. With `spare_last`, a participant failing in the last step ends only its
+        own chain, and the failure comes back in the outcome instead of being raised."""
+        if need is not None and len(steps) != 1:
+            raise ValueError("a quorum applies to a run of one step")
+        chains: dict[int, list[int]] = {}
+        for k, step in enumerate(steps):
+            for i in step.who:
+                chains.setdefault(i, []).append(k)
+        done: list[dict[int, Call]] = [{} for _ in steps]
+        outcome = Outcome(done, [0.0] * len(steps))
+        start = time.perf_counter()
+        ends = [start] * len(steps)
+        queue = _Queue(self.slots, self.window)
+        for i in chains:
+            queue.push(self._entry(steps, chains, i, 0))
+        pending: dict[Any, Call] = {}
+        positions: dict[Any, int] = {}  # metrics ref -> the call's place in its chain
+        total = sum(len(c) for c in chains.values())
+        while queue or pending:
+            for i, pos in queue.take(len(pending)):
+                k = chains[i][pos]
+                call = Call(i, steps[k].phase, steps[k].args_of(i))
+                metrics, call.payload = self.slots.send(call)
+                pending[metrics], positions[metrics] = call, pos
+            if need is not None and self._quorum(done[0], need, deadline_s, start):
+                break
+            timeout = None  # after the deadline: whoever answers next
+            if need is not None and deadline_s is not None:
+                left = deadline_s - (time.perf_counter() - start)
+                timeout = left if left > 0 else None
+            for ref in self._wait(list(pending), timeout):
+                call, pos = pending.pop(ref), positions.pop(ref)
+                k = chains[call.index][pos]
+                try:
+                    answered = self._take(ref, call, pending, positions, pos)
+                except FedMDError as exc:
+                    if not (spare_last and k == len(steps) - 1):
+                        raise
+                    outcome.failure = outcome.failure or exc
+                    queue.free(call.index)
+                    continue
+                if not answered:
+                    continue  # its actor died: resent, still pending
+                queue.free(call.index)
+                done[k][call.index] = call
+                ends[k] = time.perf_counter()
+                if pos + 1 < len(chains[call.index]):
+                    queue.push(self._entry(steps, chains, call.index, pos + 1))
+        self._drain(force=True)
+        if need is not None:
+            outcome.late = [i for i in steps[0].who if i not in done[0]]
+        outcome.walls = [max(0.0, end - max([start, *ends[:k]])) for k, end in enumerate(ends)]
+        if total >= TRIM_AFTER_CALLS:
+            trim_heap()
+        return outcome
+
+    def _entry(self, steps: Sequence[Step], chains: dict[int, list[int]], i: int, pos: int) -> tuple:
+        work = sum(self.costs.of(steps[k].phase, i) for k in chains[i][pos:])
+        return (-work, i, pos)
+
+    @staticmethod
+    def _quorum(done: dict, need: int, deadline_s: float | None, start: float) -> bool:
+        """Before the deadline everyone is waited for; after it (or without one) the quorum."""
+        if len(done) < need:
+            return False
+        return deadline_s is None or time.perf_counter() - start >= deadline_s
+
+    def _take(self, ref: Any, call: Call, pending: dict, positions: dict, pos: int) -> bool:
+        """One answered call: True with its metrics kept; False if its actor died (restarted,
+        the call resent); raised: the participant's own failure."""
+        ray = self.ray
+        name = self.names[call.index]
+        try:
+            call.metrics = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            metrics, call.payload = self._restart(call, describe_ray_error(exc))
+            pending[metrics], positions[metrics] = call, pos
+            return False
+        except Exception as exc:  # RayTaskError wraps the participant's own exception
+            if isinstance(getattr(exc, "cause", None), FedMDError):
+                # Ours already says what is wrong and how to fix it, as on the local backend.
+                raise exc.cause from None
+            raise ParticipantError(name, call.phase, describe_ray_error(exc)) from None
+        metrics_only(call.metrics, name, call.phase)
+        if call.metrics.get("seconds") is not None:
+            self.costs.record(call.phase, call.index, call.metrics["seconds"])
+        self.slots.answered(call)
+        if self.report is not None:
+            self.report({"kind": "done", "participant": name, "phase": call.phase})
+        return True
+
+    def _restart(self, call: Call, error: str) -> tuple[Any, Any]:
+        """The actor under `call` died: start a new one, bring it back to where the dead one
+        was, and resend `call` (restarts.py says how that stays exact)."""
+        slot = self.slots.slot(call.index)
+        if self.slots.actors[slot] is not call.actor:
+            # Another call queued on the same dead pool actor already replaced it.
+            return self.slots.send(call, replay=True)
+        name = self.names[call.index]
+        count = self.restarts.get(slot, 0)
+        if count >= self.max_restarts:
+            raise ParticipantError(
+                name,
+                call.phase,
+                f"{error} (restarted {count} times already; resources.max_restarts={self.max_restarts})",
+            )
+        self.restarts[slot] = count + 1
+        whose = f"pool actor {slot} (serving {name})" if self.slots.room > 1 else "actor"
+        self.events.append(Event(name, call.phase, f"restarted ({whose} died)"))
+        return self.slots.bring_back(call, count + 1)
+
+    def _wait(self, pending: list, timeout: float | None) -> list:
+        """ray.wait for the next answer, then every other answer already in (a step of N
+        calls costs O(N) waits, not N waits over N refs each); keeps the progress display
+        fed while nobody answers."""
+        stop = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            step = timeout if self.sink is None else PROGRESS_POLL_SECONDS
+            if stop is not None:
+                step = min(step, max(0.0, stop - time.perf_counter()))
+            ready, rest = self.ray.wait(pending, num_returns=1, timeout=step)
+            if ready and rest:
+                more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            self._drain()
+            if ready or self.sink is None or (stop is not None and time.perf_counter() >= stop):
+                return ready
+
+    def _drain(self, force: bool = False) -> None:
+        """Participants' progress events to the display, at most every poll interval (a
+        drain is a round trip to the sink actor: per answer, at 10 000 participants, it
+        would cost more than the calls)."""
+        now = time.perf_counter()
+        if self.sink is None or (not force and now - self._drained < PROGRESS_POLL_SECONDS):
+            return
+        self._drained = now
+        for event in self.ray.get(self.sink.drain.remote()):
+            self.report(event)
+
+
+class _Queue:
+    """Calls that may go out, per slot, best first; `take` hands out those the slots and the
+    window have room for."""
+
+    def __init__(self, slots: Any, window: int | None):
+        self.slots, self.window = slots, window
+        self.ready: dict[int, list[tuple]] = {}  # slot -> heap of (priority, participant, pos)
+        self.busy: dict[int, int] = {}  # slot -> calls out
+        self.heads: list[tuple] = []  # (priority of the slot's best, slot) for slots with room
+        self.listed: set[int] = set()
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def push(self, entry: tuple) -> None:
+        slot = self.slots.slot(entry[1])
+        heapq.heappush(self.ready.setdefault(slot, []), entry)
+        self.count += 1
+        self._list(slot)
+
+    def free(self, index: int) -> None:
+        slot = self.slots.slot(index)
+        self.busy[slot] -= 1
+        self._list(slot)
+
+    def _list(self, slot: int) -> None:
+        ready = self.ready.get(slot)
+        if ready and slot not in self.listed and self.busy.get(slot, 0) < self.slots.room:
+            heapq.heappush(self.heads, (ready[0][0], slot))
+            self.listed.add(slot)
+
+    def take(self, running: int) -> list[tuple[int, int]]:
+        """(participant, position in its chain) of each call to send now."""
+        out = []
+        room = math.inf if self.window is None else self.window - running
+        while self.heads and len(out) < room:
+            _, slot = heapq.heappop(self.heads)
+            self.listed.discard(slot)
+            _, i, pos = heapq.heappop(self.ready[slot])
+            self.count -= 1
+            self.busy[slot] = self.busy.get(slot, 0) + 1
+            out.append((i, pos))
+            self._list(slot)
+        return out
+
+
+def trim_heap() -> None:
+    """Give the driver's freed heap back to the system (glibc; elsewhere nothing). A phase of
+    thousands of calls leaves Ray's per-call buffers freed but mapped; at 3000 participants
+    trimming after each phase kept the driver at 571 MiB of private memory instead of 748."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,55 @@
+"""Checks that need more than the config itself: that every name it holds resolves (models,
+datasets, consensus and digest losses, user files) and that simulated faults fit the run.
+`config.validate` checks the values; this module checks what they name. Both run before any
+work, so a typo is one line, not a traceback from inside Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedmd_ray.config import Config
+from fedmd_ray.config import from_dict as build
+from fedmd_ray.consensus import AGGREGATORS
+from fedmd_ray.data import check_dataset_name
+from fedmd_ray.errors import ConfigError, did_you_mean
+from fedmd_ray.faults import parse_fault
+from fedmd_ray.model_names import check_model_name
+from fedmd_ray.plugins import BUILTIN_DIGEST_LOSSES, CONSENSUS, DIGEST_LOSSES, Registry, parse_spec
+
+
+def check(config: Config) -> None:
+    """Raise ConfigError for the first name in `config` that resolves to nothing."""
+    for name in config.models:
+        check_model_name(name)
+    check_dataset_name(config.data.public)
+    check_dataset_name(config.data.private)
+    _check_plugin("train.digest_loss", config.train.digest_loss, BUILTIN_DIGEST_LOSSES, DIGEST_LOSSES)
+    _check_plugin("train.consensus", config.train.consensus, tuple(AGGREGATORS), CONSENSUS)
+    for fault in config.faults:
+        parse_fault(fault, config.num_participants)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A Config from nested dicts, its values and its names checked."""
+    config = build(values)
+    check(config)
+    return config
+
+
+def _check_plugin(key: str, value: str, builtins: tuple[str, ...], registry: Registry) -> None:
+    """A built-in name, or a user's (registered, module:function, file.py:function) that
+    resolves on this machine."""
+    if value in builtins:
+        return
+    plain = ":" not in value and "?" not in value
+    if plain and registry.get(value) is None:
+        names = registry.names()
+        raise ConfigError(
+            f"'{key}' is '{value}'; it must be one of {', '.join(names)}, or your own "
+            f"(package.module:function or path/to/file.py:function).{did_you_mean(value, names)}"
+        )
+    parse_spec(value)  # a malformed spec says how specs look
+    try:
+        registry.check(value)
+    except ConfigError as exc:
+        raise ConfigError(f"'{key}': {exc}") from None
