@@ -205,6 +205,12 @@ class ResourcesConfig:
     """Ray backend: number of participant actors. None: one per participant. Fewer: a pool
     of actors serves all participants, each participant's state (weights, optimizer) kept
     in the object store between uses and restored bit-exactly."""
+    reuse_actors: bool = False
+    """Ray backend, one actor per participant: keep the actors alive when the run ends, for
+    the next run in this program with the same resources and code (a loop over seeds or
+    variants, a notebook, a test suite), which then skips starting them: a process importing
+    torch, ~3 s of CPU each. Numbers are a fresh actor's. Kept actors hold their CPUs and
+    GPUs until reused, ray.shutdown() or fedmd_ray.backends.warm.release()."""
 
 
 @dataclass

@@ -423,6 +423,7 @@ class Participant:
             "private_samples": int(len(self.private_y)),
             "threads": torch.get_num_threads(),
             "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "pid": os.getpid(),
         }
 
     def transfer(self) -> dict:
@@ -436,7 +437,10 @@ class Participant:
         val_x, val_y = self.public_val
         public_n, private_n = len(self.public_y), len(self.private_y)
         ticker = _Ticker(
-            self.report, self.name, "transfer", cfg.public_epochs * public_n + cfg.private_epochs * private_n
+            self.report,
+            self.name,
+            Phase.TRANSFER,
+            cfg.public_epochs * public_n + cfg.private_epochs * private_n,
         )
         for epoch in range(1, cfg.public_epochs + 1):
             ticker.advance(text=f"public epoch {epoch}/{cfg.public_epochs}" + _val(public_acc))
@@ -554,7 +558,7 @@ class Participant:
         x = prepare(pooled_x, self.device, self.private_mean)
         y = torch.from_numpy(np.array(pooled_y, dtype=np.int64)).to(self.device)  # a writable copy
         epochs = self.cfg.upper_bound_epochs
-        ticker = _Ticker(self.report, self.name, "upper_bound", epochs * len(y))
+        ticker = _Ticker(self.report, self.name, Phase.UPPER_BOUND, epochs * len(y))
         loss, trained = self._train_private(model, opt, x, y, epochs, rng, ticker, "pooled")
         accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y, self.private_mean)
         return {

@@ -32,16 +32,6 @@ class Phase(StrEnum):
         read the model and leave it as it was."""
         return self in _MUTATING
 
-    @property
-    def per_round(self) -> bool:
-        """Whether it happens in every collaboration round (rather than once per run)."""
-        return self in ROUND_PHASES
-
-    @property
-    def long(self) -> bool:
-        """A once-per-run phase of many epochs, whose participants report their progress."""
-        return self in (Phase.TRANSFER, Phase.UPPER_BOUND)
-
 
 _METHODS = {Phase.SETUP: "describe", Phase.RESUME: "load", Phase.CHECKPOINT: "save", Phase.AGGREGATE: None}
 _MUTATING = frozenset({Phase.TRANSFER, Phase.UPPER_BOUND, Phase.DIGEST, Phase.REVISIT, Phase.RESUME})
@@ -51,6 +41,3 @@ ROUND_PHASES = (Phase.COMMUNICATE, Phase.AGGREGATE, Phase.DIGEST, Phase.REVISIT,
 
 FAULT_PHASES = (Phase.TRANSFER, Phase.COMMUNICATE, Phase.DIGEST, Phase.REVISIT, Phase.EVALUATE)
 """Where a simulated fault (config `faults`) may fire."""
-
-UPDATE_PHASES = (Phase.DIGEST, Phase.REVISIT, Phase.EVALUATE)
-"""What each participant does with the consensus, needing nobody else's step."""

@@ -52,6 +52,23 @@ class SummaryRow:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def not_repeatable(config: Config) -> list[str]:
+    """The settings of `config` that make its numbers depend on more than the config
+    (every other run with the same config computes the same numbers)."""
+    r, why = config.resources, []
+    if r.deadline_s is not None or r.quorum < 1:
+        why.append("who answers in time (resources.deadline_s, resources.quorum) depends on timing")
+    if (
+        config.sharing.clip is not None
+        and config.sharing.noise_multiplier > 0
+        and config.sharing.noise_seed == "secret"
+    ):
+        why.append(
+            "differential-privacy noise from the operating system's entropy (sharing.noise_seed=secret)"
+        )
+    return why
+
+
 def is_result(row: dict, phase: str) -> bool:
     """Whether metrics `row` is a participant's own result of `phase`: not a whole phase's
     timing (participant '*') nor an event (sat out, late, restarted), which carry no numbers."""
@@ -136,6 +153,12 @@ def render_summary(
         f"backend `{config.resources.backend}`, seed {config.seed}.",
         "",
     ]
+    unrepeatable = not_repeatable(config)
+    if unrepeatable:
+        lines += [
+            f"**Not repeatable**: {'; '.join(unrepeatable)}. The same config may give other numbers.",
+            "",
+        ]
     if sh.adversaries:
         lines += [
             f"Adversaries (`{sh.attack}`, scale {sh.attack_scale:g}): "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmd_ray.backends.resources import even_share, init_ray
+from fedmd_ray.backends.warm import release as release_kept_actors
 from fedmd_ray.checks import from_dict
 from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
 from fedmd_ray.presets import get_preset
@@ -200,6 +201,7 @@ def search(
         raise ConfigError(f"'scheduler' is '{scheduler_name}'; use asha or fifo.")
 
     init_ray(sample.resources.address)
+    release_kept_actors()  # trials need every CPU and GPU a kept actor would hold
     resources = trial_resources(sample, ray.cluster_resources())
     _check_fits(resources.bundles, ray.cluster_resources())
     out = Path(out_dir).resolve()

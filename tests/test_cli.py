@@ -23,6 +23,8 @@ def test_run_smoke_preset_writes_results(ray_session, tmp_path, capsys):
             "train.rounds=1",
             "--set",
             "train.public_epochs=1",
+            "--set",
+            "resources.reuse_actors=true",
         ]
     )
     assert code == 0
@@ -82,6 +84,10 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
             "train.rounds=1",
             "--set",
             "train.public_epochs=1",
+            "--set",
+            "train.private_epochs=5",
+            "--set",
+            "train.upper_bound_epochs=5",
             "--backend",
             "local",
             "--out",
@@ -98,7 +104,15 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
 
 def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "r"
-    quick = ["--set", "train.public_epochs=1", "--backend", "local", "--quiet"]
+    quick = [
+        "--set",
+        "train.public_epochs=1",
+        "--set",
+        "train.private_epochs=5",
+        "--set",
+        "train.upper_bound_epochs=5",
+    ]
+    quick += ["--backend", "local", "--quiet"]
     assert main(["run", "--out", str(out), "--set", "train.rounds=1", *quick]) == 0
     assert main(["run", "--resume", str(out), "--set", "train.rounds=2", "--backend", "local"]) == 0
     printed = capsys.readouterr().out

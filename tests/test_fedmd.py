@@ -1,9 +1,6 @@
 """End-to-end FedMD runs on real (local) Ray and the local backend, synthetic data."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,6 +28,7 @@ def _accuracies(result):
     return [(r["round"], r["participant"], r["phase"], r["accuracy"]) for r in rows]
 
 
+@pytest.mark.slow
 def test_ray_run_writes_every_result(ray_session, out_dir):
     config = tiny_config(
         models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "shufflenet_v2_x0_5"],
@@ -103,6 +101,8 @@ def test_the_same_config_gives_the_same_numbers_on_the_defaults(ray_session):
     """Threads, order and timing are not inputs: with the default resources (threads from
     the cores, more participants than cores) the local loop, Ray, and Ray with participants
     made late by seconds in the middle of a round compute the same numbers."""
+    # Kept actors compute what fresh ones do (test_kept_actors_...): the second Ray run
+    # takes the first one's.
     defaults = {"torch_threads": None}
     local = run(tiny_config(resources=defaults), progress=None)
     on_ray = run(tiny_config(resources={**defaults, "backend": "ray"}), progress=None)
@@ -118,6 +118,27 @@ def test_the_same_config_gives_the_same_numbers_on_the_defaults(ray_session):
     assert _accuracies(local) != _accuracies(other_seed)
 
 
+@pytest.mark.slow
+def test_kept_actors_compute_what_fresh_ones_do(ray_session, tmp_path):
+    """resources.reuse_actors: the second run takes the first run's actor processes, and
+    both compute the local loop's numbers."""
+    config = tiny_config(resources={"backend": "ray", "reuse_actors": True})
+    first = run(config, tmp_path / "first", progress=None)
+    second = run(config, tmp_path / "second", progress=None)
+    pids = [
+        [d["pid"] for d in json.loads((tmp_path / r / "participants.json").read_text())]
+        for r in ("first", "second")
+    ]
+    assert sorted(pids[0]) == sorted(pids[1])
+    local = run(tiny_config(), progress=None)
+    assert (
+        numbers(first.metrics.to_pylist())
+        == numbers(second.metrics.to_pylist())
+        == numbers(local.metrics.to_pylist())
+    )
+
+
+@pytest.mark.slow
 def test_fractional_gpus_are_placed(ray_session, out_dir):
     """Ray was started with one fake GPU: four participants at 0.25 share it."""
     config = tiny_config(
@@ -221,27 +242,3 @@ def test_digest_learning_rate_is_its_own_setting():
     assert _accuracies(same) == _accuracies(default)
     digest_loss = [r["loss"] for r in faster.metrics.to_pylist() if r["phase"] == Phase.DIGEST]
     assert digest_loss != [r["loss"] for r in default.metrics.to_pylist() if r["phase"] == Phase.DIGEST]
-
-
-@pytest.mark.slow
-def test_a_driver_of_ray_actors_never_loads_torch():
-    """Coordinating actors needs no torch (~0.5 GiB of a driver's memory: at 10 000
-    participants the difference between fitting in 2 GiB and not). A whole Ray run, with a
-    restart and a checkpoint, in a fresh interpreter (this one has loaded torch for other
-    tests), which then still has not imported it."""
-    script = (
-        "import sys, tempfile, ray\n"
-        "from fedmd_ray import run\n"
-        "from tests.conftest import LOCAL_RAY, tiny_config\n"
-        "ray.init(**LOCAL_RAY)\n"
-        "config = tiny_config(resources={'backend': 'ray'}, train={'rounds': 1}, faults=['0:digest:1:exit'])\n"
-        "result = run(config, tempfile.mkdtemp(), progress=None)\n"
-        "assert len(result.summary) == 3\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
-    )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"

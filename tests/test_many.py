@@ -87,3 +87,12 @@ def test_seeds_report_mean_and_standard_deviation(tmp_path):
     assert "22.0 ± 2.0" in text and "3 seeds" in text
     seeds.plot(runs, agg, tmp_path / "f.png", "t")
     assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
+def test_a_summary_says_when_its_numbers_do_not_repeat():
+    rows = [_row("p00", 0.5, 0.6)]
+    assert "Not repeatable" not in render_summary(rows, from_dict({}))
+    deadline = render_summary(rows, from_dict({"resources": {"deadline_s": 5.0, "quorum": 0.5}}))
+    assert "**Not repeatable**: who answers in time" in deadline
+    secret = from_dict({"sharing": {"clip": 1.0, "noise_multiplier": 1.0, "noise_seed": "secret"}})
+    assert "operating system's entropy" in render_summary(rows, secret)

@@ -44,6 +44,7 @@ def _nodes(config):
             time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_spread_and_pack(two_nodes):
     models = {"models": ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1"]}
     spread = _nodes(
@@ -95,6 +96,7 @@ def test_impossible_placement_is_refused(two_nodes, monkeypatch):
         run(config, progress=None)
 
 
+@pytest.mark.slow
 def test_user_code_reaches_actors_on_both_nodes(two_nodes, tmp_path, monkeypatch):
     """A model file and a consensus file in a folder of the user's, outside the package and
     off the workers' sys.path, shipped by runtime_env to actors on two nodes."""

@@ -89,6 +89,7 @@ def test_specs_parse_names_modules_files_and_options():
         parse_spec("mine.py:")
 
 
+@pytest.mark.slow
 def test_a_user_model_file_runs_and_is_summarised_like_a_builtin(ray_session, user_dir):
     models = ["my_nets.py:small", "my_nets.py:small?width=12", "cnn2:8,16,0.1"]
     local = run(tiny_config(models=models), user_dir / "local", progress=None)
@@ -133,7 +134,7 @@ def test_on_ray_bad_models_are_refused_before_any_work(ray_session, user_dir, mo
     """The driver of Ray actors never loads torch: each participant checks its model in its
     actor, with the user's code shipped there; the refusal reads as on the local backend,
     comes before transfer learning, and leaves nothing running and no results folder."""
-    config = tiny_config(models=[model, "cnn2:8,16,0.1"], resources={"backend": "ray"})
+    config = tiny_config(models=[model, "cnn2:8,16,0.1"], resources={"backend": "ray", "reuse_actors": False})
     with pytest.raises(ConfigError, match=message):
         run(config, user_dir / "out", progress=None)
     assert not (user_dir / "out").exists()
@@ -145,6 +146,7 @@ def test_on_ray_bad_models_are_refused_before_any_work(ray_session, user_dir, mo
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_registered_model_consensus_and_loss_from_a_notebook(ray_session, user_dir):
     def tiny(num_classes, image_shape, width=4):
         return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(image_shape)), num_classes))
@@ -168,6 +170,7 @@ def test_models_lists_registered_names(capsys):
     assert "listed_net" in out and "cnn2" in out and "file.py:factory" in out
 
 
+@pytest.mark.slow
 def test_user_consensus_and_digest_loss_files(ray_session, user_dir):
     train = {"consensus": "my_consensus.py:sharp?power=1.5", "digest_loss": "my_losses.py:huber?delta=0.5"}
     local = run(tiny_config(train=train), progress=None)

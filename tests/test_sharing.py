@@ -85,6 +85,7 @@ def test_dp_epsilon_is_reported_per_run(out_dir):
     assert "epsilon" in (out_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_median_protects_honest_participants_from_scaled_scores():
     honest = {}
     for method in ("mean", "median", "trimmed_mean"):

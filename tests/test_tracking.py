@@ -50,6 +50,7 @@ def test_log_names_are_checked(capsys):
     assert "'log' is 'wandb'; it must be one of tensorboard, mlflow" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_two_runs(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     run(tiny_config(), a, progress=None)

@@ -66,9 +66,13 @@ class ParticipantActor:
     actor whose constructor raised would look dead to Ray, and be restarted."""
 
     def __init__(self, spec: ParticipantSpec, *data: Any, restored: bool = False, sink: Any = None):
+        cap_gpu_memory()
+        self.adopt(spec, *data, restored=restored, sink=sink)
+
+    def adopt(self, spec: ParticipantSpec, *data: Any, restored: bool = False, sink: Any = None) -> None:
+        """Become the participant `spec` describes (a kept actor's next run: warm.py)."""
         from fedmd_ray.participant import build_participant
 
-        cap_gpu_memory()
         self.participant, self.failure = None, None
         try:
             self.participant = build_participant(spec, *data)
@@ -77,6 +81,13 @@ class ParticipantActor:
             return
         self.participant.restored = restored
         self.participant.report = _reporter(sink)
+
+    def release(self) -> None:
+        """Let the participant go (its run ended; the actor is kept for another)."""
+        import gc
+
+        self.participant, self.failure = None, None
+        gc.collect()
 
     def call(self, phase: Phase, *args: Any) -> tuple[Any, Any]:
         from fedmd_ray.participant import run_call
@@ -193,6 +204,7 @@ class ProgressSink:
         self.events.append(event)
 
     def drain(self) -> list[dict]:
+        """Every event posted since the last drain."""
         events, self.events = self.events, []
         return events
 

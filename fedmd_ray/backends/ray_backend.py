@@ -18,6 +18,7 @@ from fedmd_ray.backends.dispatch import Dispatcher, Outcome, Step
 from fedmd_ray.backends.resources import concurrency_window, init_ray, place
 from fedmd_ray.backends.shipping import uploaded, user_code
 from fedmd_ray.backends.slots import ActorPool, DedicatedActors, Shared
+from fedmd_ray.backends.warm import KEPT, key
 from fedmd_ray.config import Config
 from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
 from fedmd_ray.phases import Phase
@@ -26,6 +27,8 @@ from fedmd_ray.progress import phase_event
 from fedmd_ray.protocol import ConsensusPlan, Event, Scores, Updates
 from fedmd_ray.spec import ParticipantSpec
 from fedmd_ray.tasks import Task
+
+HELPERS = {"consensus": Aggregator, "progress": ProgressSink}
 
 
 class RayBackend:
@@ -45,6 +48,7 @@ class RayBackend:
 
         self.ray = ray
         self.slots = self.aggregator = self.sink = self.plan = None
+        self.reuse = False
         try:
             self._start(config, task, specs, report)
         except BaseException:
@@ -67,7 +71,13 @@ class RayBackend:
         n = len(specs)
         r = config.resources
         pooled = r.actors is not None and r.actors < n
+        # Actors kept from an earlier run (warm.py) are taken by one with the same resources
+        # and code; every other run needs their CPUs and GPUs back first.
+        self.reuse = r.reuse_actors and not pooled and r.placement is None
+        if not self.reuse:
+            KEPT.release(ray)
         self.plan = plan = place(config, r.actors if pooled else n, pooled)
+        self.reuse = self.reuse and plan.group is None  # not inside a Tune trial's group
         env, self.code = user_code(config)
         plan.runtime_env = uploaded(env)
         for spec in specs:
@@ -80,12 +90,15 @@ class RayBackend:
             helper["runtime_env"] = plan.runtime_env
         if plan.group is not None and not plan.own:
             helper["scheduling_strategy"] = plan.strategy(-1)
-        self.aggregator = (
-            ray.remote(Aggregator).options(name=f"fedmd-{self.tag}/consensus", **helper).remote()
-        )
-        self.sink = None
-        if report is not None:
-            self.sink = ray.remote(ProgressSink).options(name=f"fedmd-{self.tag}/progress", **helper).remote()
+        self.helper = helper
+        if self.reuse:
+            KEPT.release(
+                ray, keep={key("participant", plan.actor_options(0)), *(key(k, helper) for k in HELPERS)}
+            )
+        else:
+            KEPT.release(ray)
+        self.aggregator = self._helper("consensus", helper)
+        self.sink = self._helper("progress", helper) if report is not None else None
         # The public data enters the object store once; actors map it read-only. Private
         # data goes to its participant's actor (or, in a pool, travels with each call).
         shared = Shared(
@@ -95,7 +108,10 @@ class RayBackend:
             private=[ray.put((p.x, p.y)) for p in task.private_parts],
             sink=self.sink,
         )
-        self.slots = (ActorPool if pooled else DedicatedActors)(ray, self.specs, shared, plan, self.tag)
+        if pooled:
+            self.slots = ActorPool(ray, self.specs, shared, plan, self.tag)
+        else:
+            self.slots = DedicatedActors(ray, self.specs, shared, plan, self.tag, self.reuse)
         window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
         self.dispatch = Dispatcher(ray, self.slots, self.names, window, r.max_restarts, self.sink, report)
         # The next round's scores go out as each participant's last step of this round, where
@@ -224,9 +240,25 @@ class RayBackend:
         self._announce([Phase.RESUME], who)
         self.dispatch.run([Step(Phase.RESUME, who, load_args)])
 
+    def _helper(self, kind: str, options: dict[str, Any]) -> Any:
+        """The consensus actor or the progress sink: a kept one (warm.py), or a new one."""
+        kept = KEPT.take(self.ray, kind, options) if self.reuse else None
+        if kept is not None:
+            if kind == "progress":
+                kept.drain.remote()  # whatever an earlier run left unread
+            return kept
+        cls = HELPERS[kind]
+        return self.ray.remote(cls).options(name=f"fedmd-{self.tag}/{kind}", **options).remote()
+
     def shutdown(self) -> None:
-        for actor in [*(self.slots.actors if self.slots else []), self.aggregator, self.sink]:
-            if actor is not None:
+        if self.slots is not None:
+            self.slots.stop()
+        for kind, actor in (("consensus", self.aggregator), ("progress", self.sink)):
+            if actor is None:
+                continue
+            if self.reuse:
+                KEPT.keep(self.ray, kind, self.helper, actor)
+            else:
                 self.ray.kill(actor, no_restart=True)
         self.slots, self.aggregator, self.sink = None, None, None
         if self.plan is not None:

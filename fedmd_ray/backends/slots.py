@@ -17,6 +17,7 @@ from typing import Any
 from fedmd_ray.backends.actors import ParticipantActor, PoolWorker, held_budget
 from fedmd_ray.backends.resources import Placement
 from fedmd_ray.backends.restarts import RestartJournal
+from fedmd_ray.backends.warm import KEPT
 from fedmd_ray.phases import Phase
 from fedmd_ray.spec import ParticipantSpec
 
@@ -68,9 +69,16 @@ class DedicatedActors:
     """A participant's calls depend on each other: one at a time."""
 
     def __init__(
-        self, ray: Any, specs: Sequence[ParticipantSpec], shared: Shared, placement: Placement, tag: str
+        self,
+        ray: Any,
+        specs: Sequence[ParticipantSpec],
+        shared: Shared,
+        placement: Placement,
+        tag: str,
+        reuse: bool = False,
     ):
         self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
+        self.reuse = reuse
         self.journal = RestartJournal(len(self.specs))
         self.actors = [self.start(i) for i in range(len(self.specs))]
 
@@ -80,11 +88,23 @@ class DedicatedActors:
     def start(self, slot: int, generation: int = 0) -> Any:
         spec, s = self.specs[slot], self.shared
         options = self.placement.actor_options(slot)
+        data = (*s.public, s.val, s.private[slot], s.test)
+        kept = KEPT.take(self.ray, "participant", options) if self.reuse and generation == 0 else None
+        if kept is not None:
+            kept.adopt.remote(spec, *data, restored=False, sink=s.sink)  # queued before any call
+            return kept
         options["name"] = f"fedmd-{self.tag}/{spec.name}" + (f"-r{generation}" if generation else "")
         cls = self.ray.remote(ParticipantActor).options(**options)
-        return cls.remote(
-            spec, *s.public, s.val, s.private[slot], s.test, restored=generation > 0, sink=s.sink
-        )
+        return cls.remote(spec, *data, restored=generation > 0, sink=s.sink)
+
+    def stop(self) -> None:
+        """The run ended: keep the actors for the next one (reuse), or end them."""
+        for slot, actor in enumerate(self.actors):
+            if self.reuse:
+                actor.release.remote()
+                KEPT.keep(self.ray, "participant", self.placement.actor_options(slot), actor)
+            else:
+                self.ray.kill(actor, no_restart=True)
 
     def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
         actor = call.actor = self.actors[call.index]
@@ -169,3 +189,7 @@ class ActorPool:
 
     def snapshot(self, who: Sequence[int]) -> None:
         """Every state is in the object store already."""
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
