@@ -53,11 +53,12 @@ def synthetic_config(
 ) -> dict[str, Any]:
     """A FedMD run on synthetic images (10 public classes, 6 private), sized by the
     arguments; `sections` are merged over it (e.g. resources={"backend": "local"})."""
+    chosen = MODEL_SETS[models] if isinstance(models, str) else list(models)
     values = {
         "name": "bench",
         "seed": 0,
         "checkpoint_every": 0,  # no state files: the work measured is FedMD's
-        "models": MODEL_SETS[models] if isinstance(models, str) else list(models),
+        "models": chosen[:participants],  # in turn, when there are more participants
         "participants": participants,
         "data": {
             "public": "synthetic",

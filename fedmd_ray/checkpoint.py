@@ -1,98 +1,149 @@
-"""Resumable runs: after a round, every participant writes its state into the run directory
-and the driver writes a manifest naming the round, the files and their checksums.
+"""Resumable runs: after a round, every participant's state goes into the run's storage
+(checkpoint/round-NNNN/) and the driver writes a manifest naming the round, the files and
+their checksums.
 
-`fedmd-ray run --resume DIR` reads the manifest back, refuses one that is damaged or was
-written under a different configuration, and the run goes on from the next round. Settings
-that do not change the numbers (where and how it runs, the round count, simulated faults)
-may differ on resume.
+`fedmd-ray run --resume DIR` reads the manifest back and refuses one that is damaged, was
+written by another version, or under settings that change the numbers: everything that
+decides what is computed or who answers in time, the threads each participant computed on
+(they decide how torch rounds its sums), and the contents of the user's code files. Where
+and how it runs may differ (the backend, actors, GPUs' placement, restarts), and so may the
+round count, simulated faults and the run's name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from pathlib import Path
+import re
 from typing import Any
 
 from fedmd_ray.config import Config, flatten
 from fedmd_ray.errors import CheckpointError
-from fedmd_ray.files import atomic_write
+from fedmd_ray.plugins import code_digests
+from fedmd_ray.storage import Storage
 
 FOLDER = "checkpoint"
 MANIFEST = "latest.json"
 FORMAT = 2
 """The checkpoint layout: participant states hold only what training needs (format 1 also
 kept what the last scores call measured)."""
-FREE_KEYS = ("name", "faults", "checkpoint_every", "resources", "train.rounds")
-"""Keys that may change between a run and its resume."""
+FREE_KEYS = (
+    "name",
+    "faults",
+    "checkpoint_every",
+    "log",
+    "train.rounds",
+    "resources.backend",
+    "resources.address",
+    "resources.num_cpus",
+    "resources.max_concurrent",
+    "resources.placement",
+    "resources.actors",
+    "resources.reuse_actors",
+    "resources.max_restarts",
+    "resources.runtime_env",
+    "data.data_dir",
+    "data.download",
+)
+"""Keys that may change between a run and its resume: none of them changes a number (CPUs
+per participant count through the threads they give it, which are compared themselves)."""
+_ROUND_FOLDER = re.compile(r"round-\d{4,}")
+_STATE_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.pt")
 
 
-def identity(config: Config) -> dict[str, Any]:
-    """The settings that decide a run's numbers, flattened."""
+def identity(config: Config, threads: int) -> dict[str, Any]:
+    """The settings that decide a run's numbers, flattened; the threads each participant
+    computes on; a digest of each user code file the config names."""
     flat = flatten(config.to_dict())
-    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)}
+    kept = {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)}
+    # Whether participants compute on a GPU decides numbers; how much of one each gets does not.
+    kept["resources.num_gpus"] = "some" if config.resources.num_gpus > 0 else "none"
+    kept["threads per participant"] = threads
+    kept.update({f"code {spec}": digest for spec, digest in code_digests(config_specs(config)).items()})
+    return kept
 
 
-def fingerprint(config: Config) -> str:
-    return hashlib.sha256(json.dumps(identity(config), sort_keys=True, default=str).encode()).hexdigest()
+def config_specs(config: Config) -> list[str]:
+    """The specs in `config` that may name user code."""
+    return [
+        *config.models,
+        config.train.consensus,
+        config.train.digest_loss,
+        config.data.public,
+        config.data.private,
+    ]
 
 
-def round_dir(out_dir: Path, round_: int) -> Path:
-    return Path(out_dir) / FOLDER / f"round-{round_:04d}"
+def fingerprint(identity_: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity_, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write(out_dir: Path, round_: int, config: Config, participants: dict[str, dict]) -> None:
+def round_folder(round_: int) -> str:
+    """Where round `round_`'s states go, inside the run's storage."""
+    return f"{FOLDER}/round-{round_:04d}"
+
+
+def write(storage: Storage, round_: int, identity_: dict[str, Any], participants: dict[str, dict]) -> None:
     """Point the manifest at round `round_` (whose files are written), then drop older rounds."""
-    folder = Path(out_dir) / FOLDER
+    directory = round_folder(round_).split("/", 1)[1]
     manifest = {
         "format": FORMAT,
         "round": round_,
-        "fingerprint": fingerprint(config),
-        "identity": identity(config),
-        "directory": round_dir(out_dir, round_).name,
+        "fingerprint": fingerprint(identity_),
+        "identity": identity_,
+        "directory": directory,
         "participants": participants,
     }
     # The manifest moves only once the round is complete.
-    text = json.dumps(manifest, indent=2, default=str) + "\n"
-    atomic_write(folder / MANIFEST, lambda p: p.write_text(text))
-    for old in folder.glob("round-*"):
-        if old.name != manifest["directory"]:
-            shutil.rmtree(old, ignore_errors=True)
+    storage.write_text(f"{FOLDER}/{MANIFEST}", json.dumps(manifest, indent=2, default=str) + "\n")
+    for old in storage.names(FOLDER):
+        if _ROUND_FOLDER.fullmatch(old) and old != directory:
+            storage.delete(FOLDER, old)
 
 
-def read(out_dir: Path, config: Config, names: list[str]) -> tuple[int, Path, dict[str, dict]]:
-    """(round, folder, participant entries) of the run in `out_dir`, checked against `config`."""
-    path = Path(out_dir) / FOLDER / MANIFEST
-    if not path.exists():
+def read(storage: Storage, identity_: dict[str, Any], names: list[str]) -> tuple[int, str, dict[str, dict]]:
+    """(round, its folder inside the storage, participant entries) of the run in `storage`,
+    checked against this run's `identity_`."""
+    where = storage.location(FOLDER, MANIFEST)
+    if not storage.exists(FOLDER, MANIFEST):
         raise CheckpointError(
-            f"No checkpoint in {out_dir}: expected {path}. The run stopped before its first "
+            f"No checkpoint in {storage}: expected {where}. The run stopped before its first "
             "checkpoint (after transfer learning) or ran with checkpoint_every=0; start it afresh."
         )
     try:
-        manifest = json.loads(path.read_text())
-        round_, entries, folder = manifest["round"], manifest["participants"], manifest["directory"]
-    except (ValueError, KeyError, TypeError) as exc:
+        manifest = json.loads(storage.read_text(FOLDER, MANIFEST))
+        round_, entries, directory = int(manifest["round"]), manifest["participants"], manifest["directory"]
+        files = {name: entry["file"] for name, entry in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
-            f"The checkpoint manifest {path} is damaged ({exc}); start the run afresh."
+            f"The checkpoint manifest {where} is damaged ({exc}); start the run afresh."
         ) from None
+    # Every path in it must stay inside the run's folder: a manifest is data, not a pointer.
+    bad = [v for v in [directory, *files.values()] if not isinstance(v, str)]
+    bad += [directory] if isinstance(directory, str) and not _ROUND_FOLDER.fullmatch(directory) else []
+    bad += [f for f in files.values() if isinstance(f, str) and not _STATE_FILE.fullmatch(f)]
+    if bad:
+        raise CheckpointError(
+            f"The checkpoint manifest {where} names {bad[0]!r}, which is not a file of this run's "
+            "checkpoint folder; start the run afresh."
+        )
     if manifest.get("format", 1) != FORMAT:
         raise CheckpointError(
-            f"The checkpoint in {out_dir} was written by another version of fedmd_ray (format "
+            f"The checkpoint in {storage} was written by another version of fedmd_ray (format "
             f"{manifest.get('format', 1)}; this one reads format {FORMAT}); start the run afresh."
         )
-    if manifest.get("fingerprint") != fingerprint(config):
-        ours = identity(config)
+    if manifest.get("fingerprint") != fingerprint(identity_):
         theirs = manifest.get("identity", {})
-        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        shown = ", ".join(f"{k} ({theirs.get(k)!r} -> {ours.get(k)!r})" for k in changed[:5])
+        changed = sorted(k for k in set(identity_) | set(theirs) if identity_.get(k) != theirs.get(k))
+        shown = ", ".join(f"{k} ({theirs.get(k)!r} -> {identity_.get(k)!r})" for k in changed[:5])
         raise CheckpointError(
-            f"The checkpoint in {out_dir} was written under a different configuration: {shown or 'unknown'}. "
-            f"Resume with the original settings (only {', '.join(FREE_KEYS)} may change), or start afresh."
+            f"The checkpoint in {storage} was written under settings that change the numbers: "
+            f"{shown or 'unknown'}. Resume with the original settings and code (only {', '.join(FREE_KEYS)} "
+            "may change; pin resources.torch_threads to resume on a machine of another size), or start afresh."
         )
     missing = [n for n in names if n not in entries]
     if missing:
         raise CheckpointError(
-            f"The checkpoint in {out_dir} has no state for {missing}; start the run afresh."
+            f"The checkpoint in {storage} has no state for {missing}; start the run afresh."
         )
-    return int(round_), Path(out_dir) / FOLDER / folder, entries
+    return round_, f"{FOLDER}/{directory}", entries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from fedmd_ray import checks
 from fedmd_ray import config as config_lib
 from fedmd_ray.errors import CheckpointError, FedMDError
 from fedmd_ray.presets import PRESETS, get_preset, scale
+from fedmd_ray.storage import Storage
 
 
 def resolve_config(
@@ -30,6 +32,12 @@ def resolve_config(
         values = config_lib.merge(values, config_lib.load_file(config_file))
     if scale_factor is not None:
         values = scale(values, scale_factor)
+    values = config_lib.merge(values, _flags(data_dir, download, backend, address))
+    values = config_lib.merge(values, config_lib.parse_overrides(overrides))
+    return checks.from_dict(values)
+
+
+def _flags(data_dir: str | None, download: bool, backend: str | None, address: str | None) -> dict:
     flags: dict = {}
     if data_dir:
         flags.setdefault("data", {})["data_dir"] = data_dir
@@ -39,25 +47,24 @@ def resolve_config(
         flags.setdefault("resources", {})["backend"] = backend
     if address:
         flags.setdefault("resources", {})["address"] = address
-    values = config_lib.merge(values, flags)
-    values = config_lib.merge(values, config_lib.parse_overrides(overrides))
-    return checks.from_dict(values)
+    return flags
 
 
-def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path]:
-    """The config a run in `--resume DIR` was started with, with --set/flags on top."""
-    out = Path(args.resume)
+def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, str]:
+    """The config a run in `--resume DIR` (a folder or a URI) was started with, with
+    --set/flags on top."""
     if args.preset or args.config or args.scale or args.out:
         raise config_lib.ConfigError(
             "--resume DIR continues that run with its own config.json; drop --preset/--config/"
             "--scale/--out (change settings with --set, e.g. --set train.rounds=30)."
         )
-    if not (out / "config.json").exists():
-        raise CheckpointError(f"{out} is not a fedmd-ray run directory (no config.json there).")
-    config = resolve_config(
-        None, str(out / "config.json"), args.set, args.data_dir, args.download, args.backend, args.address
-    )
-    return config, out
+    storage = Storage(args.resume)
+    if not storage.exists("config.json"):
+        raise CheckpointError(f"{storage} is not a fedmd-ray run directory (no config.json there).")
+    values = config_lib.parse_text_config(storage.read_text("config.json"), storage.location("config.json"))
+    flags = _flags(args.data_dir, args.download, args.backend, args.address)
+    values = config_lib.merge(config_lib.merge(values, flags), config_lib.parse_overrides(args.set))
+    return checks.from_dict(values), args.resume
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -79,31 +86,68 @@ def _run(args: argparse.Namespace) -> int:
             args.address,
             args.scale,
         )
-        out = Path(args.out) if args.out else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.out or str(Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from fedmd_ray.progress import Progress
 
+    _stop_on_sigterm()
     display = Progress("none" if args.quiet else args.progress)
     display.say(f"fedmd-ray: {'resume' if args.resume else 'run'} '{config.name}' -> {out}")
+    # An earlier run's results in the same place are not this run's to report.
+    earlier = None if args.resume else _results_in(out)
     try:
         run(config, out, progress=display.say, resume=bool(args.resume), report=display.event)
     except KeyboardInterrupt:
         display.close()
-        print(f"interrupted; {_kept(out)}", file=sys.stderr)
-        return 130
+        stopped = "stopped (SIGTERM)" if _TERMINATED else "interrupted"
+        print(f"{stopped}; {_kept(out, earlier, resumable=True)}", file=sys.stderr)
+        return 143 if _TERMINATED else 130
     except FedMDError as exc:
         display.close()
         print(f"error: {exc}", file=sys.stderr)
-        if out.exists():
-            print(_kept(out), file=sys.stderr)
+        if _results_in(out) not in (None, earlier):
+            print(_kept(out, earlier), file=sys.stderr)
         return 1
     display.close()
     if not args.quiet:
-        print((out / "summary.md").read_text())
+        print(Storage(out).read_text("summary.md"))
     return 0
 
 
-def _kept(out: Path) -> str:
-    return f"results written so far are in {out}/" if out.exists() else "nothing was written."
+def _results_in(out: str) -> str | None:
+    """The config.json of results in `out` (None: no results there)."""
+    try:
+        storage = Storage(out)
+        return storage.read_text("config.json") if storage.exists("config.json") else None
+    except (FedMDError, OSError):
+        return None
+
+
+def _kept(out: str, earlier: str | None, resumable: bool = False) -> str:
+    if _results_in(out) in (None, earlier) and not resumable:
+        return "nothing was written."
+    if _results_in(out) is None:
+        return "nothing was written."
+    storage = Storage(out)
+    text = f"results written so far are in {storage}/"
+    if resumable and storage.exists("checkpoint", "latest.json"):
+        text += f"; continue with: fedmd-ray run --resume {out}"
+    return text
+
+
+_TERMINATED = False
+
+
+def _stop_on_sigterm() -> None:
+    """A scheduler's SIGTERM (Slurm, Kubernetes) stops the run as Ctrl-C does, at any moment:
+    results written so far stay, the summary says the run is incomplete, and one line says
+    how to resume (Ray's own handler would end the log in a C++ stack dump)."""
+
+    def handler(signum: int, frame: object) -> None:
+        global _TERMINATED
+        _TERMINATED = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -124,6 +124,24 @@ class TrainConfig:
     """BatchNorm of the paper's CNNs: 'keras' (the authors' Keras layers: running averages
     kept with momentum 0.99, i.e. torch's 0.01, and epsilon 1e-3) or 'torch' (torch's
     defaults: momentum 0.1, epsilon 1e-5)."""
+    batchnorm_stats: str = "recomputed"
+    """BatchNorm's running statistics (what a model normalises with when it is measured) at
+    the end of each training phase of transfer learning (public, private) and of the upper
+    bound: 'recomputed' over the data the phase trained on, every batch weighing the same (a
+    pass without gradients, as torch.optim.swa_utils.update_bn); 'running': as training left
+    them. A short phase leaves running averages far from its data (Keras' momentum moves them
+    1 % a step: 20 private steps keep them mostly the public data's), and the lower bound
+    measured through them is not the model's. The authors' long schedules end with the two
+    nearly equal."""
+    safeguard_holdout: float = 0.0
+    """Nobody worse off (off by default: the paper's algorithm has no such step): each
+    participant holds out this fraction of its private samples, per class (at least one of
+    each class that has two), trains on the rest, and keeps a round's update only if its
+    accuracy on the held-out samples does not fall by more than safeguard_tolerance below
+    the best it has kept; otherwise it goes back to its model before the round (a metrics
+    note says so). The test set is never looked at."""
+    safeguard_tolerance: float = 0.0
+    """How much held-out accuracy a kept round may lose (see safeguard_holdout)."""
     evaluate_every: int = 1
     """Measure test accuracy every this many rounds (and after the last). 1, the default,
     gives the paper's per-round figure."""
@@ -384,18 +402,23 @@ def load_file(path: str | Path) -> dict[str, Any]:
             f"Config file '{path}' is not UTF-8 text; a config is a JSON or TOML file "
             "(e.g. one written by `fedmd-ray config --preset smoke > my.json`)."
         ) from None
+    return parse_text_config(text, str(path))
+
+
+def parse_text_config(text: str, where: str) -> dict[str, Any]:
+    """A config file's text (JSON, or TOML when `where` ends in .toml) as a dict."""
     try:
-        if path.suffix == ".toml":
+        if where.endswith(".toml"):
             import tomllib
 
             values = tomllib.loads(text)
         else:
             values = json.loads(text)
     except Exception as exc:  # both parsers raise their own error types
-        raise ConfigError(f"Config file '{path}' could not be parsed: {exc}") from None
+        raise ConfigError(f"Config file '{where}' could not be parsed: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(
-            f"Config file '{path}' holds a {type(values).__name__}; its top level must be an object "
+            f"Config file '{where}' holds a {type(values).__name__}; its top level must be an object "
             'of keys, e.g. {"train": {"rounds": 5}}.'
         )
     return values
@@ -410,6 +433,7 @@ PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_cl
 OPTIMIZERS = ("adam", "sgd")
 SCALINGS = ("symmetric", "mean_image")
 BATCHNORMS = ("keras", "torch")
+BATCHNORM_STATS = ("recomputed", "running")
 PRIVATE_LABELS = ("fine", "coarse")
 PAYLOADS = ("float32", "float16", "topk")
 ATTACKS = ("random", "scaled", "label_flip")
@@ -445,6 +469,13 @@ def validate(config: Config) -> None:
         raise ConfigError("'models' is empty; name at least one model, e.g. models=[\"cnn2\"].")
     if config.participants is not None and config.participants < 1:
         raise ConfigError(f"'participants' is {config.participants}; it must be at least 1.")
+    if config.participants is not None and config.participants < len(config.models):
+        unused = ", ".join(config.models[config.participants :])
+        raise ConfigError(
+            f"'participants' is {config.participants} but 'models' names {len(config.models)}: "
+            f"{unused} would never run. Drop them from 'models', or set participants to "
+            f"{len(config.models)} or more (models are then used in turn), or leave it unset."
+        )
     _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
     for name in config.log:
         _check_choice("log", name, TRACKERS)
@@ -484,6 +515,13 @@ def _validate_partition(p: PartitionConfig) -> None:
 def _validate_train(t: TrainConfig) -> None:
     _check_choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _check_choice("train.batchnorm", t.batchnorm, BATCHNORMS)
+    _check_choice("train.batchnorm_stats", t.batchnorm_stats, BATCHNORM_STATS)
+    if not 0 <= t.safeguard_holdout < 1:
+        raise ConfigError(
+            f"'train.safeguard_holdout' is {t.safeguard_holdout}; it must be in [0, 1) "
+            "(the fraction of each participant's private samples held out; 0: no safeguard)."
+        )
+    _check_positive("train.safeguard_tolerance", t.safeguard_tolerance, allow_zero=True)
     for key in ("lr", "digest_lr", "temperature", "era_temperature", "evaluate_every", "private_patience"):
         _check_positive(f"train.{key}", getattr(t, key))
     for key in ("min_delta", "private_min_delta"):

@@ -135,9 +135,21 @@ def aggregate(
     if method in AGGREGATORS:
         return np.asarray(combine(stacked, w, **options), dtype=np.float32)
     try:
-        out = np.asarray(combine(stacked, w, **user_options), dtype=np.float32)
+        answer = combine(stacked, w, **user_options)
     except Exception as exc:
         raise ConsensusError(f"consensus '{method}' raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(answer, np.ndarray | list | tuple) and not hasattr(answer, "__array__"):
+        raise ConsensusError(
+            f"consensus '{method}' returned a {type(answer).__name__}; it must return (samples, classes) = "
+            f"{stacked.shape[1:]} scores, an array, for scores of shape {stacked.shape}."
+        )
+    try:
+        out = np.asarray(answer, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ConsensusError(
+            f"consensus '{method}' returned {type(answer).__name__} values that are not numbers ({exc}); "
+            f"it must return (samples, classes) = {stacked.shape[1:]} scores."
+        ) from None
     if out.shape != stacked.shape[1:]:
         raise ConsensusError(
             f"consensus '{method}' returned shape {out.shape}; it must return (samples, classes) = "
@@ -163,3 +175,16 @@ def form_consensus(payloads: Sequence, names: Sequence[str], plan: ConsensusPlan
         **plan.options,
     )
     return consensus.astype(plan.dtype)
+
+
+def check_consensus(plan: ConsensusPlan, participants: int, classes: int) -> None:
+    """Form a consensus of `plan` from made-up scores before any work: a user's function
+    that fails, or returns something other than finite (samples, classes) scores, is
+    refused now, not after transfer learning. Built-ins need no check."""
+    if plan.method in AGGREGATORS:
+        return
+    scores = np.random.default_rng(0).normal(size=(participants, 4, classes)).astype(np.float32)
+    try:
+        form_consensus(list(scores), [f"participant {i}" for i in range(participants)], plan)
+    except ConsensusError as exc:
+        raise ConsensusError(f"{exc} (checked on made-up scores before any work)") from None

@@ -441,6 +441,32 @@ def _torchvision_download(name: str, root: Path) -> None:
 # ---------------------------------------------------------------- CIFAR (python pickles)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's files are pickles, and a pickle can run any code while it loads. A data folder
+    someone hands you is not code: only numpy arrays (and the lists, dicts, strings and
+    numbers around them) are let through; anything else is refused in one line."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2: text to bytes, nothing more
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise DatasetError(
+            f"A CIFAR file asks to load {module}.{name}: it holds more than arrays, lists and labels, "
+            "and is not read (a pickle can run code). Use the files from the CIFAR site or torchvision."
+        )
+
+
 def _cifar_files(name: str, root: Path, train: bool) -> list[Path]:
     if name == "cifar10":
         base = root / "cifar-10-batches-py"
@@ -465,7 +491,9 @@ def _load_cifar(name: str, train: bool, root: Path, download: bool) -> ArrayData
     xs, ys, coarse = [], [], []
     for f in files:
         with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="latin1")
+            batch = _ArraysOnly(fh, encoding="latin1").load()
+        if not isinstance(batch, dict) or "data" not in batch:
+            raise DatasetError(f"{f} is not a CIFAR batch (a pickled dict with 'data'); re-download it.")
         xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
         if "coarse_labels" in batch:

@@ -18,7 +18,7 @@ from fedmd_ray import checkpoint, privacy
 from fedmd_ray.backends import make_backend
 from fedmd_ray.checks import check
 from fedmd_ray.config import Config, ConfigError
-from fedmd_ray.consensus import AGGREGATORS
+from fedmd_ray.consensus import AGGREGATORS, check_consensus
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.phases import Phase
 from fedmd_ray.plans import RoundPlans
@@ -27,12 +27,14 @@ from fedmd_ray.protocol import Backend, ConsensusPlan, Scores
 from fedmd_ray.report import SummaryRow
 from fedmd_ray.results import Recorder
 from fedmd_ray.spec import ParticipantSpec
+from fedmd_ray.storage import Storage
 from fedmd_ray.tasks import Task, build_task, participant_names
 
 
 @dataclass
 class RunResult:
-    out_dir: Path | None
+    out_dir: str | None
+    """Where the results are: a local folder's absolute path or a URI (None: not written)."""
     summary: list[SummaryRow]
     """One row per participant: lower bound, final, upper bound, gain."""
     metrics: object
@@ -56,11 +58,15 @@ def run(
     `resume`, continue the run in `out_dir` from its last checkpoint. `progress` takes
     summary lines; `report` takes progress events as they happen (see `progress.py`).
     `on_round(round, summary)` is called after each round with the per-participant summary
-    so far. A run refused before any work (bad data, too few resources, a model that cannot
-    be built) leaves no results folder behind."""
+    so far. `out_dir` is a local folder or a URI (s3://, gs://, ...: storage.py). A run
+    refused before any work (bad data, too few resources, a model, consensus or digest loss
+    that cannot work) leaves no results folder behind."""
     check(config)
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
+    storage = Storage(out_dir) if out_dir is not None else None
+    if storage is not None and not resume:
+        storage.check_writable()
     say = progress or (lambda _line: None)
     t = config.train
     task = task or build_task(config)
@@ -76,21 +82,23 @@ def run(
         t.participation,
     )
     consensus_of = consensus_plan(config, task)
-    saving = out_dir is not None and config.checkpoint_every > 0
+    check_consensus(consensus_of, len(specs), task.num_classes)
+    saving = storage is not None and config.checkpoint_every > 0
     say(f"starting {len(specs)} participants on the '{config.resources.backend}' backend ...")
     backend = make_backend(config, task, specs, report)
     recorder: Recorder | None = None
     try:
         described = backend.describe()
-        recorder = Recorder(out_dir, config, task, say)
+        recorder = Recorder(storage, config, task, say)
         recorder.participants(described, backend.placement)
         say(
             f"{len(specs)} participants ready on the '{backend.name}' backend; "
             f"{len(task.public_train)} public samples, {task.num_classes} classes"
         )
+        identity = checkpoint.identity(config, backend.threads)
         if resume:
-            done, folder, entries = checkpoint.read(Path(out_dir), config, names)
-            backend.restore(folder, entries)
+            done, folder, entries = checkpoint.read(storage, identity, names)
+            backend.restore(storage, folder, entries)
             recorder.resume(done)
             backend.end_round(done)
             say(f"resumed after round {done} from {folder}")
@@ -106,7 +114,7 @@ def run(
                 with recorder.timer() as clock:
                     bounds = backend.upper_bound(pooled.x, pooled.y)
                 recorder.phase(0, Phase.UPPER_BOUND, bounds, clock.seconds)
-            _end_round(backend, recorder, config, 0, (), saving, out_dir)
+            _end_round(backend, recorder, config, 0, (), storage if saving else None, identity)
 
         # Collaboration rounds.
         releases = plans.releases(done)  # scores each participant has sent: its privacy spent
@@ -128,10 +136,13 @@ def run(
             recorder.phase(
                 round_, Phase.REVISIT, updates.revisit, updates.walls[Phase.REVISIT], scores.answered
             )
+            recorder.safeguard(round_, scores.answered, updates.revisit)
             if measured.measuring(round_):
                 present, rows = measured.rows(scores, evaluate, updates.evaluate)
                 recorder.phase(round_, Phase.EVALUATE, rows, updates.walls[Phase.EVALUATE], present)
-            _end_round(backend, recorder, config, round_, scores.late, saving, out_dir, report)
+            _end_round(
+                backend, recorder, config, round_, scores.late, storage if saving else None, identity, report
+            )
             if on_round is not None:
                 on_round(round_, recorder.summary())
         recorder.finish(complete=True)
@@ -141,7 +152,7 @@ def run(
         raise
     finally:
         backend.shutdown()
-    return RunResult(recorder.out_dir, recorder.summary(), recorder.table())
+    return RunResult(str(storage) if storage else None, recorder.summary(), recorder.table())
 
 
 def _end_round(
@@ -150,8 +161,8 @@ def _end_round(
     config: Config,
     round_: int,
     late: list[int] | tuple,
-    saving: bool,
-    out_dir: str | Path | None,
+    saving: Storage | None,
+    identity: dict,
     report: Callable[[dict], None] | None = None,
 ) -> None:
     """A round's end: what a restart resumes from (late participants, still computing,
@@ -168,10 +179,9 @@ def _end_round(
         recorder.end_round(round_, rounds)
     recorder.flush()
     with recorder.timer() as clock:
-        if saving and (round_ == 0 or round_ % config.checkpoint_every == 0 or round_ == rounds):
-            folder = checkpoint.round_dir(Path(out_dir), round_)
-            folder.mkdir(parents=True, exist_ok=True)
-            checkpoint.write(Path(out_dir), round_, config, backend.save(folder))
+        if saving is not None and (round_ == 0 or round_ % config.checkpoint_every == 0 or round_ == rounds):
+            folder = checkpoint.round_folder(round_)
+            checkpoint.write(saving, round_, identity, backend.save(saving, folder))
     if round_ > 0:
         recorder.timing(round_, Phase.CHECKPOINT, snapshot.seconds + clock.seconds)
         recorder.flush()

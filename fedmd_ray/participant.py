@@ -12,9 +12,9 @@ import copy
 import hashlib
 import io
 import os
+import posixpath
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmd_ray import sharing
-from fedmd_ray.errors import CheckpointError, FedMDError, ParticipantError
+from fedmd_ray.errors import CheckpointError, ConfigError, FedMDError, ParticipantError
 from fedmd_ray.faults import fire
-from fedmd_ray.files import atomic_write
 from fedmd_ray.models import build_model, check_model, parameter_count
 from fedmd_ray.phases import Phase
 from fedmd_ray.plugins import BUILTIN_DIGEST_LOSSES, DIGEST_LOSSES, Code
 from fedmd_ray.spec import ParticipantSpec
+from fedmd_ray.storage import Storage
 
 STATE_FORMAT = 2
 """The layout of get_state's blob (and of checkpoint files); older ones are refused."""
@@ -105,7 +105,8 @@ def run_call(participant: Participant, phase: Phase, *args: Any) -> tuple[dict, 
     seconds = time.perf_counter() - start
     if phase == Phase.COMMUNICATE:
         return {"seconds": seconds, "bytes_sent": sharing.nbytes(out)}, out
-    return {**out, "seconds": seconds}, None
+    metrics, payload = out if isinstance(out, tuple) else (out, None)
+    return {**metrics, "seconds": seconds}, payload
 
 
 def build_participant(spec: ParticipantSpec, *data: Any) -> Participant:
@@ -187,6 +188,25 @@ def keep_freed_memory() -> None:
         pass  # not glibc (macOS, musl): its allocator's defaults stay
 
 
+def holdout_split(
+    labels: np.ndarray, fraction: float, seed: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices to train on, indices held out) of a participant's private samples: per class,
+    round(fraction x its samples), at least one where a class has two or more, none with
+    fraction 0. Seeded by the run and the participant, so every process splits alike."""
+    everything = np.arange(len(labels))
+    if fraction <= 0:
+        return everything, everything[:0]
+    rng = np.random.default_rng([seed, index, 0x5AFE])
+    held = []
+    for c in np.unique(labels):
+        members = everything[labels == c]
+        k = max(1, round(fraction * len(members))) if len(members) >= 2 else 0
+        held.extend(rng.choice(members, size=min(k, len(members) - 1), replace=False).tolist())
+    held_out = np.sort(np.array(held, dtype=np.int64))
+    return np.setdiff1d(everything, held_out), held_out
+
+
 def _on(mean: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
     return (
         None if mean is None else torch.from_numpy(np.array(mean, dtype=np.float32)).to(device)
@@ -224,14 +244,19 @@ class Participant:
         self.public_val = public_val
         self.public_mean = _on(spec.public_mean, self.device)
         self.private_mean = _on(spec.private_mean, self.device)
-        self.private_x = prepare(private[0], self.device, self.private_mean)
-        self.private_y = torch.from_numpy(np.array(private[1], dtype=np.int64)).to(self.device)
+        train, held = holdout_split(private[1], self.cfg.safeguard_holdout, spec.seed, spec.index)
+        self.private_x = prepare(private[0][train], self.device, self.private_mean)
+        self.private_y = torch.from_numpy(np.array(private[1][train], dtype=np.int64)).to(self.device)
+        self.holdout = (private[0][held], private[1][held])
+        """The private samples the safeguard validates on (none without it)."""
+        self.kept_validation: float | None = None
+        """The held-out accuracy of the last model the safeguard kept."""
+        self.round_start: dict | None = None
+        """The state a round started from, until the safeguard has judged the round."""
         self.test_x, self.test_y = test
         self._seed(phase="init")
         self.model = self._checked_model(public_x[:2])
-        self.digest_fn = digest_loss_function(
-            self.cfg.digest_loss, self.cfg.temperature, spec.code, spec.digest_function
-        )
+        self.digest_fn = self._checked_digest_loss(num_classes=spec.num_classes)
         self.public_state: dict | None = None
         """The public-pretrained weights, kept from transfer learning until the upper bound."""
         self.digest_opt = self._optimizer(self.model, self.cfg.digest_lr)
@@ -254,6 +279,8 @@ class Participant:
                 "digest_opt": self.digest_opt.state_dict(),
                 "private_opt": self.private_opt.state_dict(),
                 "public_state": self.public_state,
+                "kept_validation": self.kept_validation,
+                "round_start": self.round_start,
             },
             buffer,
         )
@@ -275,28 +302,37 @@ class Participant:
         self.digest_opt.load_state_dict(state["digest_opt"])
         self.private_opt.load_state_dict(state["private_opt"])
         self.public_state = state["public_state"]
+        self.kept_validation = state["kept_validation"]
+        self.round_start = state["round_start"]
         self.restored = restored
 
-    def save(self, path: str) -> dict:
-        """Write this participant's state to `path` (atomically); return its digest so a
-        resume can tell a damaged file from a good one."""
+    def save(self, location: str | None) -> dict | tuple[dict, bytes]:
+        """Write this participant's state to `location` (a file path or URI, written whole);
+        return its digest so a resume can tell a damaged file from a good one. With no
+        location, hand the state back instead, for whoever writes it."""
         blob = self.get_state()
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda p: p.write_bytes(blob))
-        return {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+        metrics = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+        if location is None:
+            return metrics, blob
+        folder, name = posixpath.split(location)
+        Storage(folder).write_bytes(name, blob)
+        return metrics
 
-    def load(self, path: str, sha256: str) -> dict:
-        try:
-            blob = Path(path).read_bytes()
-        except OSError as exc:
-            raise CheckpointError(
-                f"{self.name}: cannot read its checkpoint {path} ({exc.strerror}). On a cluster the "
-                "run directory must be on storage every node sees."
-            ) from None
+    def load(self, location: str | None, sha256: str, blob: bytes | None = None) -> dict:
+        """Take the state saved at `location` (or handed over as `blob`), once its digest
+        matches the manifest's."""
+        if blob is None:
+            folder, name = posixpath.split(location)
+            try:
+                blob = Storage(folder).read_bytes(name)
+            except (OSError, FedMDError) as exc:
+                raise CheckpointError(
+                    f"{self.name}: cannot read its checkpoint {location} ({exc}). Resume where the run's "
+                    "folder can be read, or start afresh."
+                ) from None
         if hashlib.sha256(blob).hexdigest() != sha256:
             raise CheckpointError(
-                f"{self.name}: checkpoint {path} is damaged (its checksum does not "
+                f"{self.name}: checkpoint {location or 'state'} is damaged (its checksum does not "
                 "match the manifest). Resume from an intact copy or start afresh."
             )
         self.set_state(blob)
@@ -332,6 +368,63 @@ class Participant:
         seed = zlib.crc32(key)
         torch.manual_seed(seed)
         return np.random.default_rng(seed)
+
+    def _checked_digest_loss(self, num_classes: int):
+        """The digest loss, tried once on made-up scores before any training: one that
+        raises or answers anything but a finite scalar is refused in one line naming this
+        participant (not mid-run, after transfer learning)."""
+        cfg, s = self.cfg, self.spec
+        try:
+            loss = digest_loss_function(cfg.digest_loss, cfg.temperature, s.code, s.digest_function)
+            generator = torch.Generator().manual_seed(0)
+            outputs = torch.randn(2, num_classes, generator=generator, requires_grad=True)
+            loss(outputs, torch.randn(2, num_classes, generator=generator)).backward()
+        except FedMDError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"Digest loss '{cfg.digest_loss}' of participant {s.name}: on made-up scores of shape "
+                f"(2, {num_classes}) it failed: {type(exc).__name__}: {exc}"
+            ) from None
+        return loss
+
+    def _training_state(self) -> dict:
+        """A copy of what training changes (weights, BatchNorm statistics, both optimizers)."""
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "digest_opt": self.digest_opt.state_dict(),
+                "private_opt": self.private_opt.state_dict(),
+            }
+        )
+
+    def _restore_training_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.digest_opt.load_state_dict(state["digest_opt"])
+        self.private_opt.load_state_dict(state["private_opt"])
+
+    @torch.no_grad()
+    def _recompute_batchnorm(
+        self, model: nn.Module, x: np.ndarray | torch.Tensor, mean: torch.Tensor | None
+    ) -> None:
+        """BatchNorm's running statistics recomputed over `x`, the data a phase trained on,
+        every batch weighing the same (train.batchnorm_stats; as torch.optim.swa_utils.update_bn)."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.cfg.batchnorm_stats != "recomputed" or not norms or len(x) < 2:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches below
+        model.train()
+        step = EVAL_BATCH_SIZE if self.device.type == "cuda" else CPU_EVAL_BATCH_SIZE
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            if len(chunk) < 2:
+                continue  # BatchNorm needs two samples in train mode
+            model(chunk if isinstance(chunk, torch.Tensor) else prepare(chunk, self.device, mean))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
 
     def _maybe_fail(self, phase: Phase, round_: int = 0) -> None:
         if not self.restored:  # simulated crashes are one-offs: the replacement does not crash again
@@ -468,6 +561,7 @@ class Participant:
                     )
                     break
             ticker.advance(text=f"public epoch {epoch}/{cfg.public_epochs} done" + _val(public_acc))
+        self._recompute_batchnorm(self.model, self.public_x, self.public_mean)
         if cfg.upper_bound:
             self.public_state = copy.deepcopy(self.model.state_dict())
         # One optimiser for the private data from here on: the authors' Keras classifier
@@ -483,6 +577,8 @@ class Participant:
             ticker,
             "private",
         )
+        if len(self.holdout[1]):
+            self.kept_validation = self._accuracy(self.model, *self.holdout, self.private_mean)[0]
         accuracy, test_loss = self._accuracy(self.model, self.test_x, self.test_y, self.private_mean)
         return {
             "accuracy": accuracy,
@@ -511,6 +607,8 @@ class Participant:
         """Digest: train towards the consensus on the public subset."""
         self._maybe_fail(Phase.DIGEST, round_)
         rng = self._seed(Phase.DIGEST, round_)
+        if len(self.holdout[1]):
+            self.round_start = self._training_state()  # the safeguard may go back to it
         x = prepare(self.public_x[indices], self.device, self.public_mean)
         target = torch.from_numpy(np.array(consensus, dtype=np.float32)).to(self.device)
         cfg = self.cfg
@@ -536,7 +634,22 @@ class Participant:
                 rng,
                 F.cross_entropy,
             )
-        return {"loss": loss}
+        return {"loss": loss, **self._safeguard()}
+
+    def _safeguard(self) -> dict:
+        """With train.safeguard_holdout: keep the round's update (digest and revisit) only if
+        the held-out accuracy has not fallen more than safeguard_tolerance below the best kept
+        so far; otherwise go back to the model the round started from."""
+        if not len(self.holdout[1]) or self.round_start is None:
+            return {}
+        validation = self._accuracy(self.model, *self.holdout, self.private_mean)[0]
+        kept = validation >= self.kept_validation - self.cfg.safeguard_tolerance
+        if kept:
+            self.kept_validation = max(self.kept_validation, validation)
+        else:
+            self._restore_training_state(self.round_start)
+        self.round_start = None
+        return {"validation": validation, "kept": kept, "kept_validation": self.kept_validation}
 
     def evaluate(self, round_: int = 0) -> dict:
         self._maybe_fail(Phase.EVALUATE, round_)
@@ -560,6 +673,7 @@ class Participant:
         epochs = self.cfg.upper_bound_epochs
         ticker = _Ticker(self.report, self.name, Phase.UPPER_BOUND, epochs * len(y))
         loss, trained = self._train_private(model, opt, x, y, epochs, rng, ticker, "pooled")
+        self._recompute_batchnorm(model, x, None)  # x is prepared already
         accuracy, test_loss = self._accuracy(model, self.test_x, self.test_y, self.private_mean)
         return {
             "accuracy": accuracy,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from fedmd_ray.phases import Phase
 from fedmd_ray.plans import RoundPlan
-from fedmd_ray.plugins import Code
+from fedmd_ray.storage import Storage
+from fedmd_ray.usercode import Code
 
 
 @dataclass
@@ -96,6 +96,8 @@ class Backend(Protocol):
     name: str
     placement: dict | None
     """Where each actor runs (None for the local backend)."""
+    threads: int
+    """Torch threads of every participant (part of what decides the numbers)."""
 
     def describe(self) -> list[dict]: ...
 
@@ -120,8 +122,9 @@ class Backend(Protocol):
     def end_round(self, round_: int, busy: Sequence[int] = ()) -> list[Event]:
         """Keep what a restart needs; what happened this round (restarts, ...)."""
 
-    def save(self, folder: Path) -> dict[str, dict]: ...
+    def save(self, storage: Storage, folder: str) -> dict[str, dict]:
+        """Every participant's state into `folder` of `storage`: name -> file, sha256, bytes."""
 
-    def restore(self, folder: Path, entries: dict[str, dict]) -> None: ...
+    def restore(self, storage: Storage, folder: str, entries: dict[str, dict]) -> None: ...
 
     def shutdown(self) -> None: ...

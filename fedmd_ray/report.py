@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -218,7 +218,7 @@ def accuracy_curves(table: pa.Table, summary: list[SummaryRow]) -> dict[str, dic
 
 
 def plot_accuracy(
-    table: pa.Table, summary: list[SummaryRow], path: Path, title: str, panels: bool = True
+    table: pa.Table, summary: list[SummaryRow], path: Path | IO[bytes], title: str, panels: bool = True
 ) -> None:
     """Left: the paper's figure (every participant per round, upper bounds dashed).
     Right, with `panels`: one small panel per participant with its lower and upper bound."""
@@ -258,11 +258,11 @@ def plot_accuracy(
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     if panels:
         _participant_panels(sub[1], shown, curves, colors, grid_rows, cols)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def _plot_many(table: pa.Table, summary: list[SummaryRow], path: Path, title: str) -> None:
+def _plot_many(table: pa.Table, summary: list[SummaryRow], path: Path | IO[bytes], title: str) -> None:
     """Many participants: the spread of accuracy per round (median, 10th-90th percentile
     band, min-max) instead of a curve each, and the distribution of gains."""
     import matplotlib
@@ -301,7 +301,7 @@ def _plot_many(table: pa.Table, summary: list[SummaryRow], path: Path, title: st
     hx.axvline(0, color="black", lw=1)
     hx.set(xlabel="gain over the lower bound (final - lower)", ylabel="participants", title="gains")
     hx.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -1,14 +1,14 @@
 """What a run records as it goes: metrics as Parquet (a part per round, so a crash keeps what
 was done), the resolved config, the partition report, and at the end the summary and the
-figure (report.py renders them)."""
+figure (report.py renders them), into the run's storage (a folder or a URI: storage.py)."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmd_ray.config import Config
-from fedmd_ray.files import atomic_write
 from fedmd_ray.phases import ROUND_PHASES, Phase
 from fedmd_ray.protocol import Event, Scores
 from fedmd_ray.report import (
@@ -28,6 +27,7 @@ from fedmd_ray.report import (
     plot_accuracy,
     render_summary,
 )
+from fedmd_ray.storage import Storage
 from fedmd_ray.tracking import open_trackers, round_scalars
 
 SCHEMA = pa.schema(
@@ -47,6 +47,7 @@ SCHEMA = pa.schema(
     ]
 )
 METRICS = "metrics.parquet"
+SAFEGUARD_NOTE = "kept its model from before the round (safeguard)"
 
 __all__ = ["ALL", "SCHEMA", "Recorder", "is_result", "phase_walls", "seconds_per_round"]
 
@@ -71,8 +72,8 @@ class Recorder:
     summary needs stay in memory (per participant: bounds, accuracy per round, bytes), so
     ten thousand participants fit."""
 
-    def __init__(self, out_dir: str | Path | None, config: Config, task, say: Callable[[str], None]):
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+    def __init__(self, storage: Storage | None, config: Config, task, say: Callable[[str], None]):
+        self.storage = storage
         self.config = config
         self.say = say
         self.pending: list[dict] = []
@@ -87,11 +88,11 @@ class Recorder:
         """Differential privacy: epsilon each participant has spent (its own releases)."""
         self._clear()
         self.complete = False
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.storage is not None:
+            self.storage.makedirs()
             self._write_json("config.json", config.to_dict())
             self._write_json("partition.json", task.partition_report)
-        self.trackers = open_trackers(config.log, self.out_dir, config.to_dict(), config.name)
+        self.trackers = open_trackers(config.log, self.storage, config.to_dict(), config.name)
 
     def _clear(self) -> None:
         self.lower: dict[str, float] = {}
@@ -104,11 +105,8 @@ class Recorder:
         self.last_epsilon: float | None = None
 
     def _write_json(self, name: str, data: Any) -> None:
-        assert self.out_dir is not None
-        atomic_write(
-            self.out_dir / name,
-            lambda p: p.write_text(json.dumps(data, indent=2, default=_json_default) + "\n"),
-        )
+        assert self.storage is not None
+        self.storage.write_text(name, json.dumps(data, indent=2, default=_json_default) + "\n")
 
     # ------------------------------------------------------------ recording
 
@@ -127,7 +125,7 @@ class Recorder:
     def participants(self, info: list[dict], placement: dict | None = None) -> None:
         self.info = info
         self.models = {d["participant"]: d["model"] for d in info}
-        if self.out_dir is not None:
+        if self.storage is not None:
             self._write_json("participants.json", info)
             if placement is not None:
                 self._write_json("placement.json", placement)
@@ -221,6 +219,13 @@ class Recorder:
             shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
             self.say(f"round {round_:>3}: {shown} {note}")
 
+    def safeguard(self, round_: int, who: list[int], revisits: list[dict]) -> None:
+        """Participants whose safeguard (train.safeguard_holdout) undid this round's update:
+        a note row whose accuracy is the held-out accuracy the round would have left."""
+        for i, r in zip(who, revisits):
+            if r.get("kept") is False:
+                self._row(round_, self.names[i], Phase.REVISIT, accuracy=r["validation"], note=SAFEGUARD_NOTE)
+
     def events_of(self, round_: int, events: list[Event]) -> None:
         for event in events:
             self.note(round_, [event.participant], event.note, event.phase)
@@ -233,23 +238,26 @@ class Recorder:
         """Take back the rows of rounds up to `round_` from the run's metrics and drop the
         rest, part file by part file, so that what is on disk stays a whole prefix of the
         run whenever this stops."""
-        folder = self.out_dir / METRICS if self.out_dir is not None else None
         self._clear()
         self.pending, self.current, self.parts = [], [], 0
-        if folder is None or not folder.is_dir():
+        storage = self.storage
+        if storage is None:
             return
-        for part in sorted(folder.glob("part-*.parquet")):
-            rows = pq.read_table(part, schema=SCHEMA).to_pylist()
+        for part in storage.names(METRICS):
+            if not (part.startswith("part-") and part.endswith(".parquet")):
+                continue
+            rows = pq.read_table(
+                storage.path(METRICS, part), schema=SCHEMA, filesystem=storage.fs
+            ).to_pylist()
             kept = [r for r in rows if r["round"] <= round_]
             if not kept:
-                part.unlink()
+                storage.delete(METRICS, part)
                 continue
             if len(kept) < len(rows):
-                table = pa.Table.from_pylist(kept, schema=SCHEMA)
-                atomic_write(part, lambda p, t=table: pq.write_table(t, p))
+                storage.write_bytes(f"{METRICS}/{part}", _parquet(pa.Table.from_pylist(kept, schema=SCHEMA)))
             for r in kept:
                 self._absorb(r)
-            self.parts = max(self.parts, int(part.stem.split("-")[1]) + 1)
+            self.parts = max(self.parts, int(part[len("part-") : -len(".parquet")]) + 1)
 
     def end_round(self, round_: int, rounds: int) -> None:
         now = [r for r in self.current if r["round"] == round_]
@@ -269,11 +277,10 @@ class Recorder:
 
     def table(self) -> pa.Table:
         """Every row so far: what is on disk, then what is not yet."""
-        path = self.out_dir / METRICS if self.out_dir is not None else None
         pending = pa.Table.from_pylist(self.pending, schema=SCHEMA)
-        if path is None or not path.exists():
+        if self.storage is None or not self.storage.exists(METRICS):
             return pending
-        written = pq.read_table(path, schema=SCHEMA)
+        written = pq.read_table(self.storage.path(METRICS), schema=SCHEMA, filesystem=self.storage.fs)
         return pa.concat_tables([written, pending]) if self.pending else written
 
     def summary(self) -> list[SummaryRow]:
@@ -325,14 +332,14 @@ class Recorder:
 
     def flush(self) -> None:
         """Write the rows not yet on disk as the next part of metrics.parquet."""
-        if self.out_dir is None or not self.pending:
+        if self.storage is None or not self.pending:
             return
-        folder = self.out_dir / METRICS
-        folder.mkdir(exist_ok=True)
         table = pa.Table.from_pylist(self.pending, schema=SCHEMA)
-        atomic_write(folder / f"part-{self.parts:06d}.parquet", lambda p: pq.write_table(table, p))
+        self.storage.write_bytes(f"{METRICS}/part-{self.parts:06d}.parquet", _parquet(table))
         self.parts += 1
         self.pending = []
+        for tracker in self.trackers:
+            tracker.flush()
 
     def finish(self, complete: bool) -> None:
         self.complete = complete
@@ -340,7 +347,7 @@ class Recorder:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
-        if self.out_dir is None or not self.lower:
+        if self.storage is None or not self.lower:
             return
         summary = self.summary()
         epsilon = self.epsilon()
@@ -355,12 +362,20 @@ class Recorder:
             },
         )
         text = render_summary(summary, self.config, complete, epsilon) + self._events()
-        atomic_write(self.out_dir / "summary.md", lambda p: p.write_text(text))
+        self.storage.write_text("summary.md", text)
         try:
-            plot_accuracy(self.table(), summary, self.out_dir / "accuracy.png", self.config.name)
+            figure = io.BytesIO()
+            plot_accuracy(self.table(), summary, figure, self.config.name)
+            self.storage.write_bytes("accuracy.png", figure.getvalue())
         except Exception as exc:  # a plotting problem must not lose the run's results
             self.say(f"(plot skipped: {exc})")
-        self.say(f"results in {self.out_dir}/ (metrics.parquet, summary.md, accuracy.png)")
+        self.say(f"results in {self.storage}/ (metrics.parquet, summary.md, accuracy.png)")
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def phase_walls(rows: list[dict]) -> dict[tuple[int, str], float]:

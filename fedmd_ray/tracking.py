@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -18,19 +20,24 @@ from fedmd_ray.config import flatten
 from fedmd_ray.errors import ConfigError
 from fedmd_ray.phases import Phase
 from fedmd_ray.report import ALL, is_result
+from fedmd_ray.storage import Storage
 
 
 class Tracker(Protocol):
     def log_round(self, round_: int, scalars: dict[str, float]) -> None: ...
+
+    def flush(self) -> None:
+        """What is logged so far is in the run's storage."""
 
     def close(self) -> None: ...
 
 
 class TensorBoard:
     """Event files under RUN_DIR/tensorboard, written with tensorboardX (installed with
-    ray[tune]) or, without it, torch.utils.tensorboard."""
+    ray[tune]) or, without it, torch.utils.tensorboard. A run stored at a URI writes them
+    into a local folder first and copies them over as each round's metrics are written."""
 
-    def __init__(self, out_dir: Path, config: dict, name: str):
+    def __init__(self, storage: Storage, config: dict, name: str):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -41,7 +48,11 @@ class TensorBoard:
                     "--log tensorboard needs tensorboardX (pip install tensorboardX; it comes with "
                     "ray[tune]) or the tensorboard package."
                 ) from None
-        self.writer = SummaryWriter(logdir=str(out_dir / "tensorboard"), comment=name)
+        self.storage = storage
+        self.local = (
+            Path(storage.path("tensorboard")) if storage.local else Path(tempfile.mkdtemp(prefix="fedmd-tb-"))
+        )
+        self.writer = SummaryWriter(logdir=str(self.local), comment=name)
         self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def log_round(self, round_: int, scalars: dict[str, float]) -> None:
@@ -49,12 +60,21 @@ class TensorBoard:
             self.writer.add_scalar(key, value, round_)
         self.writer.flush()  # a run that stops early still shows its rounds
 
+    def flush(self) -> None:
+        if not self.storage.local:
+            for f in self.local.rglob("*"):
+                if f.is_file():
+                    self.storage.write_bytes(f"tensorboard/{f.relative_to(self.local)}", f.read_bytes())
+
     def close(self) -> None:
         self.writer.close()
+        self.flush()
+        if not self.storage.local:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class MLflow:
-    def __init__(self, out_dir: Path, config: dict, name: str):
+    def __init__(self, storage: Storage, config: dict, name: str):
         try:
             import mlflow
         except ImportError:
@@ -66,10 +86,13 @@ class MLflow:
         items = [(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
-        mlflow.set_tag("fedmd_ray.run_dir", str(out_dir))
+        mlflow.set_tag("fedmd_ray.run_dir", str(storage))
 
     def log_round(self, round_: int, scalars: dict[str, float]) -> None:
         self.mlflow.log_metrics({_mlflow_key(k): v for k, v in scalars.items()}, step=round_)
+
+    def flush(self) -> None:
+        """MLflow keeps its own store."""
 
     def close(self) -> None:
         self.mlflow.end_run()
@@ -80,11 +103,11 @@ def _mlflow_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
 
 
-def open_trackers(names: list[str], out_dir: Path | None, config: dict, run_name: str) -> list[Tracker]:
-    if names and out_dir is None:
+def open_trackers(names: list[str], storage: Storage | None, config: dict, run_name: str) -> list[Tracker]:
+    if names and storage is None:
         raise ConfigError("--log needs a results folder (the run was started without one).")
     makers = {"tensorboard": TensorBoard, "mlflow": MLflow}
-    return [makers[n](out_dir, config, run_name) for n in names]
+    return [makers[n](storage, config, run_name) for n in names]
 
 
 def round_scalars(rows: list[dict], lower: dict[str, float]) -> dict[str, float]:

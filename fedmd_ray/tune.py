@@ -31,6 +31,7 @@ from fedmd_ray.checks import from_dict
 from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
 from fedmd_ray.presets import get_preset
 from fedmd_ray.report import SummaryRow
+from fedmd_ray.usercode import absolute
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.5
@@ -112,6 +113,18 @@ def trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     )
 
 
+def _absolute(value: Any) -> Any:
+    """Every file spec and dataset path in `value` made absolute where the search starts:
+    each Tune trial runs in a working directory of its own, where relative paths name nothing."""
+    if isinstance(value, str):
+        return absolute(value)
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _absolute(v) for k, v in value.items()}
+    return value
+
+
 def _domain(key: str, spec: Any):
     from ray import tune
 
@@ -155,12 +168,15 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
     if spec.get("config_file"):
         base = merge(base, load_file(spec["config_file"]))
     base = merge(base, spec.get("config", {}))
-    base = merge(base, _nest(spec.get("set", {})))
+    base = _absolute(merge(base, _nest(spec.get("set", {}))))
+    data_dir = base.get("data", {}).get("data_dir")
+    if data_dir:
+        base["data"]["data_dir"] = str(Path(data_dir).expanduser().resolve())
     if not spec.get("search"):
         raise ConfigError("The search file has no 'search' section: name at least one key to vary.")
     space, sample = {}, {}
     for key, domain in spec["search"].items():
-        space[key], sample[key] = _domain(key, domain)
+        space[key], sample[key] = _domain(key, _absolute(domain))
     config = from_dict(merge(base, _nest(sample)))  # unknown or invalid keys fail here, named
     return base, space, config
 

@@ -82,6 +82,7 @@ def base_config(data_dir: str | None, backend: str, rounds: int, participants: i
             get_preset("smoke"),
             {"participants": participants, "train": {"public_subset_size": 1000, "digest_batch_size": 64}},
         )
+    values["models"] = values["models"][:participants]  # in turn, when there are more participants
     return merge(
         values,
         {

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -157,3 +159,85 @@ def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'sharing.topk' is 99; this task has 16 classes" in err
     assert "results written so far" not in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ["data.input_shape=[1,0,28]"],
+            "'data.input_shape' is [1, 0, 28]; it must be three positive whole numbers",
+        ),
+        (
+            ['models=["cnn2","cnn3","cnn2:8,8,0.1"]', "participants=2"],
+            "'participants' is 2 but 'models' names 3",
+        ),
+        (["train.consensus=agg.py:wrong_shape"], "returned shape (16,); it must return (samples, classes)"),
+        (["train.consensus=agg.py:not_finite"], "returned NaN or infinite values"),
+        (["train.consensus=agg.py:not_an_array"], "it must return (samples, classes)"),
+        (
+            ["train.digest_loss=losses.py:per_sample"],
+            "Digest loss 'losses.py:per_sample' of participant p00-cnn2",
+        ),
+    ],
+)
+def test_bad_input_is_refused_before_any_work_in_one_line(tmp_path, monkeypatch, capsys, sets, message):
+    """Each: one line, exit 1, no results folder left behind; a user's consensus and digest
+    loss are tried on made-up scores before transfer learning, as models are."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "agg.py").write_text(
+        "import numpy as np\n\n"
+        "def wrong_shape(scores, weights=None):\n    return scores.mean(axis=(0, 1))\n\n"
+        "def not_finite(scores, weights=None):\n    return scores.mean(axis=0) * np.nan\n\n"
+        "def not_an_array(scores, weights=None):\n    return 'mean'\n"
+    )
+    (tmp_path / "losses.py").write_text(
+        "def per_sample(outputs, target):\n    return (outputs - target).abs().mean(dim=1)\n"
+    )
+    argv = ["run", "--backend", "local", "--out", str(tmp_path / "out"), "--set", "train.public_epochs=1"]
+    for pair in sets:
+        argv += ["--set", pair]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_file_or_an_unwritable_place_is_one_line(tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.write_text("x")
+    for out, message in ((existing, "is a file; name a folder"), ("/proc/fedmd/run", "cannot be written to")):
+        assert main(["run", "--backend", "local", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["during Ray's start", "mid-run"])
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, when):
+    """A scheduler's SIGTERM (Slurm, Kubernetes): one line saying the run was stopped and
+    how to resume, the results so far kept, no C++ stack dump from Ray, a prompt exit."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "fedmd_ray.cli", "run", "--out", str(out), "--progress", "plain"]
+    argv += ["--set", "train.rounds=50", "--set", "resources.num_cpus=0.5"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    if when == "mid-run":
+        while not (out / "checkpoint" / "latest.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    else:
+        time.sleep(1.5)  # the interpreter is up, Ray is starting
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < 30, "the run took too long to stop"
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM received" not in stderr and "PC: @" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped (SIGTERM);"), stderr[-2000:]
+    if when == "mid-run":
+        assert f"continue with: fedmd-ray run --resume {out}" in last
+        assert "Incomplete run" in (out / "summary.md").read_text()

@@ -15,6 +15,8 @@ def test_cluster_yaml_is_valid_for_ray_up():
     assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
     assert any("pip install" in c and "fedmd_ray" in c for c in config["setup_commands"])
     for local in config["file_mounts"].values():
+        if local.startswith("~"):
+            continue  # the user's own (Ray's token, made by `ray get-auth-token --generate`)
         assert (ROOT / local).exists(), f"file mount source {local} is missing"
 
 
@@ -88,3 +90,39 @@ def test_kuberay_entrypoint_is_a_valid_fedmd_ray_command():
     config = resolve_config(args.preset, args.config, args.set, args.data_dir, args.download)
     assert config.resources.num_gpus == 0.1 and config.num_participants == 10
     assert args.address is None  # KubeRay sets RAY_ADDRESS for the driver; init_ray honours it
+
+
+def test_the_cluster_files_keep_ray_off_the_network_and_ask_for_a_token():
+    """Ray's dashboard and jobs API run any code they are sent: bound to localhost, behind
+    token authentication on every node, and on Kubernetes behind a NetworkPolicy."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = [*config["head_start_ray_commands"], *config["worker_start_ray_commands"]]
+    ray_starts = [c for c in starts if "ray start" in c]
+    assert ray_starts and all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in (ROOT / "cluster.yaml").read_text()
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the same token on every node
+
+    docs = _kuberay_documents()
+    cluster = next(d for d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]  # this namespace's pods only
+
+    readme = (ROOT / "README.md").read_text()
+    assert "## Security" in readme and "RAY_AUTH_MODE=token" in readme
+
+
+def test_kuberay_checkpoints_need_only_the_volume_the_driver_writes_to():
+    """The entrypoint writes to a local path on a cluster of several nodes: the driver (on
+    the head, where the claim is mounted) writes every participant's state itself, so the
+    workers need no volume; an object store URI would need none at all."""
+    docs = _kuberay_documents()
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    out = job["spec"]["entrypoint"].split("--out", 1)[1].split()[0]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = [m["mountPath"] for c in head["containers"] for m in c.get("volumeMounts", [])]
+    assert "://" not in out and any(out.startswith(m + "/") for m in mounts)
+    # (tests/test_multinode.py runs that case: a local path on two nodes, written by the driver)

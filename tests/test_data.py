@@ -107,3 +107,20 @@ def test_leaf_femnist_json_gives_letters_with_writer_ids(tmp_path):
     assert ds.y.tolist() == [0, 0, 5, 25]  # upper and lower case fold together; digits dropped
     assert ds.groups.tolist() == [0, 0, 1, 1]
     assert ds.x.shape == (4, 1, 28, 28) and ds.x.max() == 0  # inverted to white-on-black
+
+
+def test_a_cifar_file_that_holds_more_than_arrays_is_not_read(tmp_path):
+    """A pickle can run code while it loads: CIFAR's files are read with an unpickler that
+    takes arrays, lists and labels only."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "train").write_bytes(pickle.dumps({"data": Payload(), "fine_labels": [0]}))
+    with pytest.raises(DatasetError, match="asks to load .*open: it holds more than arrays"):
+        load_dataset("cifar100", True, str(tmp_path))
+    assert not marker.exists()

@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray import run
 from fedmd_ray.errors import CheckpointError, ParticipantError
+from fedmd_ray.results import Recorder
+from fedmd_ray.storage import Storage
 from tests.conftest import LOCAL_RAY, numbers, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +166,9 @@ def test_a_resume_can_add_rounds(tmp_path):
 def test_mismatched_damaged_missing_or_old_checkpoints_are_refused(tmp_path):
     out = tmp_path / "run"
     run(tiny_config(train={"rounds": 1}), out, progress=None)
-    with pytest.raises(CheckpointError, match=r"different configuration: train.lr \(0.001 -> 0.01\)"):
+    with pytest.raises(
+        CheckpointError, match=r"settings that change the numbers: train.lr \(0.001 -> 0.01\)"
+    ):
         run(tiny_config(train={"rounds": 2, "lr": 0.01}), out, progress=None, resume=True)
     state = out / "checkpoint" / "round-0001" / "p01-cnn3.pt"
     good = state.read_bytes()
@@ -177,6 +182,19 @@ def test_mismatched_damaged_missing_or_old_checkpoints_are_refused(tmp_path):
     manifest.write_text(json.dumps(old))
     with pytest.raises(CheckpointError, match=r"another version of fedmd_ray \(format 1; .* format 2\)"):
         run(tiny_config(train={"rounds": 2}), out, progress=None, resume=True)
+    # A manifest is data, not a pointer: it may name only files of the run's checkpoint folder.
+    for field, value in (("directory", "../../elsewhere"), ("file", "/etc/passwd")):
+        bad = {**old, "format": 2}
+        if field == "directory":
+            bad["directory"] = value
+        else:
+            bad["participants"] = {
+                **old["participants"],
+                "p01-cnn3": {**old["participants"]["p01-cnn3"], "file": value},
+            }
+        manifest.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="which is not a file of this run's checkpoint folder"):
+            run(tiny_config(train={"rounds": 2}), out, progress=None, resume=True)
     with pytest.raises(CheckpointError, match=r"No checkpoint in .*nothing-here"):
         run(tiny_config(), tmp_path / "nothing-here", progress=None, resume=True)
 
@@ -190,3 +208,42 @@ def test_a_damaged_checkpoint_is_refused_on_ray_as_on_local(ray_session, tmp_pat
     state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match=r"^p02-cnn2: checkpoint .*p02-cnn2.pt is damaged"):
         run(tiny_config(resources={"backend": "ray"}, train={"rounds": 2}), out, progress=None, resume=True)
+
+
+class _CrashesAfterOneChange(Storage):
+    """A results folder whose first change to the metrics goes through and then the
+    process "dies": what a resume leaves on disk at its worst moment."""
+
+    armed = False
+
+    def _crash_after(self, change, *args):
+        change(*args)
+        if self.armed:
+            raise SystemExit("killed")
+
+    def delete(self, *parts):
+        self._crash_after(super().delete, *parts)
+
+    def write_bytes(self, name, data):
+        self._crash_after(super().write_bytes, name, data)
+
+
+def test_a_resume_interrupted_while_it_trims_the_metrics_keeps_every_earlier_round(tmp_path):
+    """Recorder.resume takes back rounds up to the checkpoint: killed after any one change,
+    every row of those rounds is still on disk (it never deletes them to write them again)."""
+    out = tmp_path / "run"
+    run(tiny_config(train={"rounds": 3}), out, progress=None)
+    whole = pq.read_table(out / "metrics.parquet").to_pylist()
+    storage = _CrashesAfterOneChange(out)
+    recorder = Recorder(
+        storage,
+        tiny_config(train={"rounds": 3}),
+        SimpleNamespace(partition_report=json.loads((out / "partition.json").read_text())),
+        say=lambda _m: None,
+    )
+    storage.armed = True
+    with pytest.raises(SystemExit):
+        recorder.resume(1)
+    left = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert numbers([r for r in left if r["round"] <= 1]) == numbers([r for r in whole if r["round"] <= 1])
+    assert any(r["round"] > 1 for r in whole)

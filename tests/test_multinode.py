@@ -123,3 +123,55 @@ def test_user_code_reaches_actors_on_both_nodes(two_nodes, tmp_path, monkeypatch
     assert len({n for n in __import__("json").loads(placement)["nodes"]}) == 2
     local = run(tiny_config(**settings), progress=None)
     assert numbers(on_two.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
+
+
+@pytest.mark.slow
+def test_checkpoints_are_never_node_local(two_nodes, tmp_path, monkeypatch):
+    """A run folder given as a local path, on two nodes: a path each node would resolve on a
+    disk of its own (here: the driver's working directory is not the workers'). Every state
+    is written by the driver into its folder, none where the actors run, and the run
+    resumes from it with the same numbers."""
+    import json
+    from pathlib import Path
+
+    import ray
+
+    workers_cwd = Path(ray.get(ray.remote(lambda: __import__("os").getcwd()).remote()))
+    monkeypatch.chdir(tmp_path)
+    settings = {"resources": {"backend": "ray", "placement": "SPREAD", "num_cpus": 0.5}}
+    run(tiny_config(**settings, train={"rounds": 1}), "runs/x", progress=None)
+    manifest = json.loads((tmp_path / "runs/x/checkpoint/latest.json").read_text())
+    assert {e["written_by"] for e in manifest["participants"].values()} == {"driver"}
+    assert sorted(p.name for p in (tmp_path / "runs/x/checkpoint/round-0001").iterdir()) == [
+        "p00-cnn2.pt",
+        "p01-cnn3.pt",
+        "p02-cnn2.pt",
+    ]
+    assert not (workers_cwd / "runs" / "x").exists()
+    resumed = run(tiny_config(**settings, train={"rounds": 2}), "runs/x", progress=None, resume=True)
+    whole = run(tiny_config(train={"rounds": 2}), progress=None)
+    assert numbers(resumed.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
+
+
+@pytest.mark.slow
+def test_a_model_importing_from_a_subfolder_runs_on_both_nodes(two_nodes, tmp_path, monkeypatch):
+    folder = tmp_path / "user"
+    (folder / "layers").mkdir(parents=True)
+    (folder / "layers" / "blocks.py").write_text(
+        "from torch import nn\n\n\ndef head(width, classes):\n    return nn.Linear(width, classes)\n"
+    )
+    (folder / "nets.py").write_text(
+        "from torch import nn\nfrom layers.blocks import head\n\n\n"
+        "def net(num_classes, image_shape):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(256, 7), nn.ReLU(), head(7, num_classes))\n"
+    )
+    monkeypatch.chdir(folder)
+    models = {"models": ["nets.py:net", "cnn2:8,16,0.1"]}
+    spread = tiny_config(**models, resources={"backend": "ray", "placement": "SPREAD", "num_cpus": 0.5})
+    on_two = run(spread, folder / "ray", progress=None)
+    assert (
+        len({n for n in __import__("json").loads((folder / "ray" / "placement.json").read_text())["nodes"]})
+        == 2
+    )
+    local = run(tiny_config(**models), progress=None)
+    assert numbers(on_two.metrics.to_pylist()) == numbers(local.metrics.to_pylist())

@@ -1,8 +1,10 @@
 """Bring your own: a participant's own model, data, consensus and digest loss, by file,
 module or registered name, on the local and the ray backend alike."""
 
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +13,8 @@ from torch import nn
 import fedmd_ray
 from fedmd_ray import run
 from fedmd_ray.cli import main
-from fedmd_ray.errors import ConfigError, ConsensusError, DatasetError
-from fedmd_ray.plugins import parse_spec
+from fedmd_ray.errors import CheckpointError, ConfigError, ConsensusError, DatasetError
+from fedmd_ray.plugins import MODELS, parse_spec
 from tests.conftest import numbers, tiny_config
 
 NETS = """
@@ -327,3 +329,129 @@ def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir):
     resumed = run(tiny_config(models=models, train={"rounds": 2}), out, progress=None, resume=True)
     assert numbers(resumed.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
     assert '"my_nets.py:small"' in (out / "config.json").read_text()
+    # The checkpoint knows the code, not only its name: an edited model file is refused.
+    nets = user_dir / "my_nets.py"
+    nets.write_text(nets.read_text() + "\n# edited\n")
+    with pytest.raises(CheckpointError, match=r"code my_nets.py:small \('[0-9a-f]{8}"):
+        run(tiny_config(models=models, train={"rounds": 3}), out, progress=None, resume=True)
+
+
+def test_a_resume_that_changes_who_answers_in_time_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(train={"rounds": 1}), out, progress=None)
+    with pytest.raises(CheckpointError, match=r"resources.quorum \(1.0 -> 0.5\)"):
+        run(tiny_config(train={"rounds": 2}, resources={"quorum": 0.5}), out, progress=None, resume=True)
+    with pytest.raises(CheckpointError, match=r"threads per participant \(1 -> 2\)"):
+        run(tiny_config(train={"rounds": 2}, resources={"torch_threads": 2}), out, progress=None, resume=True)
+
+
+# ---------------------------------------------------------------- users' code in isolation
+
+
+def _folder(root, name, files):
+    folder = root / name
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(textwrap.dedent(text))
+    return folder
+
+
+NETS_WITH_HELPERS = """
+from torch import nn
+from helpers import WIDTH
+
+
+def net(num_classes, image_shape):
+    return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], WIDTH),
+                         nn.ReLU(), nn.Linear(WIDTH, num_classes))
+"""
+
+
+def test_a_users_statistics_py_does_not_replace_the_standard_librarys(tmp_path):
+    import statistics
+
+    folder = _folder(
+        tmp_path,
+        "mine",
+        {
+            "statistics.py": "def width():\n    return 5\n",
+            "nets.py": "from torch import nn\nimport statistics\n\n\n"
+            "def net(num_classes, image_shape):\n    return nn.Linear(statistics.width(), num_classes)\n",
+        },
+    )
+    factory = MODELS.resolve(f"{folder}/nets.py:net")[0]
+    assert factory(num_classes=3, image_shape=(1,)).in_features == 5  # its own statistics.py
+    import importlib
+
+    assert sys.modules["statistics"] is statistics and importlib.import_module("statistics").mean([1, 3]) == 2
+    assert str(folder) not in sys.path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_two_folders_with_the_same_file_names_each_run_their_own(ray_session, tmp_path, monkeypatch, backend):
+    for name, width in (("a", 6), ("b", 10)):
+        _folder(tmp_path, name, {"nets.py": NETS_WITH_HELPERS, "helpers.py": f"WIDTH = {width}\n"})
+    monkeypatch.chdir(tmp_path)
+    models = ["a/nets.py:net", "b/nets.py:net", "cnn2:8,16,0.1"]
+    result = run(
+        tiny_config(models=models, train={"rounds": 1}, resources={"backend": backend}), progress=None
+    )
+    params = {r.model: r.parameters for r in result.summary}
+    assert params["a/nets.py:net"] == 256 * 6 + 6 + 6 * 16 + 16
+    assert params["b/nets.py:net"] == 256 * 10 + 10 + 10 * 16 + 16
+
+
+def test_standard_library_and_installed_modules_are_imported_not_shipped():
+    from fedmd_ray.backends.shipping import user_code
+    from fedmd_ray.usercode import module_source
+
+    assert module_source("statistics", "statistics:fmean") is None
+    assert module_source("math", "math:fsum") is None  # built into the interpreter
+    assert module_source("numpy", "numpy:mean") is None
+    shipment = user_code(tiny_config(train={"consensus": "statistics:fmean"}))
+    assert shipment.code is None and shipment.staged == []
+
+
+def test_the_private_upload_is_the_installed_rays():
+    """Ray has no public way to give an actor code when the Ray it runs in was started by
+    someone else (a notebook, a Tune trial); the private function behind `upload` is pinned
+    to the Ray versions it was tested with. A new Ray: run this test, then add its version."""
+    import ray
+
+    from fedmd_ray.backends.shipping import UPLOAD_TESTED_WITH
+
+    assert ray.__version__ in UPLOAD_TESTED_WITH
+
+
+@pytest.mark.slow
+def test_shipped_code_is_uploaded_by_uri_and_the_copy_removed(ray_session, user_dir):
+    import tempfile
+
+    from fedmd_ray.backends.shipping import upload, user_code
+
+    shipment = user_code(tiny_config(models=["my_nets.py:small", "cnn2:8,16,0.1"]))
+    staged = shipment.staged[0]
+    assert (staged / shipment.code.package / "d0" / "helpers.py").exists()
+    env = upload(shipment.env)
+    assert env["py_modules"][0].startswith("gcs://")
+    shipment.remove()
+    assert not staged.exists()
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("fedmd-*")}
+    run(
+        tiny_config(models=["my_nets.py:small", "cnn2:8,16,0.1"], resources={"backend": "ray"}), progress=None
+    )
+    assert {p.name for p in Path(tempfile.gettempdir()).glob("fedmd-*")} <= before
+
+
+@pytest.mark.slow
+def test_an_environment_that_cannot_be_set_up_is_one_line_naming_the_participant(ray_session):
+    config = tiny_config(
+        resources={
+            "backend": "ray",
+            "reuse_actors": False,
+            "runtime_env": {"py_modules": ["gs://fedmd-no-such-bucket/x.zip"]},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"p00-cnn2.*could not set up its runtime_env"):
+        run(config, progress=None)

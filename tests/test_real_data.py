@@ -25,7 +25,12 @@ def _has(name: str) -> bool:
 )
 def test_fashion_preset_fedmd_beats_the_lower_bound(ray_session, tmp_path):
     data_dir = str(real_data_dir()) if real_data_dir() else None
-    config = resolve_config("fashion", None, ["train.upper_bound=false", "train.rounds=5"], data_dir)
+    config = resolve_config(
+        "fashion",
+        None,
+        ["train.upper_bound=false", "train.rounds=4", "data.public_train_size=3000", "data.test_size=500"],
+        data_dir,
+    )
     result = run(config, tmp_path / "fashion", progress=None)
     lower = sum(r.lower_bound for r in result.summary) / len(result.summary)
     final = sum(r.fedmd_final for r in result.summary) / len(result.summary)

@@ -23,9 +23,24 @@ def tiny_search(**extra):
 
 
 @pytest.mark.slow
-def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_path):
-    rows = search(tiny_search(), tmp_path / "tune", verbose=0, progress=lambda _m: None)
-    assert sorted(json.loads(r["param:train.digest_loss"]) for r in rows) == ["kl", "mae"]
+def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_path, monkeypatch):
+    """Two trials over the participants' models, one of them the user's own file: each trial
+    runs in a working directory of its own, so file specs are resolved where the search
+    starts (the command's working directory)."""
+    (tmp_path / "models.py").write_text(
+        "from torch import nn\n\n\ndef tiny(num_classes, image_shape):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[1] * image_shape[2], num_classes))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    grid = [
+        ["models.py:tiny", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2"],
+        ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "models.py:tiny"],
+    ]
+    spec = tiny_search()
+    spec["search"] = {"models": {"grid": grid}}
+    rows = search(spec, tmp_path / "tune", verbose=0, progress=lambda _m: None)
+    firsts = sorted(json.loads(r["param:models"])[0] for r in rows)
+    assert firsts == sorted(["cnn2:8,16,0.1", str(tmp_path / "models.py") + ":tiny"])
     for row in rows:
         assert row["error"] is None and row["round"] == 2
         assert 0 <= row["mean_accuracy"] <= 1
@@ -38,7 +53,7 @@ def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_p
     table = pq.read_table(tmp_path / "tune" / "results.parquet").to_pylist()
     assert [r["mean_accuracy"] for r in table] == [r["mean_accuracy"] for r in rows]
     report = (tmp_path / "tune" / "results.md").read_text()
-    assert "| train.digest_loss | rounds | mean accuracy | mean gain | error |" in report
+    assert "| models | rounds | mean accuracy | mean gain | error |" in report
 
 
 def test_trial_resources_reserve_the_whole_simulation():

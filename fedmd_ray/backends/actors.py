@@ -96,6 +96,12 @@ class ParticipantActor:
             raise self.failure
         return run_call(self.participant, phase, *args)
 
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def state(self) -> bytes:
         """The participant's state, for a restart to start from."""
         return self.participant.get_state() if self.participant is not None else b""
@@ -159,6 +165,12 @@ class PoolWorker:
         new_state = participant.get_state() if phase.mutating else None
         self._hold(index, version + phase.mutating, participant)
         return metrics, payload, new_state
+
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def _hold(self, index: int, version: int, participant: Any) -> None:
         """Keep the participant built for its next call while this actor's own memory is

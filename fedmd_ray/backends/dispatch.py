@@ -31,7 +31,7 @@ from typing import Any
 
 from fedmd_ray.backends.actors import describe_ray_error, metrics_only
 from fedmd_ray.backends.slots import Call
-from fedmd_ray.errors import FedMDError, ParticipantError
+from fedmd_ray.errors import ConfigError, FedMDError, ParticipantError
 from fedmd_ray.phases import Phase
 from fedmd_ray.protocol import Event
 
@@ -191,7 +191,15 @@ class Dispatcher:
         name = self.names[call.index]
         try:
             call.metrics = ray.get(ref)
+        except ray.exceptions.RuntimeEnvSetupError as exc:
+            raise ConfigError(
+                f"Participant '{name}' could not set up its runtime_env: {_first_line(exc)}"
+            ) from None
         except ray.exceptions.RayActorError as exc:
+            if _env_failed(exc):
+                raise ConfigError(
+                    f"Participant '{name}' could not set up its runtime_env: {_first_line(exc)}"
+                ) from None
             metrics, call.payload = self._restart(call, describe_ray_error(exc))
             pending[metrics], positions[metrics] = call, pos
             return False
@@ -302,6 +310,19 @@ class _Queue:
             out.append((i, pos))
             self._list(slot)
         return out
+
+
+def _env_failed(exc: Exception) -> bool:
+    """Whether an actor died because its runtime_env could not be set up (a restart would
+    fail the same way)."""
+    return "RuntimeEnvSetupError" in str(exc) or "runtime environment" in str(exc).lower()
+
+
+def _first_line(exc: Exception) -> str:
+    """The cause Ray gives, in one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "Error" in line or "error" in line or "failed" in line.lower()]
+    return (useful or lines or [type(exc).__name__])[-1][:400]
 
 
 def trim_heap() -> None:

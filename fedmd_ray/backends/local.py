@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from fedmd_ray.plans import RoundPlan
 from fedmd_ray.progress import phase_event
 from fedmd_ray.protocol import ConsensusPlan, Event, Scores, Updates
 from fedmd_ray.spec import ParticipantSpec
+from fedmd_ray.storage import Storage
 from fedmd_ray.tasks import Task, participant_args
 
 
@@ -38,7 +38,7 @@ class LocalBackend:
         specs: Sequence[ParticipantSpec],
         report: Callable[[dict], None] | None = None,
     ):
-        threads = participant_threads(config, local_cpus())
+        self.threads = threads = participant_threads(config, local_cpus())
         self.config = config
         self.names = [s.name for s in specs]
         self.report = report
@@ -122,19 +122,22 @@ class LocalBackend:
         """Nothing to keep: participants live in this process, and nothing happens to them."""
         return []
 
-    def save(self, folder: Path) -> dict[str, dict]:
-        """Each participant writes its own state file; returns name -> {file, sha256, bytes}."""
-        paths = [folder / f"{name}.pt" for name in self.names]
-        answers = self._each(Phase.CHECKPOINT, range(len(self.names)), lambda i: (str(paths[i]),))
+    def save(self, storage: Storage, folder: str) -> dict[str, dict]:
+        """Each participant writes its own state file into `folder` of `storage`; returns
+        name -> {file, sha256, bytes}."""
+        files = [f"{name}.pt" for name in self.names]
+        answers = self._each(
+            Phase.CHECKPOINT, range(len(self.names)), lambda i: (storage.location(folder, files[i]),)
+        )
         return {
-            name: {"file": path.name, "sha256": m["sha256"], "bytes": m["bytes"]}
-            for name, path, (m, _) in zip(self.names, paths, answers)
+            name: {"file": file, "sha256": m["sha256"], "bytes": m["bytes"]}
+            for name, file, (m, _) in zip(self.names, files, answers)
         }
 
-    def restore(self, folder: Path, entries: dict[str, dict]) -> None:
+    def restore(self, storage: Storage, folder: str, entries: dict[str, dict]) -> None:
         def load_args(i: int) -> tuple:
             entry = entries[self.names[i]]
-            return str(folder / entry["file"]), entry["sha256"]
+            return storage.location(folder, entry["file"]), entry["sha256"]
 
         who = range(len(self.names))
         self._announce(Phase.RESUME, who)

@@ -8,7 +8,6 @@ import dataclasses
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error
 from fedmd_ray.backends.dispatch import Dispatcher, Outcome, Step
 from fedmd_ray.backends.resources import concurrency_window, init_ray, place
-from fedmd_ray.backends.shipping import uploaded, user_code
+from fedmd_ray.backends.shipping import upload, user_code
 from fedmd_ray.backends.slots import ActorPool, DedicatedActors, Shared
 from fedmd_ray.backends.warm import KEPT, key
 from fedmd_ray.config import Config
@@ -26,6 +25,7 @@ from fedmd_ray.plans import RoundPlan
 from fedmd_ray.progress import phase_event
 from fedmd_ray.protocol import ConsensusPlan, Event, Scores, Updates
 from fedmd_ray.spec import ParticipantSpec
+from fedmd_ray.storage import Storage
 from fedmd_ray.tasks import Task
 
 HELPERS = {"consensus": Aggregator, "progress": ProgressSink}
@@ -47,7 +47,7 @@ class RayBackend:
         import ray
 
         self.ray = ray
-        self.slots = self.aggregator = self.sink = self.plan = None
+        self.slots = self.aggregator = self.sink = self.plan = self.shipment = None
         self.reuse = False
         try:
             self._start(config, task, specs, report)
@@ -63,7 +63,8 @@ class RayBackend:
         report: Callable[[dict], None] | None,
     ) -> None:
         ray = self.ray
-        init_ray(config.resources.address)
+        self.shipment = user_code(config)
+        started = init_ray(config.resources.address, runtime_env=self.shipment.env)
         self.config = config
         self.specs = list(specs)
         self.names = [s.name for s in specs]
@@ -78,8 +79,10 @@ class RayBackend:
             KEPT.release(ray)
         self.plan = plan = place(config, r.actors if pooled else n, pooled)
         self.reuse = self.reuse and plan.group is None  # not inside a Tune trial's group
-        env, self.code = user_code(config)
-        plan.runtime_env = uploaded(env)
+        self.code = self.shipment.code
+        # A Ray this run started or joined has the code in its job's runtime_env; one that was
+        # running already (a notebook, a Tune trial) gets it per actor.
+        plan.runtime_env = None if started else upload(self.shipment.env)
         for spec in specs:
             spec.torch_threads = plan.threads
             spec.code = self.code
@@ -119,6 +122,7 @@ class RayBackend:
         # round) and actors are their participants' own (a pool's queue leaves no core idle).
         self.runs_ahead = not pooled and r.quorum >= 1 and r.deadline_s is None
         self._ahead: tuple[int, Scores | None, FedMDError | None] | None = None
+        self.threads = plan.threads
         self.placement = {
             "num_cpus": plan.cpus,
             "num_gpus": plan.gpus,
@@ -220,21 +224,53 @@ class RayBackend:
         events, self.dispatch.events = self.dispatch.events, []
         return events
 
-    def save(self, folder: Path) -> dict[str, dict]:
-        """Each participant (or its pool actor) writes its state file into `folder`, which
-        must be on storage the actors' nodes see; the driver only learns the checksums."""
+    def _writers(self, storage: Storage) -> bool:
+        """Whether the actors write the states into `storage` themselves: on a URI, or on a
+        local path while every actor is on this (the driver's) node. A local path on a
+        cluster may be a disk of each node's own, so there the states travel through the
+        object store and this process writes them: a checkpoint is always where --resume
+        will read it."""
+        if not storage.local:
+            return True
+        here = self.ray.get_runtime_context().get_node_id()
+        nodes = self.ray.get([actor.node.remote() for actor in self.slots.actors])
+        return all(node == here for node in nodes)
+
+    def save(self, storage: Storage, folder: str) -> dict[str, dict]:
+        """Each participant's state into `folder` of `storage` (see _writers: by its actor,
+        or handed to this process); the driver learns the checksums."""
         who = list(range(len(self.names)))
-        paths = [str(folder / f"{name}.pt") for name in self.names]
-        done = self.dispatch.run([Step(Phase.CHECKPOINT, who, lambda i: (paths[i],))]).done[0]
+        files = [f"{name}.pt" for name in self.names]
+        actors_write = self._writers(storage)
+        if actors_write:
+            step = Step(Phase.CHECKPOINT, who, lambda i: (storage.location(folder, files[i]),))
+        else:
+            step = Step(Phase.CHECKPOINT, who, (None,))
+        done = self.dispatch.run([step]).done[0]
+        if not actors_write:
+            for i in who:  # one state in this process at a time
+                storage.write_bytes(f"{folder}/{files[i]}", self.ray.get(done[i].payload))
         return {
-            self.names[i]: {"file": Path(paths[i]).name, "sha256": m["sha256"], "bytes": m["bytes"]}
-            for i, m in ((i, done[i].metrics) for i in who)
+            self.names[i]: {
+                "file": files[i],
+                "sha256": done[i].metrics["sha256"],
+                "bytes": done[i].metrics["bytes"],
+                "written_by": "actor" if actors_write else "driver",
+            }
+            for i in who
         }
 
-    def restore(self, folder: Path, entries: dict[str, dict]) -> None:
+    def restore(self, storage: Storage, folder: str, entries: dict[str, dict]) -> None:
+        """Each participant's state from `folder` of `storage`: read by its actor, or (a
+        local path on a cluster) read here and handed over."""
+        readers = self._writers(storage)
+
         def load_args(i: int) -> tuple:
             entry = entries[self.names[i]]
-            return str(folder / entry["file"]), entry["sha256"]
+            location = storage.location(folder, entry["file"])
+            if readers:
+                return location, entry["sha256"]
+            return location, entry["sha256"], self.ray.put(storage.read_bytes(folder, entry["file"]))
 
         who = list(range(len(self.names)))
         self._announce([Phase.RESUME], who)
@@ -263,6 +299,8 @@ class RayBackend:
         self.slots, self.aggregator, self.sink = None, None, None
         if self.plan is not None:
             self.plan.release()
+        if self.shipment is not None:
+            self.shipment.remove()  # Ray holds its own copy of the code
 
 
 def _scores(plan: RoundPlan, outcome: Outcome, k: int) -> Scores:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,32 +18,35 @@ from fedmd_ray.errors import ResourceError
 PLACEMENT_TIMEOUT_SECONDS = 60
 
 
-def _quiet_ray_startup() -> None:
-    """Ray's start-up notices (dashboard, token authentication, deprecations) say nothing a
-    FedMD user can act on, and would be the first thing they read on every run."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*Ray.*")
-    for name in ("ray", "ray._private.worker", "ray.util.client", "ray._private.services"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Join `address` ('auto', 'ray://...') or start a local Ray, unless one is running.
-    Without an address, a Ray job's RAY_ADDRESS is honoured; otherwise the run gets a Ray
-    of its own rather than joining whichever `ray start` cluster this machine last ran."""
+def init_ray(address: str | None = None, runtime_env: dict[str, Any] | None = None, **kwargs: Any) -> bool:
+    """Join `address` ('auto', 'ray://...') or start a local Ray, unless one is running;
+    True when this call did (and `runtime_env` became the job's). Without an address, a Ray
+    job's RAY_ADDRESS is honoured; otherwise the run gets a Ray of its own rather than
+    joining whichever `ray start` cluster this machine last ran. Ray's warnings (security
+    notices among them) are shown; its informational lines are not."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address is None and not os.environ.get("RAY_ADDRESS"):
         address = "local"
-    _quiet_ray_startup()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address == "local":
         kwargs.setdefault("include_dashboard", False)
-    kwargs.setdefault("logging_level", logging.ERROR)
+    kwargs.setdefault("logging_level", logging.WARNING)
+    # Ray's driver installs its own SIGTERM handler (a C++ stack dump); the run's own, if it
+    # has one (cli.py: stop cleanly, say how to resume), stays in charge.
+    handler = (
+        signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
-        ray.init(address=address, log_to_driver=True, **kwargs)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+    except SystemExit as exc:
+        # A SIGTERM while Ray started went to Ray's own handler (exit code 15): hand it to
+        # the run's, which stops the run cleanly and says so.
+        if exc.code == signal.SIGTERM and callable(handler):
+            handler(signal.SIGTERM, None)
+        raise
     except ConnectionError as exc:
         raise ResourceError(
             f"Could not reach the Ray cluster at '{address}': {exc}. Start it with "
@@ -56,6 +60,10 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
                 "pip install 'ray[client]' (the README's install command includes it)."
             ) from None
         raise
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+    return True
 
 
 def local_cpus() -> int:
