@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any
 
-from fedmd_ray.config import Config, flatten
+from fedmd_ray.config import Config, flatten, model_share
 from fedmd_ray.errors import CheckpointError
 from fedmd_ray.plugins import code_digests
 from fedmd_ray.storage import Storage
@@ -42,6 +42,7 @@ FREE_KEYS = (
     "resources.reuse_actors",
     "resources.max_restarts",
     "resources.runtime_env",
+    "resources.per_model",
     "data.data_dir",
     "data.download",
 )
@@ -58,6 +59,11 @@ def identity(config: Config, threads: int) -> dict[str, Any]:
     kept = {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in FREE_KEYS)}
     # Whether participants compute on a GPU decides numbers; how much of one each gets does not.
     kept["resources.num_gpus"] = "some" if config.resources.num_gpus > 0 else "none"
+    if config.resources.per_model:
+        kept["on a GPU"] = [
+            model_share(config, m).get("num_gpus", config.resources.num_gpus) > 0
+            for m in config.participant_models()
+        ]
     kept["threads per participant"] = threads
     kept.update({f"code {spec}": digest for spec, digest in code_digests(config_specs(config)).items()})
     return kept

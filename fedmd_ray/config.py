@@ -125,14 +125,15 @@ class TrainConfig:
     kept with momentum 0.99, i.e. torch's 0.01, and epsilon 1e-3) or 'torch' (torch's
     defaults: momentum 0.1, epsilon 1e-5)."""
     batchnorm_stats: str = "recomputed"
-    """BatchNorm's running statistics (what a model normalises with when it is measured) at
-    the end of each training phase of transfer learning (public, private) and of the upper
-    bound: 'recomputed' over the data the phase trained on, every batch weighing the same (a
-    pass without gradients, as torch.optim.swa_utils.update_bn); 'running': as training left
-    them. A short phase leaves running averages far from its data (Keras' momentum moves them
-    1 % a step: 20 private steps keep them mostly the public data's), and the lower bound
-    measured through them is not the model's. The authors' long schedules end with the two
-    nearly equal."""
+    """BatchNorm's running statistics (what a model normalises with when it is measured):
+    'recomputed' over the public data at the end of public training, and over the pooled
+    private data at the end of the upper bound, every batch weighing the same (a pass
+    without gradients, as torch.optim.swa_utils.update_bn); 'running': as training left
+    them. Running averages lag the data (Keras' momentum moves them 1 % a step), so a short
+    public phase left them between initialisation and the data. After the private phase they
+    stay as training left them: recomputed over a participant's few private images, they made
+    the rounds' digests on public data start from statistics of another distribution
+    (measured on the fashion preset: fewer points gained)."""
     safeguard_holdout: float = 0.0
     """Nobody worse off (off by default: the paper's algorithm has no such step): each
     participant holds out this fraction of its private samples, per class (at least one of
@@ -223,6 +224,13 @@ class ResourcesConfig:
     """Ray backend: number of participant actors. None: one per participant. Fewer: a pool
     of actors serves all participants, each participant's state (weights, optimizer) kept
     in the object store between uses and restored bit-exactly."""
+    per_model: dict[str, dict[str, float]] | None = None
+    """Ray backend, one actor per participant: the share of particular models, keyed by a
+    model as `models` writes it ('cnn2:32,64,0.2') or by its name ('cnn2', 'resnet18'), e.g.
+    {"resnet18": {"num_gpus": 0.5}, "cnn2": {"num_gpus": 0.1}}; each value may set num_gpus
+    and num_cpus. Other participants take num_gpus / num_cpus. A model's GPU share caps the
+    GPU memory its actor may hold. Torch threads stay the run's (torch_threads, or the even
+    CPU share), so the shares change where and how fast participants run, not their numbers."""
     reuse_actors: bool = False
     """Ray backend, one actor per participant: keep the actors alive when the run ends, for
     the next run in this program with the same resources and code (a loop over seeds or
@@ -262,6 +270,9 @@ class Config:
 
     def model_of(self, index: int) -> str:
         return self.models[index % len(self.models)]
+
+    def participant_models(self) -> list[str]:
+        return [self.model_of(i) for i in range(self.num_participants)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -442,6 +453,51 @@ NOISE_SEEDS = ("config", "secret")
 TRACKERS = ("tensorboard", "mlflow")
 
 
+def _check_gpus(key: str, value: float) -> None:
+    if value > 1 and value != int(value):
+        raise ConfigError(
+            f"'{key}' is {value}; above 1 it must be a whole number of GPUs "
+            "(Ray cannot give an actor 1.5 GPUs). Use a fraction in (0, 1] or 2, 3, ..."
+        )
+
+
+def model_share(config: Config, model: str) -> dict[str, float]:
+    """resources.per_model's entry for `model`: by the spec as written, else by its name."""
+    per_model = config.resources.per_model or {}
+    return per_model.get(model, per_model.get(model.split(":", 1)[0], {}))
+
+
+def _check_per_model(config: Config) -> None:
+    r = config.resources
+    if not isinstance(r.per_model, dict):
+        raise ConfigError(
+            "'resources.per_model' must be a mapping from a model to its share, e.g. "
+            f'{{"resnet18": {{"num_gpus": 0.5}}}}; got {r.per_model!r}.'
+        )
+    if r.actors is not None:
+        raise ConfigError(
+            "'resources.per_model' sizes each participant's own actor; with 'resources.actors' a "
+            "pool of equal actors serves every model. Drop one of the two."
+        )
+    names = {m for model in config.models for m in (model, model.split(":", 1)[0])}
+    for model, share in r.per_model.items():
+        if model not in names:
+            raise ConfigError(
+                f"'resources.per_model' names '{model}', which no participant's model is; the "
+                f"models here are {', '.join(dict.fromkeys(config.models))}."
+            )
+        if not isinstance(share, dict) or not share or set(share) - {"num_gpus", "num_cpus"}:
+            raise ConfigError(
+                f"'resources.per_model.{model}' is {share!r}; it must set num_gpus and/or num_cpus, "
+                'e.g. {"num_gpus": 0.25}.'
+            )
+        for key, value in share.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"'resources.per_model.{model}.{key}' is {value!r}; it must be a number.")
+            _check_positive(f"resources.per_model.{model}.{key}", value, allow_zero=key == "num_gpus")
+        _check_gpus(f"resources.per_model.{model}.num_gpus", share.get("num_gpus", 0.0))
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(
@@ -484,6 +540,8 @@ def validate(config: Config) -> None:
     _validate_train(config.train)
     _validate_sharing(config.sharing, config.num_participants)
     _validate_resources(config.resources)
+    if config.resources.per_model is not None:
+        _check_per_model(config)
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -584,8 +642,4 @@ def _validate_resources(r: ResourcesConfig) -> None:
         raise ConfigError(
             f'\'resources.runtime_env\' must be a mapping, e.g. {{"pip": ["timm"]}}; got {r.runtime_env!r}.'
         )
-    if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
-        raise ConfigError(
-            f"'resources.num_gpus' is {r.num_gpus}; above 1 it must be a whole number of GPUs "
-            "(Ray cannot give an actor 1.5 GPUs). Use a fraction in (0, 1] or 2, 3, ..."
-        )
+    _check_gpus("resources.num_gpus", r.num_gpus)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedmd_ray.backends.resources import even_share, init_ray
+from fedmd_ray.backends.resources import even_share, init_ray, shares, uses_gpus
 from fedmd_ray.backends.warm import release as release_kept_actors
 from fedmd_ray.checks import from_dict
 from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
@@ -57,14 +57,14 @@ def trial_resources(config: Config, cluster: dict[str, float] | None = None):
     cpus = r.num_cpus
     if cpus is None:
         cpus = 1.0 if cluster is None else even_share([cluster.get("CPU", 0) - TRIAL_CPU], actors)
-        if r.num_gpus:
+        if uses_gpus(config):
             cpus = min(cpus, 1.0)
-    bundle = {"CPU": cpus}
-    if r.num_gpus:
-        bundle["GPU"] = r.num_gpus
-    return PlacementGroupFactory(
-        [{"CPU": TRIAL_CPU}] + [dict(bundle) for _ in range(actors)], strategy=r.placement or "PACK"
-    )
+    if r.per_model and not r.actors:
+        each = shares(config, cpus)
+    else:
+        each = [(cpus, r.num_gpus)] * actors
+    bundles = [{"CPU": c, **({"GPU": g} if g else {})} for c, g in each]
+    return PlacementGroupFactory([{"CPU": TRIAL_CPU}] + bundles, strategy=r.placement or "PACK")
 
 
 def _check_fits(bundles: list[dict[str, float]], cluster: dict[str, float]) -> None:

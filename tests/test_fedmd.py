@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray import run
-from fedmd_ray.errors import ConsensusError, ParticipantError, ResourceError
+from fedmd_ray.errors import ConfigError, ConsensusError, ParticipantError, ResourceError
 from fedmd_ray.phases import Phase
 from tests.conftest import numbers, tiny_config
 
@@ -158,6 +158,32 @@ def test_fractional_gpus_are_placed(ray_session, out_dir):
         run(too_many, progress=None)
     with pytest.raises(ResourceError, match="need 9 CPUs; the Ray cluster has 2"):
         run(tiny_config(resources={"backend": "ray", "num_cpus": 3}), progress=None)
+
+
+def test_each_model_gets_its_own_share_and_the_same_numbers(ray_session, out_dir):
+    """resources.per_model: the cnn3 takes half the (fake) GPU, each cnn2 a quarter, by name
+    or by the spec as written; Ray gives each actor that share, placement.json records it,
+    and the numbers are those of the run without it (the shares move work, not arithmetic)."""
+    models = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2"]
+    per_model = {"cnn3:8,16,16,0.1": {"num_gpus": 0.5}, "cnn2": {"num_gpus": 0.25}}
+    train = {"rounds": 1, "upper_bound": False}
+    config = tiny_config(models=models, resources={"backend": "ray", "per_model": per_model}, train=train)
+    result = run(config, out_dir, progress=None)
+    info = json.loads((out_dir / "participants.json").read_text())
+    assert [d["gpu_share"] for d in info] == [0.25, 0.5, 0.25]
+    placement = json.loads((out_dir / "placement.json").read_text())
+    assert [(p["model"], p["num_gpus"]) for p in placement["per_participant"]] == list(
+        zip(models, [0.25, 0.5, 0.25])
+    )
+    plain = run(tiny_config(models=models, train=train), progress=None)
+    assert numbers(result.metrics.to_pylist()) == numbers(plain.metrics.to_pylist())
+    over = {"cnn3": {"num_gpus": 1}, "cnn2": {"num_gpus": 0.25}}
+    with pytest.raises(ResourceError, match=r"GPU shares .* add up to 1.5 GPUs \(cnn3:8,16,16,0.1 1, "):
+        run(tiny_config(models=models, resources={"backend": "ray", "per_model": over}), progress=None)
+    with pytest.raises(ConfigError, match="names 'resnet18', which no participant's model is"):
+        tiny_config(resources={"per_model": {"resnet18": {"num_gpus": 0.5}}})
+    with pytest.raises(ConfigError, match="with 'resources.actors' a pool of equal actors"):
+        tiny_config(resources={"actors": 1, "per_model": {"cnn2": {"num_gpus": 0.5}}})
 
 
 @pytest.mark.parametrize("backend", ["local", "ray"])

@@ -1,7 +1,8 @@
-"""FedMD on real data. Fashion-MNIST comes from FEDMD_DATA_DIR or Debian's
+"""FedMD on real data, and the presets' baselines. Fashion-MNIST comes from FEDMD_DATA_DIR or Debian's
 dataset-fashion-mnist package; MNIST/EMNIST from FEDMD_DATA_DIR. Each test skips, saying
 what it needs, when its files are absent."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,34 @@ def _has(name: str) -> bool:
     return all(_find_idx(name, train, Path(root)) for train in (True, False))
 
 
-@pytest.mark.skipif(
+FASHION = pytest.mark.skipif(
     not _has("fashion_mnist"),
     reason="needs Fashion-MNIST: `apt-get install dataset-fashion-mnist` or FEDMD_DATA_DIR",
 )
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["smoke", pytest.param("fashion", marks=FASHION), pytest.param("fashion-paper", marks=FASHION)],
+)
+def test_every_preset_that_runs_here_has_baselines_that_mean_something(ray_session, tmp_path, preset):
+    """Read from the run's summary.json: each participant's lower bound (its model trained
+    alone) is well above chance on its private task (at least twice chance, and 40 %), and
+    its upper bound (the same architecture on everyone's private data) at least as good.
+    Both bounds come from transfer learning and the upper-bound phase, before any round,
+    so one round is enough to check them."""
+    data_dir = str(real_data_dir()) if real_data_dir() else None
+    config = resolve_config(preset, None, ["train.rounds=1", "resources.reuse_actors=true"], data_dir)
+    run(config, tmp_path / preset, progress=None)
+    rows = json.loads((tmp_path / preset / "summary.json").read_text())["participants"]
+    chance = 1 / len(config.data.private_classes)
+    assert len(rows) == len(config.models)
+    for row in rows:
+        assert row["lower_bound"] >= max(2 * chance, 0.4), row
+        assert row["upper_bound"] >= row["lower_bound"], row
+
+
+@FASHION
 def test_fashion_preset_fedmd_beats_the_lower_bound(ray_session, tmp_path):
     data_dir = str(real_data_dir()) if real_data_dir() else None
     config = resolve_config(

@@ -60,6 +60,16 @@ def test_trial_resources_reserve_the_whole_simulation():
     _, _, config = load_search(tiny_search())
     bundles = trial_resources(config).bundles
     assert bundles == [{"CPU": 0.5}] + [{"CPU": 0.5, "GPU": 0.25}] * 3
+    spec = tiny_search()
+    spec["config"]["resources"]["per_model"] = {"cnn3": {"num_gpus": 0.5}, "cnn2:16,16,0.2": {"num_cpus": 1}}
+    _, _, config = load_search(spec)
+    bundles = trial_resources(config).bundles  # one bundle per participant, each its model's share
+    assert bundles == [
+        {"CPU": 0.5},
+        {"CPU": 0.5, "GPU": 0.25},
+        {"CPU": 0.5, "GPU": 0.5},
+        {"CPU": 1, "GPU": 0.25},
+    ]
 
 
 def test_bad_search_files_fail_before_any_trial():

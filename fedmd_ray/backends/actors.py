@@ -94,7 +94,12 @@ class ParticipantActor:
 
         if self.failure is not None:
             raise self.failure
-        return run_call(self.participant, phase, *args)
+        metrics, payload = run_call(self.participant, phase, *args)
+        if phase == Phase.SETUP:
+            import ray
+
+            metrics["gpu_share"] = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+        return metrics, payload
 
     def node(self) -> str:
         """The Ray node this actor runs on."""

@@ -74,7 +74,7 @@ class RayBackend:
         pooled = r.actors is not None and r.actors < n
         # Actors kept from an earlier run (warm.py) are taken by one with the same resources
         # and code; every other run needs their CPUs and GPUs back first.
-        self.reuse = r.reuse_actors and not pooled and r.placement is None
+        self.reuse = r.reuse_actors and not pooled and r.placement is None and not r.per_model
         if not self.reuse:
             KEPT.release(ray)
         self.plan = plan = place(config, r.actors if pooled else n, pooled)
@@ -133,6 +133,11 @@ class RayBackend:
             "in_trial_group": plan.group is not None and not plan.own,
             "nodes": plan.nodes(),
         }
+        if plan.each:
+            self.placement["per_participant"] = [
+                {"participant": name, "model": spec.model, "num_cpus": cpus, "num_gpus": gpus}
+                for name, spec, (cpus, gpus) in zip(self.names, self.specs, plan.each)
+            ]
 
     # ------------------------------------------------------------ the FedMD steps
 

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fedmd_ray.config import Config
+from fedmd_ray.config import Config, model_share
 from fedmd_ray.errors import ResourceError
 
 PLACEMENT_TIMEOUT_SECONDS = 60
@@ -98,16 +98,54 @@ def even_share(node_cpus: list[float], n: int) -> float:
     return max(0.01, share)
 
 
+def shares(config: Config, cpus: float) -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each participant's actor: resources.per_model's entry for its model,
+    else the run's `cpus` and resources.num_gpus."""
+    out = []
+    for model in config.participant_models():
+        share = model_share(config, model)
+        out.append(
+            (float(share.get("num_cpus", cpus)), float(share.get("num_gpus", config.resources.num_gpus)))
+        )
+    return out
+
+
+def uses_gpus(config: Config) -> bool:
+    r = config.resources
+    return r.num_gpus > 0 or any(s.get("num_gpus", 0) > 0 for s in (r.per_model or {}).values())
+
+
+def _check_shares(config: Config, each: list[tuple[float, float]], cluster: dict[str, float]) -> None:
+    """Per-model shares against the cluster's totals, naming the models that take the most."""
+    for i, (kind, key) in enumerate((("CPU", "num_cpus"), ("GPU", "num_gpus"))):
+        need, have = sum(share[i] for share in each), float(cluster.get(kind, 0))
+        if need > have + 1e-9:
+            by_model: dict[str, float] = {}
+            for model, share in zip(config.participant_models(), each):
+                by_model[model] = by_model.get(model, 0.0) + share[i]
+            parts = ", ".join(f"{m} {v:g}" for m, v in sorted(by_model.items(), key=lambda kv: -kv[1]))
+            raise ResourceError(
+                f"The participants' {kind} shares (resources.per_model and resources.{key}) add up "
+                f"to {need:g} {kind}s ({parts}); the Ray cluster has {have:g}. Lower the shares or "
+                f"add {kind} nodes."
+            )
+
+
 def plan_resources(
     config: Config, cluster: dict[str, float], actors: int | None = None, node_cpus: list[float] | None = None
 ) -> tuple[float, float, int]:
     """CPUs, GPUs and torch threads for each participant actor, checked against the cluster
-    (its total, and with `node_cpus`, what fits node by node)."""
+    (its total, and with `node_cpus`, what fits node by node). With resources.per_model the
+    CPUs and GPUs are those of the participants without an entry; `shares` gives each one's."""
     n = actors or config.num_participants
     what = "actors" if actors else "participants"
     total_cpus = float(cluster.get("CPU", 0))
     total_gpus = float(cluster.get("GPU", 0))
     gpus = config.resources.num_gpus
+    if config.resources.per_model:
+        cpus = config.resources.num_cpus or even_share(node_cpus or [total_cpus], n)
+        _check_shares(config, shares(config, cpus), cluster)
+        return cpus, gpus, participant_threads(config, total_cpus)
     if gpus * n > total_gpus + 1e-9:
         raise ResourceError(
             f"{n} {what} x {gpus} GPU need {gpus * n:g} GPUs; the Ray cluster has "
@@ -133,7 +171,7 @@ def concurrency_window(config: Config, cluster: dict[str, float], threads: int) 
     if config.resources.max_concurrent is not None:
         return config.resources.max_concurrent
     cpus = int(cluster.get("CPU", 0))
-    if config.resources.num_gpus > 0 or cpus == 0 or config.num_participants * threads <= cpus:
+    if uses_gpus(config) or cpus == 0 or config.num_participants * threads <= cpus:
         return None
     return max(1, cpus // threads)
 
@@ -151,6 +189,11 @@ class Placement:
     own: bool = False
     offset: int = 0
     runtime_env: dict[str, Any] | None = None
+    each: list[tuple[float, float]] | None = None
+    """(CPUs, GPUs) of each slot where they differ (resources.per_model); else cpus, gpus."""
+
+    def share(self, slot: int) -> tuple[float, float]:
+        return self.each[slot] if self.each and slot >= 0 else (self.cpus, self.gpus)
 
     def strategy(self, slot: int) -> Any:
         """The scheduling strategy of actor `slot` (bundle 0 of a trial's group when `slot`
@@ -163,7 +206,8 @@ class Placement:
         return PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=bundle)
 
     def actor_options(self, slot: int) -> dict[str, Any]:
-        options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus or None, "max_restarts": 0}
+        cpus, gpus = self.share(slot)
+        options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus or None, "max_restarts": 0}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         if self.group is not None:
@@ -204,18 +248,19 @@ def _trial_group(config: Config, slots: int):
     return group
 
 
-def _reserve(strategy: str, n: int, cpus: float, gpus: float):
+def _reserve(strategy: str, each: list[tuple[float, float]]):
     """One bundle per actor, placed by `strategy`; refused clearly if it cannot fit."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    group = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
+    bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for cpus, gpus in each]
+    group = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_SECONDS)
     if not ready:
         remove_placement_group(group)
+        n, shown = len(bundles), bundles[0] if all(b == bundles[0] for b in bundles) else "their shares"
         raise ResourceError(
-            f"Could not place {n} participants of {bundle} with strategy {strategy} within "
+            f"Could not place {n} participants of {shown} with strategy {strategy} within "
             f"{PLACEMENT_TIMEOUT_SECONDS} s; the cluster has {ray.cluster_resources()}. "
             "Use PACK or SPREAD instead of STRICT_*, or fewer resources per participant."
         )
@@ -230,14 +275,19 @@ def place(config: Config, slots: int, pooled: bool) -> Placement:
 
     group = _trial_group(config, slots)
     if group is not None:
-        bundle = group.bundle_specs[1]
-        cpus, gpus = float(bundle.get("CPU", 0)), float(bundle.get("GPU", 0))
-        threads = participant_threads(config, cpus * slots)
-        return Placement(cpus, gpus, threads, slots, group, own=False, offset=1)
+        specs = group.bundle_specs[1 : slots + 1]
+        each = [(float(b.get("CPU", 0)), float(b.get("GPU", 0))) for b in specs]
+        cpus, gpus = each[0]
+        threads = participant_threads(config, sum(c for c, _ in each))
+        uneven = config.resources.per_model and len(set(each)) > 1
+        return Placement(
+            cpus, gpus, threads, slots, group, own=False, offset=1, each=each if uneven else None
+        )
     node_cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     cpus, gpus, threads = plan_resources(
         config, ray.cluster_resources(), slots if pooled else None, node_cpus
     )
+    each = shares(config, cpus) if config.resources.per_model else None
     strategy = config.resources.placement
-    group = _reserve(strategy, slots, cpus, gpus) if strategy else None
-    return Placement(cpus, gpus, threads, slots, group, own=group is not None)
+    group = _reserve(strategy, each or [(cpus, gpus)] * slots) if strategy else None
+    return Placement(cpus, gpus, threads, slots, group, own=group is not None, each=each)
