@@ -26,20 +26,12 @@ import pyarrow.parquet as pq
 
 from fedmd_ray.benchmarking import MODEL_SETS, Measured, measure, synthetic_config
 from fedmd_ray.checks import from_dict
-from fedmd_ray.phases import Phase
+from fedmd_ray.phases import ROUND_PHASES, Phase
 from fedmd_ray.results import phase_walls
 from fedmd_ray.tasks import build_task
 
-PHASES = (
-    Phase.TRANSFER,
-    Phase.COMMUNICATE,
-    Phase.AGGREGATE,
-    Phase.DIGEST,
-    Phase.REVISIT,
-    Phase.EVALUATE,
-    Phase.CHECKPOINT,
-)
-ROUND_PHASES = PHASES[1:]
+ROUND_PHASES = (*ROUND_PHASES, Phase.CHECKPOINT)
+PHASES = (Phase.TRANSFER, *ROUND_PHASES)
 
 
 def make_config(args: argparse.Namespace, backend: str) -> dict:
