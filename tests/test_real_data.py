@@ -32,8 +32,9 @@ FASHION = pytest.mark.skipif(
 )
 def test_every_preset_that_runs_here_has_baselines_that_mean_something(ray_session, tmp_path, preset):
     """Read from the run's summary.json: each participant's lower bound (its model trained
-    alone) is well above chance on its private task (at least twice chance, and 40 %), and
-    its upper bound (the same architecture on everyone's private data) at least as good.
+    alone) is well above chance on its private task (half again above chance, and 10 points
+    over it; the mean at least twice chance), and its upper bound (the same architecture on
+    everyone's private data) at least as good.
     Both bounds come from transfer learning and the upper-bound phase, before any round,
     so one round is enough to check them."""
     data_dir = str(real_data_dir()) if real_data_dir() else None
@@ -43,8 +44,9 @@ def test_every_preset_that_runs_here_has_baselines_that_mean_something(ray_sessi
     chance = 1 / len(config.data.private_classes)
     assert len(rows) == len(config.models)
     for row in rows:
-        assert row["lower_bound"] >= max(2 * chance, 0.4), row
+        assert row["lower_bound"] >= max(1.5 * chance, chance + 0.1), row
         assert row["upper_bound"] >= row["lower_bound"], row
+    assert sum(r["lower_bound"] for r in rows) / len(rows) >= 2 * chance, rows
 
 
 @FASHION
