@@ -79,6 +79,17 @@ TINY = {
 }
 
 
+QUICK = [
+    "--set",
+    "train.public_epochs=1",
+    "--set",
+    "train.private_epochs=5",
+    "--set",
+    "train.upper_bound_epochs=5",
+]
+"""Command-line overrides that make a preset's run a few seconds' work (tests of the CLI and scripts)."""
+
+
 def tiny_config(**sections):
     """TINY with nested overrides, e.g. tiny_config(train={"rounds": 3})."""
     return from_dict(merge(TINY, sections))

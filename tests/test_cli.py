@@ -10,6 +10,7 @@ import time
 import pytest
 
 from fedmd_ray.cli import main
+from tests.conftest import QUICK
 
 
 def test_run_smoke_preset_writes_results(ray_session, tmp_path, capsys):
@@ -84,12 +85,7 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
             "run",
             "--set",
             "train.rounds=1",
-            "--set",
-            "train.public_epochs=1",
-            "--set",
-            "train.private_epochs=5",
-            "--set",
-            "train.upper_bound_epochs=5",
+            *QUICK,
             "--backend",
             "local",
             "--out",
@@ -106,15 +102,7 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
 
 def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "r"
-    quick = [
-        "--set",
-        "train.public_epochs=1",
-        "--set",
-        "train.private_epochs=5",
-        "--set",
-        "train.upper_bound_epochs=5",
-    ]
-    quick += ["--backend", "local", "--quiet"]
+    quick = [*QUICK, "--backend", "local", "--quiet"]
     assert main(["run", "--out", str(out), "--set", "train.rounds=1", *quick]) == 0
     assert main(["run", "--resume", str(out), "--set", "train.rounds=2", "--backend", "local"]) == 0
     printed = capsys.readouterr().out

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray.backends.resources import concurrency_window, even_share, participant_threads
-from tests.conftest import tiny_config
+from tests.conftest import QUICK, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,12 +93,7 @@ def test_reproduce_writes_report_and_figure(tmp_path):
         "local",
         "--set",
         "train.rounds=1",
-        "--set",
-        "train.public_epochs=1",
-        "--set",
-        "train.private_epochs=5",
-        "--set",
-        "train.upper_bound_epochs=5",
+        *QUICK,
         "--out",
         str(tmp_path),
     )
