@@ -65,6 +65,8 @@ def identity(config: Config, threads: int) -> dict[str, Any]:
             for m in config.participant_models()
         ]
     kept["threads per participant"] = threads
+    if config.resources.group:  # which participants compute together follows the pool's size
+        kept["resources.actors"] = config.resources.actors
     kept.update({f"code {spec}": digest for spec, digest in code_digests(config_specs(config)).items()})
     return kept
 

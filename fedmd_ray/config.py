@@ -232,6 +232,15 @@ class ResourcesConfig:
     and num_cpus. Other participants take num_gpus / num_cpus. A model's GPU share caps the
     GPU memory its actor may hold. Torch threads stay the run's (torch_threads, or the even
     CPU share), so the shares change where and how fast participants run, not their numbers."""
+    group: bool = False
+    """Ray backend, a pool (resources.actors below the participants): participants of one
+    model on one actor compute each round's scores, digest, revisit and evaluation as one
+    stacked model (grouped.py): one vmap-ed forward and backward per batch for the group,
+    each member keeping its own weights, optimizer state, data order, dropout masks and
+    BatchNorm statistics. Faster where per-participant overhead dominates (many small
+    models); a member's numbers equal its one-at-a-time numbers up to floating-point
+    reordering, so a grouped run repeats for its seed but not bit for bit an ungrouped one
+    (the summary says so)."""
     reuse_actors: bool = False
     """Ray backend, one actor per participant: keep the actors alive when the run ends, for
     the next run in this program with the same resources and code (a loop over seeds or
@@ -468,6 +477,16 @@ def model_share(config: Config, model: str) -> dict[str, float]:
     return per_model.get(model, per_model.get(model.split(":", 1)[0], {}))
 
 
+def _check_group(config: Config) -> None:
+    r = config.resources
+    if r.group and (r.backend != "ray" or r.actors is None or r.actors >= config.num_participants):
+        raise ConfigError(
+            "'resources.group' computes the participants a pool actor serves together; it needs "
+            f"the ray backend and 'resources.actors' below the {config.num_participants} participants "
+            "(e.g. resources.actors=2), or set resources.group=false."
+        )
+
+
 def _check_per_model(config: Config) -> None:
     r = config.resources
     if not isinstance(r.per_model, dict):
@@ -543,6 +562,7 @@ def validate(config: Config) -> None:
     _validate_resources(config.resources)
     if config.resources.per_model is not None:
         _check_per_model(config)
+    _check_group(config)
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -53,3 +53,13 @@ def did_you_mean(value: str, choices: Iterable[str], cutoff: float = 0.6) -> str
     the one suggestion every error about a misspelt name ends with."""
     close = difflib.get_close_matches(value, list(choices), n=1, cutoff=cutoff)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+class Failed:
+    """A participant's call that raised, answered in place of its metrics so that the other
+    participants of its pool bundle keep their answers. `error` is kept where it is ours (it
+    says what is wrong and how to fix it); anything else travels as its type and message."""
+
+    def __init__(self, exc: BaseException):
+        self.error = exc if isinstance(exc, FedMDError) else None
+        self.text = f"{type(exc).__name__}: {exc}"

@@ -207,6 +207,35 @@ def holdout_split(
     return np.setdiff1d(everything, held_out), held_out
 
 
+def _arrays(value: Any) -> Any:
+    """`value` with every tensor replaced by a numpy copy of it (0-d ones too, e.g. Adam's
+    step: pickling a 0-d tensor costs ~70 us, a dozen of them more than all the arrays)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        try:
+            return t.numpy().copy()
+        except TypeError:  # bfloat16 and others numpy has no type for
+            return t.clone()
+    if isinstance(value, dict):
+        return {k: _arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_arrays(v) for v in value)
+    return value
+
+
+def _tensors(value: Any, device: torch.device) -> Any:
+    """The inverse of _arrays, onto `device`."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, copy=True)).to(device)  # object-store arrays are read-only
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _tensors(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors(v, device) for v in value)
+    return value
+
+
 def _on(mean: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
     return (
         None if mean is None else torch.from_numpy(np.array(mean, dtype=np.float32)).to(device)
@@ -267,24 +296,45 @@ class Participant:
 
     # ------------------------------------------------------------ state
 
-    def get_state(self) -> bytes:
+    def _state(self) -> dict:
         """Everything training changes between calls: weights, both optimizers, and until
         the upper bound has used them, the public weights. Random state needs no saving:
         every call seeds itself from (seed, participant, phase, round)."""
+        return {
+            "format": STATE_FORMAT,
+            "model": self.model.state_dict(),
+            "digest_opt": self.digest_opt.state_dict(),
+            "private_opt": self.private_opt.state_dict(),
+            "public_state": self.public_state,
+            "kept_validation": self.kept_validation,
+            "round_start": self.round_start,
+        }
+
+    def _take(self, state: dict, restored: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        self.digest_opt.load_state_dict(state["digest_opt"])
+        self.private_opt.load_state_dict(state["private_opt"])
+        self.public_state = state["public_state"]
+        self.kept_validation = state["kept_validation"]
+        self.round_start = state["round_start"]
+        self.restored = restored
+
+    def get_state(self) -> bytes:
+        """The state as one blob (torch.save), for files and a restarted actor."""
         buffer = io.BytesIO()
-        torch.save(
-            {
-                "format": STATE_FORMAT,
-                "model": self.model.state_dict(),
-                "digest_opt": self.digest_opt.state_dict(),
-                "private_opt": self.private_opt.state_dict(),
-                "public_state": self.public_state,
-                "kept_validation": self.kept_validation,
-                "round_start": self.round_start,
-            },
-            buffer,
-        )
+        torch.save(self._state(), buffer)
         return buffer.getvalue()
+
+    def snapshot(self) -> dict:
+        """The state as numpy arrays in plain containers: for a pool's object store between
+        calls, not for files. Ray ships arrays without pickling their bytes: a tiny CNN's
+        state costs ~0.6 ms this way (taken and pickled) against 2.3 ms through torch.save,
+        and restoring it 0.9 ms against 3.2-4.5 ms (measured on one core)."""
+        return _arrays(self._state())
+
+    def restore(self, snapshot: dict, restored: bool = True) -> None:
+        """Take a state from snapshot() (this run's own, from the object store)."""
+        self._take(_tensors(snapshot, self.device), restored)
 
     def set_state(self, blob: bytes, restored: bool = True, trusted: bool = False) -> None:
         """Load a state from get_state. `trusted`: it comes from this run's own actors
@@ -298,13 +348,7 @@ class Participant:
                 f"{state.get('format', 1) if isinstance(state, dict) else '?'}, this one reads "
                 f"{STATE_FORMAT}); start the run afresh."
             )
-        self.model.load_state_dict(state["model"])
-        self.digest_opt.load_state_dict(state["digest_opt"])
-        self.private_opt.load_state_dict(state["private_opt"])
-        self.public_state = state["public_state"]
-        self.kept_validation = state["kept_validation"]
-        self.round_start = state["round_start"]
-        self.restored = restored
+        self._take(state, restored)
 
     def save(self, location: str | None) -> dict | tuple[dict, bytes]:
         """Write this participant's state to `location` (a file path or URI, written whole);
@@ -363,9 +407,12 @@ class Participant:
         )
         return model.to(self.device)
 
+    def seed_of(self, phase: str, round_: int = 0) -> int:
+        """The seed of one call: a function of (run seed, participant, phase, round) only."""
+        return zlib.crc32(f"{self.spec.seed}/{self.spec.index}/{phase}/{round_}".encode())
+
     def _seed(self, phase: str, round_: int = 0) -> np.random.Generator:
-        key = f"{self.spec.seed}/{self.spec.index}/{phase}/{round_}".encode()
-        seed = zlib.crc32(key)
+        seed = self.seed_of(phase, round_)
         torch.manual_seed(seed)
         return np.random.default_rng(seed)
 
@@ -426,7 +473,7 @@ class Participant:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
 
-    def _maybe_fail(self, phase: Phase, round_: int = 0) -> None:
+    def maybe_fail(self, phase: Phase, round_: int = 0) -> None:
         if not self.restored:  # simulated crashes are one-offs: the replacement does not crash again
             fire(self.spec.faults, phase, round_)
 
@@ -500,7 +547,10 @@ class Participant:
     def _accuracy(
         self, model: nn.Module, x: np.ndarray, y: np.ndarray, mean: torch.Tensor | None = None
     ) -> tuple[float, float]:
-        scores = self._scores(model, x, mean)
+        return self.judge(self._scores(model, x, mean), y)
+
+    def judge(self, scores: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+        """(accuracy, cross-entropy) of `scores` against labels `y`."""
         target = torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device)
         loss = float(F.cross_entropy(scores, target))
         return float((scores.argmax(1) == target).float().mean()), loss
@@ -522,7 +572,7 @@ class Participant:
     def transfer(self) -> dict:
         """Transfer learning: the public data (early stopping on its validation split), then
         the private data. The test accuracy after this is the participant's lower bound."""
-        self._maybe_fail(Phase.TRANSFER)
+        self.maybe_fail(Phase.TRANSFER)
         cfg = self.cfg
         rng = self._seed(Phase.TRANSFER)
         opt = self._optimizer(self.model)
@@ -592,9 +642,14 @@ class Participant:
     def communicate(self, indices: np.ndarray, round_: int) -> np.ndarray | dict:
         """Class scores on the round's public subset, as they leave this participant
         (corrupted if it is an adversary, privatised, encoded). Changes nothing here."""
-        self._maybe_fail(Phase.COMMUNICATE, round_)
+        self.maybe_fail(Phase.COMMUNICATE, round_)
         rng = self._seed(Phase.COMMUNICATE, round_)
-        scores = self._scores(self.model, self.public_x[indices], self.public_mean).float().cpu().numpy()
+        scores = self._scores(self.model, self.public_x[indices], self.public_mean)
+        return self.send(scores.float().cpu().numpy(), rng)
+
+    def send(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray | dict:
+        """Scores as they leave this participant: corrupted (an adversary), privatised,
+        encoded, drawing on the call's `rng`."""
         out = self.spec.sharing
         if self.spec.adversary:
             scores = sharing.corrupt(scores, out.attack, out.attack_scale, rng)
@@ -605,7 +660,7 @@ class Participant:
 
     def digest(self, consensus: np.ndarray, indices: np.ndarray, round_: int) -> dict:
         """Digest: train towards the consensus on the public subset."""
-        self._maybe_fail(Phase.DIGEST, round_)
+        self.maybe_fail(Phase.DIGEST, round_)
         rng = self._seed(Phase.DIGEST, round_)
         if len(self.holdout[1]):
             self.round_start = self._training_state()  # the safeguard may go back to it
@@ -621,7 +676,7 @@ class Participant:
 
     def revisit(self, round_: int) -> dict:
         """Revisit: a few epochs on the private data."""
-        self._maybe_fail(Phase.REVISIT, round_)
+        self.maybe_fail(Phase.REVISIT, round_)
         rng = self._seed(Phase.REVISIT, round_)
         loss = float("nan")
         for _ in range(self.cfg.revisit_epochs):
@@ -652,7 +707,7 @@ class Participant:
         return {"validation": validation, "kept": kept, "kept_validation": self.kept_validation}
 
     def evaluate(self, round_: int = 0) -> dict:
-        self._maybe_fail(Phase.EVALUATE, round_)
+        self.maybe_fail(Phase.EVALUATE, round_)
         accuracy, loss = self._accuracy(self.model, self.test_x, self.test_y, self.private_mean)
         return {"accuracy": accuracy, "loss": loss}
 

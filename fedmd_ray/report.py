@@ -136,7 +136,11 @@ def _distribution_rows(summary: list[SummaryRow], pct: Callable[[float], str]) -
 
 
 def render_summary(
-    summary: list[SummaryRow], config: Config, complete: bool = True, epsilon: float | None = None
+    summary: list[SummaryRow],
+    config: Config,
+    complete: bool = True,
+    epsilon: float | None = None,
+    together: tuple[int, int] | list[int] | None = None,
 ) -> str:
     """The paper's comparison as a Markdown table, with what each participant moved."""
 
@@ -157,6 +161,21 @@ def render_summary(
     if unrepeatable:
         lines += [
             f"**Not repeatable**: {'; '.join(unrepeatable)}. The same config may give other numbers.",
+            "",
+        ]
+    if config.resources.group:
+        alone, grouped = together or (0, 0)
+        lines += [
+            "**Grouped** (resources.group): participants of one model on one pool actor took their "
+            "digest and revisit (on a GPU also scores and evaluation) together as one stacked model. "
+            "The numbers repeat for this seed and pool size, and equal the one-at-a-time numbers only "
+            f"up to floating-point reordering. {grouped} of {grouped + alone} such calls ran in a group"
+            + (
+                "; the rest ran one at a time (a lone member of its model, the safeguard, a digest "
+                "loss or dropout of its own, or a model vmap cannot run)."
+                if alone
+                else "."
+            ),
             "",
         ]
     if sh.adversaries:

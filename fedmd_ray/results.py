@@ -44,6 +44,7 @@ SCHEMA = pa.schema(
         ("bytes_received", pa.int64()),
         ("epsilon", pa.float64()),
         ("note", pa.string()),
+        ("together", pa.int32()),  # resources.group: the size of the group the call ran in
     ]
 )
 METRICS = "metrics.parquet"
@@ -103,6 +104,8 @@ class Recorder:
         self.events: dict[str, list[str]] = {}
         self.event_counts: dict[str, int] = {}
         self.last_epsilon: float | None = None
+        self.together = [0, 0]
+        """resources.group: calls computed alone, calls computed in a group."""
 
     def _write_json(self, name: str, data: Any) -> None:
         assert self.storage is not None
@@ -148,6 +151,8 @@ class Recorder:
     def _absorb(self, r: dict) -> None:
         """Fold one row into the aggregates the summary reads."""
         name = r["participant"]
+        if r.get("together") is not None:
+            self.together[r["together"] > 1] += 1
         if r.get("note"):
             self.event_counts[r["note"]] = self.event_counts.get(r["note"], 0) + 1
             shown = self.events.setdefault(r["note"], [])
@@ -190,6 +195,7 @@ class Recorder:
                 wall_seconds=wall_seconds,
                 bytes_sent=res.get("bytes_sent", 0),
                 bytes_received=res.get("bytes_received", 0),
+                together=res.get("together"),
             )
         if phase in (Phase.TRANSFER, Phase.UPPER_BOUND):
             label = "lower bound (transfer learning)" if phase == Phase.TRANSFER else "upper bound (pooled)"
@@ -361,7 +367,7 @@ class Recorder:
                 "delta": self.config.sharing.delta if epsilon is not None else None,
             },
         )
-        text = render_summary(summary, self.config, complete, epsilon) + self._events()
+        text = render_summary(summary, self.config, complete, epsilon, self.together) + self._events()
         self.storage.write_text("summary.md", text)
         try:
             figure = io.BytesIO()

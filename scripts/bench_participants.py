@@ -1,6 +1,6 @@
 """Many participants on few actors: seconds per round and memory as the number of
-participants grows (10, 100, 1000 tiny CNNs by default) on a pool of actors, with one actor
-per participant side by side where that still fits.
+participants grows (10, 100, 1000 tiny CNNs by default) on a pool of actors, ungrouped and
+grouped (resources.group) side by side, with one actor per participant where that still fits.
 
 Memory: the actors' proportional set size (PSS, from /proc; shared libraries and the
 object store's mapped pages are split among processes), the driver's resident set and own
@@ -9,6 +9,7 @@ own count), and one state's bytes x N (the participants' states kept there betwe
 
     python scripts/bench_participants.py                        # ~10 minutes on 2 cores
     python scripts/bench_participants.py --participants 10,100 --actors 2
+    python scripts/bench_participants.py --participants 10000 --group on --rounds 1
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import ray
 from fedmd_ray.benchmarking import local_ray, measure, synthetic_config
 
 
-def config(participants: int, actors: int | None, rounds: int, participation: float = 1.0) -> dict:
+def config(
+    participants: int, actors: int | None, rounds: int, participation: float = 1.0, group: bool = False
+) -> dict:
     return synthetic_config(
         "tiny",
         participants,
@@ -34,7 +37,7 @@ def config(participants: int, actors: int | None, rounds: int, participation: fl
         test_per_class=30,
         name="participants",
         train={"private_epochs": 2, "digest_batch_size": 50, "participation": participation},
-        resources={"backend": "ray", "actors": actors, "torch_threads": 1},
+        resources={"backend": "ray", "actors": actors, "torch_threads": 1, "group": group},
     )
 
 
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--participation", type=float, default=1.0, help="fraction of participants sampled per round"
     )
+    p.add_argument(
+        "--group", choices=["off", "on", "both"], default="both", help="pool runs ungrouped, grouped, or both"
+    )
     p.add_argument("--out", default="runs/participants")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -81,17 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"one participant's state: {one_state / 1024:.1f} KiB")
     print(
-        "participants  actors  s/round  ms/participant-round  transfer s  actor PSS MiB  "
+        "participants  actors  grouped  s/round  ms/participant-round  transfer s  actor PSS MiB  "
         "states MiB  object store MiB  driver peak MiB (own heap)  accuracy"
     )
+    groups = {"off": [False], "on": [True], "both": [False, True]}[args.group]
     for n in [int(x) for x in args.participants.split(",")]:
-        for actors in ([None] if n <= args.dedicated_up_to else []) + [args.actors]:
-            m = measure(config(n, actors, args.rounds, args.participation), out / f"run-{n}-{actors or n}")
+        runs = ([(None, False)] if n <= args.dedicated_up_to else []) + [(args.actors, g) for g in groups]
+        for actors, group in runs:
+            cfg = config(n, actors, args.rounds, args.participation, group)
+            m = measure(cfg, out / f"run-{n}-{actors or n}{'-grouped' if group else ''}")
             sampled = max(1.0, n * args.participation)
             row = {
                 **{k: v for k, v in m.row().items() if k != "round_seconds"},
                 "actors": actors or n,
                 "pool": actors is not None,
+                "grouped": group,
                 "participation": args.participation,
                 "ms_per_participant_round": 1000 * m.seconds_per_round / sampled,
                 "states_mib": one_state * n / 2**20 if actors else None,
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             states = f"{row['states_mib']:10.1f}" if actors else f"{'(in actors)':>10s}"
             print(
-                f"{n:12d}  {row['actors']:6d}  {m.seconds_per_round:7.2f}  "
+                f"{n:12d}  {row['actors']:6d}  {'yes' if group else 'no':>7s}  {m.seconds_per_round:7.2f}  "
                 f"{row['ms_per_participant_round']:20.1f}  {m.transfer_seconds:10.1f}  "
                 f"{m.actor_pss_mib or 0:13.0f}  {states}  {m.object_store_mib or 0:16.0f}  "
                 f"{m.driver_peak_mib:15.0f} ({m.driver_heap_peak_mib:.0f})  {m.mean_accuracy:8.1%}",

@@ -11,6 +11,7 @@ from fedmd_ray import run
 from fedmd_ray.backends.ray_backend import RayBackend
 from fedmd_ray.errors import ResourceError
 from fedmd_ray.fedmd import participant_specs
+from fedmd_ray.phases import Phase
 from fedmd_ray.tasks import build_task
 from tests.conftest import numbers, tiny_config
 
@@ -69,6 +70,32 @@ def test_multi_node_run_matches_the_one_process_run(two_nodes):
     spread = run(config, progress=None)
     local = run(tiny_config(), progress=None)
     assert numbers(spread.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
+
+
+@pytest.mark.slow
+def test_each_model_gets_its_own_share_across_two_nodes(two_nodes):
+    # Each node has one (fake) GPU. A cnn3 that needs a whole one and two cnn2s that need
+    # half each fit only one way: the cnn3 on one node, both cnn2s on the other.
+    config = tiny_config(
+        models=["cnn2:8,16,0.1", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2"],
+        resources={
+            "backend": "ray",
+            "placement": "PACK",
+            "num_cpus": 0.5,
+            "per_model": {"cnn3": {"num_gpus": 1}, "cnn2": {"num_gpus": 0.5}},
+        },
+    )
+    task = build_task(config)
+    backend = RayBackend(config, task, participant_specs(config, task))
+    try:
+        nodes = backend.placement["nodes"]
+        shares = [p["num_gpus"] for p in backend.placement["per_participant"]]
+        gpus = ray.get([a.call.remote(Phase.SETUP) for a in backend.slots.actors])
+    finally:
+        backend.shutdown()
+    assert shares == [0.5, 1, 0.5]
+    assert nodes[0] == nodes[2] != nodes[1]
+    assert [metrics["gpu_share"] for metrics, _ in gpus] == [0.5, 1.0, 0.5]
 
 
 @pytest.mark.slow

@@ -133,9 +133,13 @@ def test_only_metrics_reach_the_driver(ray_session):
         def slot(self, index):
             return 0
 
-        def send(self, call, replay=False):
+        def unit(self, index):
+            return index
+
+        def send(self, calls, replay=False):
+            (call,) = calls
             call.actor = self.actors[0]
-            return tuple(call.remote(call.actor, 2))
+            return [tuple(call.remote(call.actor, 2))]
 
         def answered(self, call):
             pass

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fedmd_ray.consensus import form_consensus
-from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
+from fedmd_ray.errors import ConsensusError, Failed, FedMDError, ParticipantError
 from fedmd_ray.phases import Phase
 from fedmd_ray.procfs import private_memory
 from fedmd_ray.protocol import AggregatorStatus, ConsensusPlan
@@ -141,35 +141,65 @@ class PoolWorker:
         self.inputs: dict[int, tuple[ParticipantSpec, tuple]] = {}
 
     def call(
-        self, index: int, boxed: list, version: int, replay: bool, phase: Phase, *args: Any
-    ) -> tuple[Any, Any, bytes | None]:
-        """`boxed`: refs to the participant's spec, private data and state, in a list so that
-        Ray does not fetch them: they are needed only when this actor does not hold
-        `version` of the participant already."""
+        self,
+        indices: list[int],
+        boxes: list[list],
+        versions: list[int],
+        replay: bool,
+        together: bool,
+        phase: Phase,
+        *args: Any,
+    ) -> tuple:
+        """One bundle of participants' calls of `phase`: for each, (metrics, payload, new
+        state) in a row. `boxes`: refs to each one's spec, private data and state, in lists
+        so that Ray does not fetch them: they are needed only for a participant this actor
+        does not hold at that version. A participant that fails answers Failed for its
+        metrics (grouped.py); the others' answers stand."""
+        from fedmd_ray.grouped import run_bundle
+
+        built: dict[int, Any] = {}
+        answers: dict[int, Any] = {}
+        for k, (index, boxed, version) in enumerate(zip(indices, boxes, versions)):
+            try:
+                built[k] = self._participant(index, boxed, version, replay)
+            except Exception as exc:
+                answers[k] = Failed(exc)
+        answers.update(zip(built, run_bundle(list(built.values()), phase, args, together)))
+        out: list[Any] = []
+        for k, (index, version) in enumerate(zip(indices, versions)):
+            answer = answers[k]
+            if isinstance(answer, Failed):
+                self.held.pop(index, None)  # it may have changed part way: rebuilt next time
+                out += [answer, None, None]
+                continue
+            participant = built[k]
+            new_state = participant.snapshot() if phase.mutating else None
+            self._hold(index, version + phase.mutating, participant)
+            out += [*answer, new_state]
+        return tuple(out)
+
+    def _participant(self, index: int, boxed: list, version: int, replay: bool) -> Any:
+        """Participant `index` at state `version`: held here already, or rebuilt."""
         import ray
 
-        from fedmd_ray.participant import build_participant, run_call
+        from fedmd_ray.participant import build_participant
 
         kept = self.held.get(index)
         if kept is not None and kept[0] == version and not replay:
-            participant = kept[1]  # the same state it left here with: no rebuild, no reload
-        else:
-            spec_ref, private_ref, state_ref = boxed
-            if index not in self.inputs:
-                # A participant's spec and private data never change (a few KiB): kept from
-                # the first call on, so a participant not held costs one fetch, its state.
-                self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
-            spec, private = self.inputs[index]
-            state = ray.get(state_ref) if state_ref is not None else None
-            participant = build_participant(spec, *self.shared, private, self.test)
-            participant.report = self.report
-            if state is not None:
-                participant.set_state(state, restored=replay, trusted=True)
-            participant.restored = participant.restored or replay
-        metrics, payload = run_call(participant, phase, *args)
-        new_state = participant.get_state() if phase.mutating else None
-        self._hold(index, version + phase.mutating, participant)
-        return metrics, payload, new_state
+            return kept[1]  # the same state it left here with: no rebuild, no reload
+        spec_ref, private_ref, state_ref = boxed
+        if index not in self.inputs:
+            # A participant's spec and private data never change (a few KiB): kept from
+            # the first call on, so a participant not held costs one fetch, its state.
+            self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
+        spec, private = self.inputs[index]
+        state = ray.get(state_ref) if state_ref is not None else None
+        participant = build_participant(spec, *self.shared, private, self.test)
+        participant.report = self.report
+        if isinstance(state, dict):
+            participant.restore(state, restored=replay)
+        participant.restored = participant.restored or replay
+        return participant
 
     def node(self) -> str:
         """The Ray node this actor runs on."""

@@ -31,7 +31,7 @@ from typing import Any
 
 from fedmd_ray.backends.actors import describe_ray_error, metrics_only
 from fedmd_ray.backends.slots import Call
-from fedmd_ray.errors import ConfigError, FedMDError, ParticipantError
+from fedmd_ray.errors import ConfigError, Failed, FedMDError, ParticipantError
 from fedmd_ray.phases import Phase
 from fedmd_ray.protocol import Event
 
@@ -129,18 +129,20 @@ class Dispatcher:
         outcome = Outcome(done, [0.0] * len(steps))
         start = time.perf_counter()
         ends = [start] * len(steps)
-        queue = _Queue(self.slots, self.window)
+
+        def unit(i: int, k: int) -> Any:  # a step whose arguments differ by participant: one each
+            return ("own", i) if callable(steps[k].args) else self.slots.unit(i)
+
+        queue = _Queue(self.slots, self.window, unit, steps)
         for i in chains:
-            queue.push(self._entry(steps, chains, i, 0))
-        pending: dict[Any, Call] = {}
-        positions: dict[Any, int] = {}  # metrics ref -> the call's place in its chain
+            queue.push(self._entry(steps, chains, i, 0), chains[i][0])
+        pending: dict[Any, Call] = {}  # metrics ref -> the call
         total = sum(len(c) for c in chains.values())
         while queue or pending:
-            for i, pos in queue.take(len(pending)):
-                k = chains[i][pos]
-                call = Call(i, steps[k].phase, steps[k].args_of(i))
-                metrics, call.payload = self.slots.send(call)
-                pending[metrics], positions[metrics] = call, pos
+            for bundle in queue.take():
+                k = chains[bundle[0][0]][bundle[0][1]]
+                calls = [Call(i, steps[k].phase, steps[k].args_of(i), pos) for i, pos in bundle]
+                self._sent(calls, self.slots.send(calls), pending)
             if need is not None and self._quorum(done[0], need, deadline_s, start):
                 break
             timeout = None  # after the deadline: whoever answers next
@@ -148,23 +150,26 @@ class Dispatcher:
                 left = deadline_s - (time.perf_counter() - start)
                 timeout = left if left > 0 else None
             for ref in self._wait(list(pending), timeout):
-                call, pos = pending.pop(ref), positions.pop(ref)
-                k = chains[call.index][pos]
+                call = pending.pop(ref, None)
+                if call is None:
+                    continue  # its bundle was resent after its actor died: a new ref is out
+                k = chains[call.index][call.pos]
                 try:
-                    answered = self._take(ref, call, pending, positions, pos)
+                    answered = self._take(ref, call, pending)
                 except FedMDError as exc:
                     if not (spare_last and k == len(steps) - 1):
                         raise
                     outcome.failure = outcome.failure or exc
-                    queue.free(call.index)
+                    queue.free(call)
                     continue
                 if not answered:
                     continue  # its actor died: resent, still pending
-                queue.free(call.index)
+                queue.free(call)
                 done[k][call.index] = call
                 ends[k] = time.perf_counter()
-                if pos + 1 < len(chains[call.index]):
-                    queue.push(self._entry(steps, chains, call.index, pos + 1))
+                if call.pos + 1 < len(chains[call.index]):
+                    nxt = call.pos + 1
+                    queue.push(self._entry(steps, chains, call.index, nxt), chains[call.index][nxt])
         self._drain(force=True)
         if need is not None:
             outcome.late = [i for i in steps[0].who if i not in done[0]]
@@ -172,6 +177,16 @@ class Dispatcher:
         if total >= TRIM_AFTER_CALLS:
             trim_heap()
         return outcome
+
+    @staticmethod
+    def _sent(calls: list[Call], refs: list[tuple[Any, Any]], pending: dict[Any, Call]) -> None:
+        """Calls just sent (or resent) as one bundle: their refs are what is waited on."""
+        bundle = _Bundle(calls)
+        for call, (metrics, payload) in zip(calls, refs):
+            if call.ref is not None:
+                pending.pop(call.ref, None)
+            call.ref, call.payload, call.bundle = metrics, payload, bundle
+            pending[metrics] = call
 
     def _entry(self, steps: Sequence[Step], chains: dict[int, list[int]], i: int, pos: int) -> tuple:
         work = sum(self.costs.of(steps[k].phase, i) for k in chains[i][pos:])
@@ -184,9 +199,9 @@ class Dispatcher:
             return False
         return deadline_s is None or time.perf_counter() - start >= deadline_s
 
-    def _take(self, ref: Any, call: Call, pending: dict, positions: dict, pos: int) -> bool:
+    def _take(self, ref: Any, call: Call, pending: dict) -> bool:
         """One answered call: True with its metrics kept; False if its actor died (restarted,
-        the call resent); raised: the participant's own failure."""
+        its bundle resent); raised: the participant's own failure."""
         ray = self.ray
         name = self.names[call.index]
         try:
@@ -200,14 +215,18 @@ class Dispatcher:
                 raise ConfigError(
                     f"Participant '{name}' could not set up its runtime_env: {_first_line(exc)}"
                 ) from None
-            metrics, call.payload = self._restart(call, describe_ray_error(exc))
-            pending[metrics], positions[metrics] = call, pos
+            calls = call.bundle.calls
+            self._sent(calls, self._restart(call, calls, describe_ray_error(exc)), pending)
             return False
         except Exception as exc:  # RayTaskError wraps the participant's own exception
             if isinstance(getattr(exc, "cause", None), FedMDError):
                 # Ours already says what is wrong and how to fix it, as on the local backend.
                 raise exc.cause from None
             raise ParticipantError(name, call.phase, describe_ray_error(exc)) from None
+        if isinstance(call.metrics, Failed):  # one member of a pool's bundle
+            if call.metrics.error is not None:
+                raise call.metrics.error
+            raise ParticipantError(name, call.phase, call.metrics.text)
         metrics_only(call.metrics, name, call.phase)
         if call.metrics.get("seconds") is not None:
             self.costs.record(call.phase, call.index, call.metrics["seconds"])
@@ -216,13 +235,13 @@ class Dispatcher:
             self.report({"kind": "done", "participant": name, "phase": call.phase})
         return True
 
-    def _restart(self, call: Call, error: str) -> tuple[Any, Any]:
+    def _restart(self, call: Call, calls: list[Call], error: str) -> list[tuple[Any, Any]]:
         """The actor under `call` died: start a new one, bring it back to where the dead one
-        was, and resend `call` (restarts.py says how that stays exact)."""
+        was, and resend `calls` (`call`'s bundle; restarts.py says how that stays exact)."""
         slot = self.slots.slot(call.index)
         if self.slots.actors[slot] is not call.actor:
-            # Another call queued on the same dead pool actor already replaced it.
-            return self.slots.send(call, replay=True)
+            # Another bundle queued on the same dead pool actor already replaced it.
+            return self.slots.send(calls, replay=True)
         name = self.names[call.index]
         count = self.restarts.get(slot, 0)
         if count >= self.max_restarts:
@@ -232,9 +251,9 @@ class Dispatcher:
                 f"{error} (restarted {count} times already; resources.max_restarts={self.max_restarts})",
             )
         self.restarts[slot] = count + 1
-        whose = f"pool actor {slot} (serving {name})" if self.slots.room > 1 else "actor"
+        whose = f"pool actor {slot} (serving {name})" if len(self.slots.actors) < len(self.names) else "actor"
         self.events.append(Event(name, call.phase, f"restarted ({whose} died)"))
-        return self.slots.bring_back(call, count + 1)
+        return self.slots.bring_back(calls, count + 1)
 
     def _wait(self, pending: list, timeout: float | None) -> list:
         """ray.wait for the next answer, then every other answer already in (a step of N
@@ -265,30 +284,68 @@ class Dispatcher:
             self.report(event)
 
 
-class _Queue:
-    """Calls that may go out, per slot, best first; `take` hands out those the slots and the
-    window have room for."""
+class _Bundle:
+    """Calls sent together as one Ray call; its slot has room again once all have answered."""
 
-    def __init__(self, slots: Any, window: int | None):
-        self.slots, self.window = slots, window
-        self.ready: dict[int, list[tuple]] = {}  # slot -> heap of (priority, participant, pos)
-        self.busy: dict[int, int] = {}  # slot -> calls out
+    __slots__ = ("calls", "open")
+
+    def __init__(self, calls: list[Call]):
+        self.calls, self.open = calls, len(calls)
+
+
+class _Queue:
+    """Calls that may go out, per slot, best first, gathered into their bundles; `take`
+    hands out the bundles the slots and the window have room for. A bundle waits until
+    every participant it has in that step is ready for it, so its members are the same in
+    every run, whatever order the answers came in."""
+
+    def __init__(
+        self, slots: Any, window: int | None, unit: Callable[[int, int], Any], steps: Sequence[Step]
+    ):
+        self.slots, self.window, self.unit = slots, window, unit
+        self.sizes: dict[tuple[Any, int], int] = {}
+        """How many participants each bundle of each step has: (unit, step) -> count."""
+        for k, step in enumerate(steps):
+            for i in step.who:
+                self.sizes[unit(i, k), k] = self.sizes.get((unit(i, k), k), 0) + 1
+        self.gathering: dict[tuple[Any, int], list[tuple]] = {}
+        self.ready: dict[int, list[tuple]] = {}  # slot -> heap of (priority, order, members)
+        self.busy: dict[int, int] = {}  # slot -> bundles out
         self.heads: list[tuple] = []  # (priority of the slot's best, slot) for slots with room
         self.listed: set[int] = set()
-        self.count = 0
+        self.count = 0  # calls not yet sent
+        self.running = 0  # bundles out
+        self.order = 0
 
     def __bool__(self) -> bool:
         return self.count > 0
 
-    def push(self, entry: tuple) -> None:
-        slot = self.slots.slot(entry[1])
-        heapq.heappush(self.ready.setdefault(slot, []), entry)
+    def push(self, entry: tuple, k: int) -> None:
+        """Participant entry[1], ready for step k at its chain's position entry[2]."""
+        i = entry[1]
+        unit = self.unit(i, k)
+        members = self.gathering.setdefault((unit, k), [])
+        members.append(entry)
         self.count += 1
+        if len(members) < self.sizes[unit, k]:
+            return
+        del self.gathering[unit, k]
+        slot = self.slots.slot(i)
+        members.sort(key=lambda e: e[1])
+        self.order += 1
+        heapq.heappush(self.ready.setdefault(slot, []), (min(e[0] for e in members), self.order, members))
         self._list(slot)
 
-    def free(self, index: int) -> None:
-        slot = self.slots.slot(index)
+    def free(self, call: Call) -> None:
+        call.bundle.open -= 1
+        if call.bundle.open:
+            return
+        # Its calls and the bundle point at each other: let go, or every answered call (and
+        # the object refs it holds) would wait for the garbage collector.
+        call.bundle.calls = []
+        slot = self.slots.slot(call.index)
         self.busy[slot] -= 1
+        self.running -= 1
         self._list(slot)
 
     def _list(self, slot: int) -> None:
@@ -297,17 +354,18 @@ class _Queue:
             heapq.heappush(self.heads, (ready[0][0], slot))
             self.listed.add(slot)
 
-    def take(self, running: int) -> list[tuple[int, int]]:
-        """(participant, position in its chain) of each call to send now."""
+    def take(self) -> list[list[tuple[int, int]]]:
+        """The bundles to send now, each as (participant, position in its chain) pairs."""
         out = []
-        room = math.inf if self.window is None else self.window - running
+        room = math.inf if self.window is None else self.window - self.running
         while self.heads and len(out) < room:
             _, slot = heapq.heappop(self.heads)
             self.listed.discard(slot)
-            _, i, pos = heapq.heappop(self.ready[slot])
-            self.count -= 1
+            _, _, members = heapq.heappop(self.ready[slot])
+            self.count -= len(members)
             self.busy[slot] = self.busy.get(slot, 0) + 1
-            out.append((i, pos))
+            self.running += 1
+            out.append([(i, pos) for _, i, pos in members])
             self._list(slot)
         return out
 

@@ -112,7 +112,7 @@ class RayBackend:
             sink=self.sink,
         )
         if pooled:
-            self.slots = ActorPool(ray, self.specs, shared, plan, self.tag)
+            self.slots = ActorPool(ray, self.specs, shared, plan, self.tag, together=r.group)
         else:
             self.slots = DedicatedActors(ray, self.specs, shared, plan, self.tag, self.reuse)
         window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)

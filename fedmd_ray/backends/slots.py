@@ -1,11 +1,13 @@
 """Where a participant's call runs: its own actor, or an actor of a pool. Both offer the
 same things, so the dispatcher never asks which it has:
 
-- `slot(index)`, `room`: which actor serves a participant, and how many calls may wait
+- `slot(index)`, `room`: which actor serves a participant, and how many Ray calls may wait
   on one actor at once;
-- `send(call)`: submit the call, answer (metrics ref, payload ref);
+- `unit(index)`: the bundle a participant's calls travel in (a pool sends the calls of up
+  to BUNDLE participants of one model on one actor as one Ray call; its own actor: alone);
+- `send(calls)`: submit one bundle's calls, answer (metrics ref, payload ref) for each;
 - `answered(call)`: the call's metrics came back;
-- `bring_back(call)`: the call's actor died; start a new one, restore where it was, resend;
+- `bring_back(calls)`: their actor died; start a new one, restore where it was, resend;
 - `snapshot(who)`: end of round, keep states a restart can start from.
 """
 
@@ -21,10 +23,16 @@ from fedmd_ray.backends.warm import KEPT
 from fedmd_ray.phases import Phase
 from fedmd_ray.spec import ParticipantSpec
 
-POOL_DEPTH = 32
-"""Calls queued at once per pool actor. Submitting a phase's 10 000 calls at once made the
-driver hold every one's task and return bookkeeping together (~40-60 KiB a call: 2.8 GiB at
-10 000 participants); 32 keep each actor busy while the driver refills."""
+BUNDLE = 64
+"""Participants whose calls a pool sends as one Ray call: the same model on the same actor,
+in index order. Fixed by the participants alone, never by timing, so that grouped
+computation (resources.group) sees the same groups in every run. A Ray call costs the driver
+and the actor about a millisecond and ~40-60 KiB of bookkeeping while it is out: at 10 000
+participants, one per participant and phase was most of a tiny model's round."""
+
+POOL_DEPTH = 2
+"""Bundles queued at once per pool actor: one computing, one waiting, so the actor never
+idles while the driver refills it."""
 
 
 class Call:
@@ -41,11 +49,15 @@ class Call:
         "new_state",
         "actor",
         "confirms",
+        "pos",
+        "ref",
+        "bundle",
     )
 
-    def __init__(self, index: int, phase: Phase, args: tuple):
-        self.index, self.phase, self.args = index, phase, args
+    def __init__(self, index: int, phase: Phase, args: tuple, pos: int = 0):
+        self.index, self.phase, self.args, self.pos = index, phase, args, pos
         self.state = self.metrics = self.payload = self.new_state = self.actor = None
+        self.ref = self.bundle = None  # its metrics ref while out; the calls sent with it
         self.version = 0
         self.confirms = False  # queued after a pending snapshot: its answer confirms it
 
@@ -85,6 +97,9 @@ class DedicatedActors:
     def slot(self, index: int) -> int:
         return index
 
+    def unit(self, index: int) -> int:
+        return index
+
     def start(self, slot: int, generation: int = 0) -> Any:
         spec, s = self.specs[slot], self.shared
         options = self.placement.actor_options(slot)
@@ -106,19 +121,21 @@ class DedicatedActors:
             else:
                 self.ray.kill(actor, no_restart=True)
 
-    def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
+    def send(self, calls: Sequence[Call], replay: bool = False) -> list[tuple[Any, Any]]:
+        (call,) = calls  # a participant's calls go one by one
         actor = call.actor = self.actors[call.index]
         if not replay:
             if call.phase.mutating:
                 self.journal.record(call.index, call)
             call.confirms = self.journal.pending[call.index] is not None
-        return tuple(call.remote(actor, 2))
+        return [tuple(call.remote(actor, 2))]
 
     def answered(self, call: Call) -> None:
         if call.confirms:
             self.journal.confirm(call.index)
 
-    def bring_back(self, call: Call, generation: int) -> tuple[Any, Any]:
+    def bring_back(self, calls: Sequence[Call], generation: int) -> list[tuple[Any, Any]]:
+        (call,) = calls
         i = call.index
         actor = self.actors[i] = self.start(i, generation)
         saved, earlier = self.journal.replay(i, call)
@@ -126,7 +143,7 @@ class DedicatedActors:
             actor.set_state.remote(saved, trusted=True)
         for c in earlier:
             c.remote(actor, 2)
-        return self.send(call, replay=True)
+        return self.send(calls, replay=True)
 
     def snapshot(self, who: Sequence[int]) -> None:
         for i in who:
@@ -135,14 +152,23 @@ class DedicatedActors:
 
 class ActorPool:
     """A few actors serving many participants in turn (participant i on actor i mod k); each
-    participant's state waits in the object store between its calls and travels with each."""
+    participant's state waits in the object store between its calls and travels with each.
+    Calls go in bundles (BUNDLE); with `together` (resources.group), the members of a bundle
+    that can compute a step as one model do (grouped.py)."""
 
     room = POOL_DEPTH
 
     def __init__(
-        self, ray: Any, specs: Sequence[ParticipantSpec], shared: Shared, placement: Placement, tag: str
+        self,
+        ray: Any,
+        specs: Sequence[ParticipantSpec],
+        shared: Shared,
+        placement: Placement,
+        tag: str,
+        together: bool = False,
     ):
         self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
+        self.together = together
         self.size = placement.slots
         self.states: list[Any] = [None] * len(self.specs)
         # Specs go to the object store once; a pool actor fetches one only to rebuild its
@@ -153,10 +179,14 @@ class ActorPool:
         self.versions = [0] * len(self.specs)
         """How many state-changing calls of each participant have been kept: a pool actor
         that still holds that version of the participant in memory skips reloading it."""
+        self.units = bundles(self.specs, self.size)
         self.actors = [self.start(k) for k in range(self.size)]
 
     def slot(self, index: int) -> int:
         return index % self.size
+
+    def unit(self, index: int) -> int:
+        return self.units[index]
 
     def start(self, slot: int, generation: int = 0) -> Any:
         s = self.shared
@@ -165,27 +195,43 @@ class ActorPool:
         cls = self.ray.remote(PoolWorker).options(**options)
         return cls.remote(*s.public, s.val, s.test, s.sink, self.held_budget)
 
-    def send(self, call: Call, replay: bool = False) -> tuple[Any, Any]:
-        i = call.index
-        if not replay:
-            call.state, call.version = self.states[i], self.versions[i]
-        actor = call.actor = self.actors[self.slot(i)]
-        # Spec, private data and state travel as refs inside a list, which Ray does not
-        # resolve: the actor fetches them only when it does not hold this version already.
-        boxed = [self.spec_refs[i], self.shared.private[i], call.state]
-        refs = call.remote(actor, 3, i, boxed, call.version, replay)
-        call.new_state = refs[2] if call.phase.mutating else None  # else a ref to None
-        return refs[0], refs[1]
+    def send(self, calls: Sequence[Call], replay: bool = False) -> list[tuple[Any, Any]]:
+        """One Ray call for the bundle; each member's metrics, payload and new state come
+        back as objects of their own."""
+        first = calls[0]
+        actor = self.actors[self.slot(first.index)]
+        boxes = []
+        for call in calls:
+            if not replay:
+                call.state, call.version = self.states[call.index], self.versions[call.index]
+            call.actor = actor
+            # Spec, private data and state travel as refs inside a list, which Ray does not
+            # resolve: the actor fetches them only when it does not hold this version already.
+            boxes.append([self.spec_refs[call.index], self.shared.private[call.index], call.state])
+        refs = actor.call.options(num_returns=3 * len(calls)).remote(
+            [c.index for c in calls],
+            boxes,
+            [c.version for c in calls],
+            replay,
+            self.together,
+            first.phase,
+            *first.args,
+        )
+        out = []
+        for j, call in enumerate(calls):
+            call.new_state = refs[3 * j + 2] if call.phase.mutating else None  # else a ref to None
+            out.append((refs[3 * j], refs[3 * j + 1]))
+        return out
 
     def answered(self, call: Call) -> None:
         if call.new_state is not None:
             self.states[call.index] = call.new_state
             self.versions[call.index] = call.version + 1
 
-    def bring_back(self, call: Call, generation: int) -> tuple[Any, Any]:
-        slot = self.slot(call.index)
+    def bring_back(self, calls: Sequence[Call], generation: int) -> list[tuple[Any, Any]]:
+        slot = self.slot(calls[0].index)
         self.actors[slot] = self.start(slot, generation)
-        return self.send(call, replay=True)  # the call carries the state it started from
+        return self.send(calls, replay=True)  # each call carries the state it started from
 
     def snapshot(self, who: Sequence[int]) -> None:
         """Every state is in the object store already."""
@@ -193,3 +239,19 @@ class ActorPool:
     def stop(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
+
+
+def bundles(specs: Sequence[ParticipantSpec], actors: int, size: int = BUNDLE) -> list[int]:
+    """Each participant's bundle: participants of one model on one actor (i mod `actors`),
+    `size` at a time in index order."""
+    by: dict[tuple[int, str], list[int]] = {}
+    for i, spec in enumerate(specs):
+        by.setdefault((i % actors, spec.model), []).append(i)
+    units = [0] * len(specs)
+    count = 0
+    for members in by.values():
+        for start in range(0, len(members), size):
+            for i in members[start : start + size]:
+                units[i] = count
+            count += 1
+    return units
