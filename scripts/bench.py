@@ -53,6 +53,7 @@ def make_config(args: argparse.Namespace, backend: str) -> dict:
             "num_gpus": args.gpu_fraction if on_gpu else 0.0,
             "torch_threads": args.threads,
             "actors": args.actors if backend == "ray" else None,
+            "group": args.group and backend == "ray",
         },
     )
 
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--backends", default="local,ray")
     p.add_argument("--actors", type=int, help="ray: a pool of this many actors serving the participants")
+    p.add_argument(
+        "--group",
+        action="store_true",
+        help="ray pool: resources.group (one model's participants step as one)",
+    )
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     mixes = args.models.split(",")
