@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from fedmd_ray import sharing
 from fedmd_ray.errors import Failed
 from fedmd_ray.participant import (
     CPU_EVAL_BATCH_SIZE,
@@ -366,7 +367,7 @@ def _communicate(stack: _Stack, members: Sequence[Participant], indices: np.ndar
     for g, member in enumerate(members):
         rng = np.random.default_rng(member.seed_of(Phase.COMMUNICATE, round_))
         payload = member.send(scores[g].float().cpu().numpy(), rng)
-        out.append(({"bytes_sent": _nbytes(payload)}, payload))
+        out.append(({"bytes_sent": sharing.nbytes(payload)}, payload))
     return out
 
 
@@ -460,12 +461,6 @@ def _train(
         last = [t / max(count, 1) for t in totals]
     stack.give_back(opts, optimizer)
     return last
-
-
-def _nbytes(payload: Any) -> int:
-    from fedmd_ray import sharing
-
-    return sharing.nbytes(payload)
 
 
 _STEPS = {

@@ -307,7 +307,8 @@ class _Queue:
         """How many participants each bundle of each step has: (unit, step) -> count."""
         for k, step in enumerate(steps):
             for i in step.who:
-                self.sizes[unit(i, k), k] = self.sizes.get((unit(i, k), k), 0) + 1
+                key = (unit(i, k), k)
+                self.sizes[key] = self.sizes.get(key, 0) + 1
         self.gathering: dict[tuple[Any, int], list[tuple]] = {}
         self.ready: dict[int, list[tuple]] = {}  # slot -> heap of (priority, order, members)
         self.busy: dict[int, int] = {}  # slot -> bundles out
