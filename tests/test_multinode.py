@@ -31,18 +31,31 @@ def two_nodes():
     cluster.shutdown()
 
 
-def _nodes(config):
+def _wait_until_whole():
+    # Killing actors and removing a placement group are asynchronous: a group made while the
+    # last test's actors still hold one node's CPU or GPU finds that node half taken, and a
+    # soft SPREAD then packs both bundles onto the other node.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        free = ray.available_resources()
+        if free.get("CPU", 0) >= 2 and free.get("GPU", 0) >= 2:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the two-node cluster did not free its resources in 30 s: {free}")
+
+
+def _backend(config):
+    _wait_until_whole()
     task = build_task(config)
-    backend = RayBackend(config, task, participant_specs(config, task))
+    return RayBackend(config, task, participant_specs(config, task))
+
+
+def _nodes(config):
+    backend = _backend(config)
     try:
         return backend.placement["nodes"]
     finally:
         backend.shutdown()
-        # Killing actors and removing a placement group are asynchronous: wait until the
-        # cluster is whole again, or the next group (PACK) finds one node half taken.
-        deadline = time.time() + 30
-        while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
-            time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -85,8 +98,7 @@ def test_each_model_gets_its_own_share_across_two_nodes(two_nodes):
             "per_model": {"cnn3": {"num_gpus": 1}, "cnn2": {"num_gpus": 0.5}},
         },
     )
-    task = build_task(config)
-    backend = RayBackend(config, task, participant_specs(config, task))
+    backend = _backend(config)
     try:
         nodes = backend.placement["nodes"]
         shares = [p["num_gpus"] for p in backend.placement["per_participant"]]
@@ -105,6 +117,7 @@ def test_a_pool_spread_over_two_nodes_matches_the_one_process_run(two_nodes):
     config = tiny_config(resources={"backend": "ray", "placement": "SPREAD", "actors": 2, "num_cpus": 0.5})
     nodes = _nodes(config)
     assert len(nodes) == 2 and len(set(nodes)) == 2
+    _wait_until_whole()
     pooled = run(config, progress=None)
     local = run(tiny_config(), progress=None)
     assert numbers(pooled.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
