@@ -14,6 +14,8 @@ ReLU -> dropout -> average pooling, and the head is a bias-free dense layer with
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,10 +51,61 @@ def _block(
     ]
 
 
+class _Shifted(torch.autograd.Function):
+    """2x2 average pooling with stride 1 as shifted slices, backward written out: autograd's
+    own backward of four slices zero-fills and copies four full-size tensors; this one pads
+    once and adds in place (a grouped digest of tiny CNNs measured 8 % faster). Each input's
+    gradient gathers its windows' terms in avg_pool2d's order (the windows in raster order,
+    each term g / 4, exact as g * 0.25), so it is bit for bit avg_pool2d's, as is the
+    forward: ((a + b) + c) + d, then / 4."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = x[..., :-1, :-1] + x[..., :-1, 1:]
+        out += x[..., 1:, :-1]
+        out += x[..., 1:, 1:]
+        return out.mul_(0.25)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        quarter = grad * 0.25
+        # Input (i, j) is the bottom-right of window (i-1, j-1), the bottom-left of (i-1, j),
+        # the top-right of (i, j-1) and the top-left of (i, j): in that order.
+        out = nn.functional.pad(quarter, (1, 0, 1, 0))
+        out[..., 1:, :-1] += quarter
+        out[..., :-1, 1:] += quarter
+        out[..., :-1, :-1] += quarter
+        return out
+
+
+def shifted_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """avg_pool2d(x, 2, stride=1), the same numbers forward and backward, faster on a CPU."""
+    return _Shifted.apply(x)
+
+
+class ShiftedAvgPool(nn.Module):
+    """AvgPool2d(2, stride=1) that, on a CPU, pools with shifted slices instead of calling
+    avg_pool2d: the same float32 sums in the kernel's order and the same gradients (bit for
+    bit, forward and backward: tests/test_models.py), and several times faster on this
+    project's small activations, where torch's CPU kernel spends ~14 ns an output on index
+    arithmetic (it was half of a tiny CNN's evaluation). On a GPU, one kernel beats four."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return nn.functional.avg_pool2d(x, 2, stride=1)
+        return shifted_avg_pool(x)
+
+
 def _same_avgpool() -> nn.Module:
     # Keras' 2x2 average pool with stride 1 and 'same' padding keeps the size and pads
     # only the bottom/right edge, averaging real pixels there: replicate-pad then pool.
-    return nn.Sequential(nn.ReplicationPad2d((0, 1, 0, 1)), nn.AvgPool2d(2, stride=1))
+    return nn.Sequential(nn.ReplicationPad2d((0, 1, 0, 1)), ShiftedAvgPool())
 
 
 class PaperCNN(nn.Module):

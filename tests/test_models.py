@@ -58,3 +58,44 @@ def test_model_names_are_checked():
         parse_model_name("cnn2:8,16,1.5")
     with pytest.raises(ConfigError, match="takes no parameters"):
         parse_model_name("resnet18:3")
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 17, 17), (2, 5, 9, 12), (50, 8, 15, 15), (1, 1, 2, 2)])
+def test_shifted_pooling_is_avg_pool2d_bit_for_bit(shape):
+    # The paper CNNs' 'same' pooling adds four slices on a CPU: every output and every
+    # gradient must be avg_pool2d's exactly, or runs would differ from earlier versions' runs.
+    from fedmd_ray.models import ShiftedAvgPool
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    grad = torch.randn(*shape[:2], shape[2] - 1, shape[3] - 1, generator=gen)
+    outs, grads = [], []
+    for pool in (torch.nn.AvgPool2d(2, stride=1), ShiftedAvgPool()):
+        x.grad = None
+        out = pool(x)
+        out.backward(grad)
+        outs.append(out.detach())
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    # Control: the same sums in another order do differ somewhere in the last bits.
+    other = (x[..., 1:, 1:] + x[..., 1:, :-1] + x[..., :-1, 1:] + x[..., :-1, :-1]) / 4
+    assert shape == (1, 1, 2, 2) or not torch.equal(other.detach(), outs[0])
+
+
+@pytest.mark.parametrize("name", ["cnn2:8,16,0.2", "cnn3:8,16,16,0.2"])
+def test_a_paper_cnn_trains_as_with_torchs_pooling_kernel(name):
+    model = build_model(name, (1, 28, 28), 10)
+    reference = build_model(name, (1, 28, 28), 10)
+    reference.load_state_dict(model.state_dict())
+    for module in reference.modules():  # the kernel the shifted slices replace
+        for key, child in module.named_children():
+            if type(child).__name__ == "ShiftedAvgPool":
+                setattr(module, key, torch.nn.AvgPool2d(2, stride=1))
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    results = []
+    for net in (model, reference):
+        torch.manual_seed(3)  # the same dropout masks
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in net.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
