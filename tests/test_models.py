@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedmd_ray.config import ConfigError
-from fedmd_ray.models import build_model, parameter_count, parse_model_name
+from fedmd_ray.models import ShiftedAvgPool, build_model, parameter_count, parse_model_name
 from fedmd_ray.presets import PAPER_MODELS
 
 
@@ -64,8 +64,6 @@ def test_model_names_are_checked():
 def test_shifted_pooling_is_avg_pool2d_bit_for_bit(shape):
     # The paper CNNs' 'same' pooling adds four slices on a CPU: every output and every
     # gradient must be avg_pool2d's exactly, or runs would differ from earlier versions' runs.
-    from fedmd_ray.models import ShiftedAvgPool
-
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=gen, requires_grad=True)
     grad = torch.randn(*shape[:2], shape[2] - 1, shape[3] - 1, generator=gen)
@@ -89,7 +87,7 @@ def test_a_paper_cnn_trains_as_with_torchs_pooling_kernel(name):
     reference.load_state_dict(model.state_dict())
     for module in reference.modules():  # the kernel the shifted slices replace
         for key, child in module.named_children():
-            if type(child).__name__ == "ShiftedAvgPool":
+            if type(child) is ShiftedAvgPool:
                 setattr(module, key, torch.nn.AvgPool2d(2, stride=1))
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     results = []

@@ -35,10 +35,11 @@ def _wait_until_whole():
     # Killing actors and removing a placement group are asynchronous: a group made while the
     # last test's actors still hold one node's CPU or GPU finds that node half taken, and a
     # soft SPREAD then packs both bundles onto the other node.
+    whole = {k: ray.cluster_resources()[k] for k in ("CPU", "GPU")}
     deadline = time.time() + 30
     while time.time() < deadline:
         free = ray.available_resources()
-        if free.get("CPU", 0) >= 2 and free.get("GPU", 0) >= 2:
+        if all(free.get(k, 0) >= v for k, v in whole.items()):
             return
         time.sleep(0.2)
     raise AssertionError(f"the two-node cluster did not free its resources in 30 s: {free}")
