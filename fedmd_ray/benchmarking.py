@@ -133,8 +133,9 @@ def nvidia_smi(query: str) -> list[list[str]]:
 
 
 class Sampler:
-    """Samples, every `every` seconds while a run lasts: the driver's resident set and own
-    heap (ru_maxrss would carry an earlier run's peak), and with `gpu` the GPU's use and
+    """Samples, every `every` seconds while a run lasts: the driver's resident set, its own
+    heap and the object store's pages it has mapped in (shared memory, counted in the
+    resident set but owned by the store; ru_maxrss would carry an earlier run's peak), and with `gpu` the GPU's use and
     each process's GPU memory (each Ray actor is a process: its peak is the memory per
     actor, CUDA context included)."""
 
@@ -142,6 +143,7 @@ class Sampler:
         self.gpu, self.every = gpu, every
         self.driver_peak = status_bytes("VmRSS") or 0
         self.driver_heap_peak = status_bytes("RssAnon") or 0
+        self.driver_shared_peak = status_bytes("RssShmem") or 0
         self.gpu_busy: list[float] = []
         self.gpu_used_peak_mib = 0.0
         self.gpu_process_peak_mib: dict[int, float] = {}
@@ -152,6 +154,7 @@ class Sampler:
         while not self._stop.wait(self.every):
             self.driver_peak = max(self.driver_peak, status_bytes("VmRSS") or 0)
             self.driver_heap_peak = max(self.driver_heap_peak, status_bytes("RssAnon") or 0)
+            self.driver_shared_peak = max(self.driver_shared_peak, status_bytes("RssShmem") or 0)
             if self.gpu:
                 self._sample_gpu()
 
@@ -199,6 +202,8 @@ class Measured:
     """How many participants computed at once (1 on the local backend), read from the run."""
     driver_peak_mib: float
     driver_heap_peak_mib: float
+    driver_shared_peak_mib: float = 0.0
+    """The object store's pages in the driver's resident set (shared memory, not the driver's own)."""
     actor_pss_mib: float | None = None
     object_store_mib: float | None = None
     gpu: dict = field(default_factory=dict)
@@ -219,6 +224,7 @@ class Measured:
             "window": self.window,
             "driver_peak_mib": self.driver_peak_mib,
             "driver_heap_peak_mib": self.driver_heap_peak_mib,
+            "driver_shared_peak_mib": self.driver_shared_peak_mib,
             "actor_pss_mib": self.actor_pss_mib,
             "object_store_mib": self.object_store_mib,
             "mean_accuracy": self.mean_accuracy,
@@ -275,6 +281,7 @@ def measure(
         window=window,
         driver_peak_mib=sampler.driver_peak / 2**20,
         driver_heap_peak_mib=sampler.driver_heap_peak / 2**20,
+        driver_shared_peak_mib=sampler.driver_shared_peak / 2**20,
         actor_pss_mib=max(pss) if pss else None,
         object_store_mib=max(store) if store else None,
         gpu=sampler.gpu_report() if gpu else {},

@@ -26,7 +26,8 @@ Computed one at a time instead (the call's metrics say `together` = 1): phases o
 digest and revisit (and, on a CPU, scores and evaluation: TOGETHER_ON_CPU says why);
 members with the safeguard's holdout; a digest loss of the user's own (it may branch on
 values, which vmap cannot); dropout other than nn.Dropout; a model vmap cannot run (found
-on a probe batch before anything changes).
+on a probe batch before anything changes, or when its stacked step fails: the members then
+take that step alone, as they were, and the model is not stacked again in that process).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ little per-member overhead to save, and vmap's batched convolutions were slower 
 batched kernels are what fills the device."""
 _OTHER_RANDOM = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _CANNOT: set[str] = set()
-"""Models a probe found vmap cannot run, in this process: tried once, then one at a time."""
+"""Models found in this process that vmap cannot run: tried once, then one at a time."""
 
 
 def run_bundle(members: Sequence[Participant], phase: Phase, args: tuple, together: bool) -> list:
@@ -348,7 +349,15 @@ def _together(members: Sequence[Participant], phase: Phase, args: tuple) -> list
             answers[g] = _alone(members[g], phase, args)
         return answers
     start = time.perf_counter()
-    outs = _STEPS[phase](stack, members, *args)
+    try:
+        outs = _STEPS[phase](stack, members, *args)
+    except Exception:
+        # The stacked computation failed, which is no member's own doing (a model that
+        # vmap runs for scores but not in training, say): the stack is a copy and the
+        # members are as they were, so each runs alone, where an error is its own, and
+        # this model is not stacked again in this process.
+        _CANNOT.add(first.spec.model)
+        return [_alone(m, phase, args) for m in members]
     seconds = (time.perf_counter() - start) / len(members)
     return [({**metrics, "seconds": seconds, "together": len(members)}, payload) for metrics, payload in outs]
 

@@ -9,7 +9,8 @@ import os
 def status_bytes(field: str, pid: int | str = "self") -> int | None:
     """A size line of /proc/PID/status, in bytes: VmRSS (all resident pages, shared
     libraries' included: torch's are ~0.7 GiB, shared by every process that maps them),
-    RssAnon (the process's own heap), VmHWM (peak resident). None where it cannot be read."""
+    RssAnon (the process's own heap), RssShmem (shared memory it has mapped in, such as
+    the object store's pages), VmHWM (peak resident). None where it cannot be read."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:

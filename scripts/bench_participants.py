@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one participant's state: {one_state / 1024:.1f} KiB")
     print(
         "participants  actors  grouped  s/round  ms/participant-round  transfer s  actor PSS MiB  "
-        "states MiB  object store MiB  driver peak MiB (own heap)  accuracy"
+        "states MiB  object store MiB  driver peak MiB (own heap, store pages)  accuracy"
     )
     groups = {"off": [False], "on": [True], "both": [False, True]}[args.group]
     for n in [int(x) for x in args.participants.split(",")]:
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n:12d}  {row['actors']:6d}  {'yes' if group else 'no':>7s}  {m.seconds_per_round:7.2f}  "
                 f"{row['ms_per_participant_round']:20.1f}  {m.transfer_seconds:10.1f}  "
                 f"{m.actor_pss_mib or 0:13.0f}  {states}  {m.object_store_mib or 0:16.0f}  "
-                f"{m.driver_peak_mib:15.0f} ({m.driver_heap_peak_mib:.0f})  {m.mean_accuracy:8.1%}",
+                f"{m.driver_peak_mib:15.0f} ({m.driver_heap_peak_mib:.0f}, {m.driver_shared_peak_mib:.0f})  "
+                f"{m.mean_accuracy:8.1%}",
                 flush=True,
             )
     ray.shutdown()

@@ -42,6 +42,25 @@ def _mlp(num_classes: int, image_shape: tuple, hidden: int = 24) -> nn.Module:
 fedmd_ray.register_model("grouped_mlp", _mlp)
 
 
+class _ReadsOutInTraining(nn.Module):
+    """A user's model that reads a number out while training (as a logger might): vmap runs
+    its scores, so the probe passes, but not its training step."""
+
+    def __init__(self, num_classes: int, image_shape: tuple):
+        super().__init__()
+        self.net = _mlp(num_classes, image_shape)
+        self.largest = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training:
+            self.largest = max(self.largest, float(out.detach().abs().max()))
+        return out
+
+
+fedmd_ray.register_model("grouped_reads_out", _ReadsOutInTraining)
+
+
 def _members(model: str, optimizer: str, count: int = 4) -> list[Participant]:
     """`count` participants of `model` after transfer learning, as a pool actor holds them."""
     config = tiny_config(
@@ -150,6 +169,26 @@ def test_members_that_differ_run_apart_and_a_failing_member_fails_alone():
     assert isinstance(answers[1], Failed)
     assert "p01" in answers[1].text or "simulated" in answers[1].text.lower()
     assert all(isinstance(answers[k], tuple) and answers[k][0]["accuracy"] >= 0 for k in (0, 2))
+
+
+def test_a_stacked_step_that_fails_falls_back_to_each_member_alone():
+    from fedmd_ray import grouped
+
+    members = _members("grouped_reads_out", "sgd", count=3)
+    alone = copy.deepcopy(members)
+    indices = np.arange(96)
+    consensus = np.mean([run_call(p, Phase.COMMUNICATE, indices, 1)[1] for p in alone], axis=0)
+    try:
+        for phase, args in ((Phase.DIGEST, (consensus, indices, 1)), (Phase.REVISIT, (1,))):
+            answers = run_bundle(members, phase, args, True)
+            expected = [run_call(p, phase, *args) for p in alone]
+            assert [m["together"] for m, _ in answers] == [1, 1, 1]
+            assert [m["loss"] for m, _ in answers] == [m["loss"] for m, _ in expected]
+        assert "grouped_reads_out" in grouped._CANNOT  # not stacked again in this process
+        for p, q in zip(members, alone):
+            assert _distance(p, q) == 0.0  # the failed stack changed nobody
+    finally:
+        grouped._CANNOT.discard("grouped_reads_out")
 
 
 def test_group_needs_a_pool():

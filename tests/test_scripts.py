@@ -55,6 +55,23 @@ def test_bench_prints_the_side_by_side_table(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_participants_measures_a_pool_ungrouped_and_grouped(tmp_path):
+    proc = _script(
+        "bench_participants.py",
+        *("--participants", "4", "--actors", "2", "--dedicated-up-to", "0", "--rounds", "1"),
+        *("--out", str(tmp_path)),
+    )
+    assert "ms/participant-round" in proc.stdout
+    rows = pq.read_table(tmp_path / "participants.parquet").to_pylist()
+    assert [(r["participants"], r["actors"], r["grouped"]) for r in rows] == [(4, 2, False), (4, 2, True)]
+    for r in rows:
+        assert r["ms_per_participant_round"] > 0 and r["states_mib"] > 0
+        # the driver's resident set holds its own heap and the store's pages it mapped in
+        assert 0 < r["driver_heap_peak_mib"] <= r["driver_peak_mib"]
+        assert 0 <= r["driver_shared_peak_mib"] <= r["driver_peak_mib"]
+
+
+@pytest.mark.slow
 def test_compare_consensus_writes_table_and_plot(tmp_path):
     agg = tmp_path / "agg.py"
     agg.write_text("def half(scores, weights=None):\n    return scores.mean(axis=0) / 2\n")
