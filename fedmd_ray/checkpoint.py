@@ -43,6 +43,7 @@ FREE_KEYS = (
     "resources.max_restarts",
     "resources.runtime_env",
     "resources.per_model",
+    "resources.mps",
     "data.data_dir",
     "data.download",
 )

@@ -241,6 +241,13 @@ class ResourcesConfig:
     models); a member's numbers equal its one-at-a-time numbers up to floating-point
     reordering, so a grouped run repeats for its seed but not bit for bit an ungrouped one
     (the summary says so)."""
+    mps: str = "off"
+    """Ray backend, GPU actors sharing devices: "auto" starts NVIDIA MPS on each GPU node before
+    the actors (or uses a daemon already running there), so that their kernels run side by
+    side instead of taking turns on the GPU. A node without nvidia-cuda-mps-control, or where
+    a CUDA process cannot run through the daemon, runs without it; placement.json and the
+    summary say which. Daemons the run started are stopped when it ends. Same numbers.
+    "off": the nodes are left as they are."""
     reuse_actors: bool = False
     """Ray backend, one actor per participant: keep the actors alive when the run ends, for
     the next run in this program with the same resources and code (a loop over seeds or
@@ -487,6 +494,25 @@ def _check_group(config: Config) -> None:
         )
 
 
+def _check_mps(config: Config) -> None:
+    r = config.resources
+    if r.mps not in ("off", "auto"):
+        quote = (
+            ' (YAML reads a bare off or on as a boolean: write mps: "off")'
+            if r.mps in ("True", "False")
+            else ""
+        )
+        raise ConfigError(
+            f"'resources.mps' is 'off' or 'auto' (start NVIDIA MPS where GPU actors share a device); "
+            f"got {r.mps!r}{quote}."
+        )
+    if r.mps == "auto" and r.backend != "ray":
+        raise ConfigError(
+            "'resources.mps' starts NVIDIA MPS for the ray backend's actors; the local backend runs "
+            "every participant in one process. Set resources.mps=off or resources.backend=ray."
+        )
+
+
 def _check_per_model(config: Config) -> None:
     r = config.resources
     if not isinstance(r.per_model, dict):
@@ -563,6 +589,7 @@ def validate(config: Config) -> None:
     if config.resources.per_model is not None:
         _check_per_model(config)
     _check_group(config)
+    _check_mps(config)
 
 
 def _validate_data(d: DataConfig) -> None:

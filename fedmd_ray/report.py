@@ -135,12 +135,26 @@ def _distribution_rows(summary: list[SummaryRow], pct: Callable[[float], str]) -
     return rows
 
 
+def describe_mps(status: dict[str, dict]) -> str:
+    """Where MPS ran (placement.json's "mps": node id -> what backends/mps.py found), and why
+    not elsewhere."""
+    if not status:
+        return "no GPU node was found, so nothing was started"
+    on = [n for n, s in status.items() if s.get("mps") == "on"]
+    parts = [f"on for {len(on)} of {len(status)} GPU nodes"]
+    parts += [
+        f"node {n[:8]} without it: {s.get('why', '?')}" for n, s in status.items() if s.get("mps") != "on"
+    ]
+    return "; ".join(parts)
+
+
 def render_summary(
     summary: list[SummaryRow],
     config: Config,
     complete: bool = True,
     epsilon: float | None = None,
     together: tuple[int, int] | list[int] | None = None,
+    mps: dict | str | None = None,
 ) -> str:
     """The paper's comparison as a Markdown table, with what each participant moved."""
 
@@ -163,6 +177,9 @@ def render_summary(
             f"**Not repeatable**: {'; '.join(unrepeatable)}. The same config may give other numbers.",
             "",
         ]
+    if config.resources.mps == "auto":
+        said = mps if isinstance(mps, str) else describe_mps(mps or {})
+        lines += [f"**NVIDIA MPS** (resources.mps=auto): {said}.", ""]
     if config.resources.group:
         alone, grouped = together or (0, 0)
         lines += [

@@ -106,6 +106,8 @@ class Recorder:
         self.last_epsilon: float | None = None
         self.together = [0, 0]
         """resources.group: calls computed alone, calls computed in a group."""
+        self.mps: dict | str | None = None
+        """resources.mps="auto": MPS on each GPU node (placement.json's "mps")."""
 
     def _write_json(self, name: str, data: Any) -> None:
         assert self.storage is not None
@@ -127,6 +129,7 @@ class Recorder:
 
     def participants(self, info: list[dict], placement: dict | None = None) -> None:
         self.info = info
+        self.mps = (placement or {}).get("mps")
         self.models = {d["participant"]: d["model"] for d in info}
         if self.storage is not None:
             self._write_json("participants.json", info)
@@ -367,7 +370,9 @@ class Recorder:
                 "delta": self.config.sharing.delta if epsilon is not None else None,
             },
         )
-        text = render_summary(summary, self.config, complete, epsilon, self.together) + self._events()
+        text = (
+            render_summary(summary, self.config, complete, epsilon, self.together, self.mps) + self._events()
+        )
         self.storage.write_text("summary.md", text)
         try:
             figure = io.BytesIO()

@@ -54,6 +54,7 @@ def make_config(args: argparse.Namespace, backend: str) -> dict:
             "torch_threads": args.threads,
             "actors": args.actors if backend == "ray" else None,
             "group": args.group and backend == "ray",
+            "mps": "auto" if args.mps and backend == "ray" else "off",
         },
     )
 
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         "--group",
         action="store_true",
         help="ray pool: resources.group (one model's participants step as one)",
+    )
+    p.add_argument(
+        "--mps",
+        action="store_true",
+        help="ray on GPUs: resources.mps=auto (NVIDIA MPS for actors sharing a GPU)",
     )
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from fedmd_ray.backends import mps
 from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error
 from fedmd_ray.backends.dispatch import Dispatcher, Outcome, Step
-from fedmd_ray.backends.resources import concurrency_window, init_ray, place
+from fedmd_ray.backends.resources import concurrency_window, init_ray, place, shares_gpus
 from fedmd_ray.backends.shipping import upload, user_code
 from fedmd_ray.backends.slots import ActorPool, DedicatedActors, Shared
 from fedmd_ray.backends.warm import KEPT, key
@@ -48,6 +49,8 @@ class RayBackend:
 
         self.ray = ray
         self.slots = self.aggregator = self.sink = self.plan = self.shipment = None
+        self.mps: dict[str, dict] | None = None
+        """MPS on each GPU node (resources.mps="auto"), as mps.start found it."""
         self.reuse = False
         try:
             self._start(config, task, specs, report)
@@ -74,11 +77,16 @@ class RayBackend:
         pooled = r.actors is not None and r.actors < n
         # Actors kept from an earlier run (warm.py) are taken by one with the same resources
         # and code; every other run needs their CPUs and GPUs back first.
-        self.reuse = r.reuse_actors and not pooled and r.placement is None and not r.per_model
+        # Kept actors would outlive the MPS daemon this run stops at its end.
+        self.reuse = (
+            r.reuse_actors and not pooled and r.placement is None and not r.per_model and r.mps == "off"
+        )
         if not self.reuse:
             KEPT.release(ray)
         self.plan = plan = place(config, r.actors if pooled else n, pooled)
         self.reuse = self.reuse and plan.group is None  # not inside a Tune trial's group
+        if r.mps == "auto" and shares_gpus(plan):
+            self.mps = mps.start(ray)  # before any actor touches CUDA
         self.code = self.shipment.code
         # A Ray this run started or joined has the code in its job's runtime_env; one that was
         # running already (a notebook, a Tune trial) gets it per actor.
@@ -133,6 +141,10 @@ class RayBackend:
             "in_trial_group": plan.group is not None and not plan.own,
             "nodes": plan.nodes(),
         }
+        if r.mps == "auto":
+            self.placement["mps"] = (
+                self.mps if self.mps is not None else "not started: no two actors share a GPU"
+            )
         if plan.each:
             self.placement["per_participant"] = [
                 {"participant": name, "model": spec.model, "num_cpus": cpus, "num_gpus": gpus}
@@ -302,6 +314,9 @@ class RayBackend:
             else:
                 self.ray.kill(actor, no_restart=True)
         self.slots, self.aggregator, self.sink = None, None, None
+        if self.mps:
+            mps.stop(self.ray, self.mps)  # after the actors, its clients
+            self.mps = None
         if self.plan is not None:
             self.plan.release()
         if self.shipment is not None:

@@ -231,6 +231,12 @@ class Placement:
         self.group = None
 
 
+def shares_gpus(plan: Placement) -> bool:
+    """Whether two or more of `plan`'s actors may share a GPU (a share below one)."""
+    shares = [plan.share(slot)[1] for slot in range(plan.slots)]
+    return plan.slots > 1 and any(0 < g < 1 for g in shares)
+
+
 def _trial_group(config: Config, slots: int):
     """Inside a Ray Tune trial, the trial's placement group: bundle 0 is the trial's own
     process, bundles 1..n the participants' actors."""
