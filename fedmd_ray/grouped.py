@@ -357,17 +357,24 @@ def _together(members: Sequence[Participant], phase: Phase, args: tuple) -> list
         # members are as they were, so each runs alone, where an error is its own, and
         # this model is not stacked again in this process.
         _CANNOT.add(first.spec.model)
-        return [_alone(m, phase, args) for m in members]
+        return [_alone(m, phase, args, faults_fired=True) for m in members]
     seconds = (time.perf_counter() - start) / len(members)
     return [({**metrics, "seconds": seconds, "together": len(members)}, payload) for metrics, payload in outs]
 
 
-def _alone(member: Participant, phase: Phase, args: tuple) -> Any:
+def _alone(member: Participant, phase: Phase, args: tuple, faults_fired: bool = False) -> Any:
+    """One member's call on its own. `faults_fired`: its simulated faults for this call have
+    had their turn already (a stacked step that fell back), and a straggler's sleep is not
+    slept twice."""
+    restored = member.restored
+    member.restored = restored or faults_fired  # a restored participant's faults do not fire
     try:
         metrics, payload = run_call(member, phase, *args)
         return ({**metrics, "together": 1} if phase in phases_together(member.device) else metrics), payload
     except Exception as exc:
         return Failed(exc)
+    finally:
+        member.restored = restored
 
 
 def _communicate(stack: _Stack, members: Sequence[Participant], indices: np.ndarray, round_: int) -> list:

@@ -185,6 +185,7 @@ def test_a_stacked_step_that_fails_falls_back_to_each_member_alone():
             assert [m["together"] for m, _ in answers] == [1, 1, 1]
             assert [m["loss"] for m, _ in answers] == [m["loss"] for m, _ in expected]
         assert "grouped_reads_out" in grouped._CANNOT  # not stacked again in this process
+        assert not any(p.restored for p in members)  # their simulated faults still fire later
         for p, q in zip(members, alone):
             assert _distance(p, q) == 0.0  # the failed stack changed nobody
     finally:
