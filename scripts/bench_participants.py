@@ -3,9 +3,10 @@ participants grows (10, 100, 1000 tiny CNNs by default) on a pool of actors, ung
 grouped (resources.group) side by side, with one actor per participant where that still fits.
 
 Memory: the actors' proportional set size (PSS, from /proc; shared libraries and the
-object store's mapped pages are split among processes), the driver's resident set and own
-heap (peaks, sampled through the run), the object store's use at each round's end (Ray's
-own count), and one state's bytes x N (the participants' states kept there between calls).
+object store's mapped pages are split among processes), the driver's resident set, own
+heap and mapped store pages (peaks, sampled through the run), the object store's use at each
+round's end (Ray's own count), and the participants' states summed (kept between calls: in the
+object store, or under Ray's 100 KiB inline limit in the driver's own memory).
 
     python scripts/bench_participants.py                        # ~10 minutes on 2 cores
     python scripts/bench_participants.py --participants 10,100 --actors 2
@@ -41,27 +42,33 @@ def config(
     )
 
 
-def state_bytes(values: dict) -> int:
-    """Bytes of one participant's state (weights and both optimizers), as the pool stores it;
-    measured in a Ray worker, so that the driver measured here never loads torch."""
+def state_bytes(values: dict) -> list[int]:
+    """Bytes of each model's participant state (weights and both optimizers) as the pool ships
+    it (`Participant.snapshot`, pickled), in the order of `models`; measured in a Ray worker,
+    so that the driver measured here never loads torch. Ray returns a state under 100 KiB
+    inline, into the driver's own memory; a larger one goes to the object store."""
     return ray.get(ray.remote(_state_bytes).remote(values))
 
 
-def _state_bytes(values: dict) -> int:
+def _state_bytes(values: dict) -> list[int]:
+    import pickle
+
     from fedmd_ray.checks import from_dict
     from fedmd_ray.fedmd import participant_specs
     from fedmd_ray.participant import Participant
     from fedmd_ray.tasks import build_task, participant_args
 
-    small = from_dict({**values, "participants": 2})
+    small = from_dict({**values, "participants": len(values["models"])})
     task = build_task(small)
-    spec = participant_specs(small, task)[0]
-    p = Participant(spec, task.public_train.x, task.public_train.y, *participant_args(task, 0))
-    p.transfer()
-    consensus = p.communicate(list(range(50)), 1)
-    p.digest(consensus, list(range(50)), 1)  # Adam states exist once both optimizers have stepped
-    p.revisit(1)
-    return len(p.get_state())
+    sizes = []
+    for spec in participant_specs(small, task):
+        p = Participant(spec, task.public_train.x, task.public_train.y, *participant_args(task, spec.index))
+        p.transfer()
+        consensus = p.communicate(list(range(50)), 1)
+        p.digest(consensus, list(range(50)), 1)  # Adam states exist once both optimizers have stepped
+        p.revisit(1)
+        sizes.append(len(pickle.dumps(p.snapshot(), protocol=5)))
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     local_ray()
-    one_state = state_bytes(config(2, None, 1))
+    state_sizes = state_bytes(config(2, None, 1))
     rows = []
-    print(f"one participant's state: {one_state / 1024:.1f} KiB")
+    models = config(2, None, 1)["models"]
+    print(
+        "a participant's state: " + ", ".join(f"{m} {b / 1024:.1f} KiB" for m, b in zip(models, state_sizes))
+    )
     print(
         "participants  actors  grouped  s/round  ms/participant-round  transfer s  actor PSS MiB  "
         "states MiB  object store MiB  driver peak MiB (own heap, store pages)  accuracy"
@@ -104,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                 "grouped": group,
                 "participation": args.participation,
                 "ms_per_participant_round": 1000 * m.seconds_per_round / sampled,
-                "states_mib": one_state * n / 2**20 if actors else None,
+                # models are used in turn: participant i has model i mod len(models)
+                "states_mib": sum(state_sizes[i % len(state_sizes)] for i in range(n)) / 2**20
+                if actors
+                else None,
             }
             rows.append(row)
             states = f"{row['states_mib']:10.1f}" if actors else f"{'(in actors)':>10s}"
