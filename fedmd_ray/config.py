@@ -246,8 +246,9 @@ class ResourcesConfig:
     the actors (or uses a daemon already running there), so that their kernels run side by
     side instead of taking turns on the GPU. A node without nvidia-cuda-mps-control, or where
     a CUDA process cannot run through the daemon, runs without it; placement.json and the
-    summary say which. Daemons the run started are stopped when it ends. Same numbers.
-    "off": the nodes are left as they are."""
+    summary say which. Daemons the run started are stopped when it ends (a Ray Tune trial's
+    are left running: other trials may be using them). Same numbers. "off": the nodes are
+    left as they are."""
     reuse_actors: bool = False
     """Ray backend, one actor per participant: keep the actors alive when the run ends, for
     the next run in this program with the same resources and code (a loop over seeds or

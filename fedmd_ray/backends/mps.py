@@ -11,8 +11,9 @@ On each alive node with GPUs, a task of no CPU pinned there uses a daemon alread
 or starts one and checks that a fresh process can run a kernel through it. Where the tool is
 missing, will not start, or the check fails, that node runs without MPS (placement.json and
 the summary say why), and a daemon this run started there is stopped again. Daemons this run
-started are stopped when it ends; a run that is killed leaves them running
-(`echo quit | nvidia-cuda-mps-control` stops one).
+started are stopped when it ends, except by a Ray Tune trial (other trials may be its
+clients); a run that is killed leaves them running (`echo quit | nvidia-cuda-mps-control`
+stops one).
 """
 
 from __future__ import annotations

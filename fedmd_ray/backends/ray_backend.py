@@ -51,6 +51,7 @@ class RayBackend:
         self.slots = self.aggregator = self.sink = self.plan = self.shipment = None
         self.mps: dict[str, dict] | None = None
         """MPS on each GPU node (resources.mps="auto"), as mps.start found it."""
+        self.mps_kept = False
         self.reuse = False
         try:
             self._start(config, task, specs, report)
@@ -87,6 +88,9 @@ class RayBackend:
         self.reuse = self.reuse and plan.group is None  # not inside a Tune trial's group
         if r.mps == "auto" and shares_gpus(plan):
             self.mps = mps.start(ray)  # before any actor touches CUDA
+            # Trials of one Tune search run side by side: a daemon one trial started may be
+            # serving another's actors when it ends, so trials leave it running.
+            self.mps_kept = plan.group is not None and not plan.own
         self.code = self.shipment.code
         # A Ray this run started or joined has the code in its job's runtime_env; one that was
         # running already (a notebook, a Tune trial) gets it per actor.
@@ -314,9 +318,9 @@ class RayBackend:
             else:
                 self.ray.kill(actor, no_restart=True)
         self.slots, self.aggregator, self.sink = None, None, None
-        if self.mps:
+        if self.mps and not self.mps_kept:
             mps.stop(self.ray, self.mps)  # after the actors, its clients
-            self.mps = None
+        self.mps = None
         if self.plan is not None:
             self.plan.release()
         if self.shipment is not None:
