@@ -135,9 +135,9 @@ def nvidia_smi(query: str) -> list[list[str]]:
 class Sampler:
     """Samples, every `every` seconds while a run lasts: the driver's resident set, its own
     heap and the object store's pages it has mapped in (shared memory, counted in the
-    resident set but owned by the store; ru_maxrss would carry an earlier run's peak), and with `gpu` the GPU's use and
-    each process's GPU memory (each Ray actor is a process: its peak is the memory per
-    actor, CUDA context included)."""
+    resident set but owned by the store; ru_maxrss would carry an earlier run's peak), and
+    with `gpu` the GPU's use and each process's GPU memory (each Ray actor is a process: its
+    peak is the memory per actor, CUDA context included)."""
 
     def __init__(self, gpu: bool = False, every: float = 0.2):
         self.gpu, self.every = gpu, every

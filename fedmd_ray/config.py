@@ -458,6 +458,7 @@ def parse_text_config(text: str, where: str) -> dict[str, Any]:
 BACKENDS = ("ray", "local")
 DEVICES = ("auto", "cpu", "cuda")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+MPS_MODES = ("off", "auto")
 PARTITIONS = ("per_class", "iid", "dirichlet", "by_writer", "one_subclass_per_class")
 OPTIMIZERS = ("adam", "sgd")
 SCALINGS = ("symmetric", "mean_image")
@@ -497,16 +498,12 @@ def _check_group(config: Config) -> None:
 
 def _check_mps(config: Config) -> None:
     r = config.resources
-    if r.mps not in ("off", "auto"):
-        quote = (
-            ' (YAML reads a bare off or on as a boolean: write mps: "off")'
-            if r.mps in ("True", "False")
-            else ""
-        )
+    if r.mps in ("True", "False"):
         raise ConfigError(
-            f"'resources.mps' is 'off' or 'auto' (start NVIDIA MPS where GPU actors share a device); "
-            f"got {r.mps!r}{quote}."
+            f"'resources.mps' is '{r.mps}': YAML reads a bare off or on as a boolean; "
+            'write mps: "off" or mps: "auto" (start NVIDIA MPS where GPU actors share a device).'
         )
+    _check_choice("resources.mps", r.mps, MPS_MODES)
     if r.mps == "auto" and r.backend != "ray":
         raise ConfigError(
             "'resources.mps' starts NVIDIA MPS for the ray backend's actors; the local backend runs "

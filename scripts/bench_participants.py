@@ -90,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     local_ray()
-    state_sizes = state_bytes(config(2, None, 1))
+    two = config(2, None, 1)  # one participant of each model
+    state_sizes = state_bytes(two)
     rows = []
-    models = config(2, None, 1)["models"]
     print(
-        "a participant's state: " + ", ".join(f"{m} {b / 1024:.1f} KiB" for m, b in zip(models, state_sizes))
+        "a participant's state: "
+        + ", ".join(f"{m} {b / 1024:.1f} KiB" for m, b in zip(two["models"], state_sizes))
     )
     print(
         "participants  actors  grouped  s/round  ms/participant-round  transfer s  actor PSS MiB  "

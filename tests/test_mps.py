@@ -21,7 +21,7 @@ from tests.conftest import tiny_config
 
 
 def test_mps_is_off_or_auto_and_needs_the_ray_backend():
-    with pytest.raises(ConfigError, match="'off' or 'auto'"):
+    with pytest.raises(ConfigError, match="'resources.mps' is 'on'; it must be one of off, auto"):
         tiny_config(resources={"backend": "ray", "mps": "on"})
     with pytest.raises(ConfigError, match='write mps: "off"'):
         tiny_config(resources={"backend": "ray", "mps": False})  # YAML's reading of a bare off

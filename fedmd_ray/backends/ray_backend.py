@@ -51,7 +51,6 @@ class RayBackend:
         self.slots = self.aggregator = self.sink = self.plan = self.shipment = None
         self.mps: dict[str, dict] | None = None
         """MPS on each GPU node (resources.mps="auto"), as mps.start found it."""
-        self.mps_kept = False
         self.reuse = False
         try:
             self._start(config, task, specs, report)
@@ -88,9 +87,6 @@ class RayBackend:
         self.reuse = self.reuse and plan.group is None  # not inside a Tune trial's group
         if r.mps == "auto" and shares_gpus(plan):
             self.mps = mps.start(ray)  # before any actor touches CUDA
-            # Trials of one Tune search run side by side: a daemon one trial started may be
-            # serving another's actors when it ends, so trials leave it running.
-            self.mps_kept = plan.group is not None and not plan.own
         self.code = self.shipment.code
         # A Ray this run started or joined has the code in its job's runtime_env; one that was
         # running already (a notebook, a Tune trial) gets it per actor.
@@ -103,7 +99,7 @@ class RayBackend:
         helper: dict[str, Any] = {"num_cpus": 0}
         if plan.runtime_env:
             helper["runtime_env"] = plan.runtime_env
-        if plan.group is not None and not plan.own:
+        if plan.in_trial:
             helper["scheduling_strategy"] = plan.strategy(-1)
         self.helper = helper
         if self.reuse:
@@ -142,7 +138,7 @@ class RayBackend:
             "window": window or plan.slots,  # calls computing at once (a pool actor's one by one)
             "strategy": r.placement,
             "actors": plan.slots,
-            "in_trial_group": plan.group is not None and not plan.own,
+            "in_trial_group": plan.in_trial,
             "nodes": plan.nodes(),
         }
         if r.mps == "auto":
@@ -318,7 +314,9 @@ class RayBackend:
             else:
                 self.ray.kill(actor, no_restart=True)
         self.slots, self.aggregator, self.sink = None, None, None
-        if self.mps and not self.mps_kept:
+        # Trials of one Tune search run side by side: a daemon one trial started may be
+        # serving another's actors when it ends, so trials leave it running.
+        if self.mps and not self.plan.in_trial:  # self.mps is set only once placed
             mps.stop(self.ray, self.mps)  # after the actors, its clients
         self.mps = None
         if self.plan is not None:

@@ -192,6 +192,11 @@ class Placement:
     each: list[tuple[float, float]] | None = None
     """(CPUs, GPUs) of each slot where they differ (resources.per_model); else cpus, gpus."""
 
+    @property
+    def in_trial(self) -> bool:
+        """Placed in a Ray Tune trial's group (not one of this run's own)."""
+        return self.group is not None and not self.own
+
     def share(self, slot: int) -> tuple[float, float]:
         return self.each[slot] if self.each and slot >= 0 else (self.cpus, self.gpus)
 
