@@ -5,8 +5,9 @@ grouped (resources.group) side by side, with one actor per participant where tha
 Memory: the actors' proportional set size (PSS, from /proc; shared libraries and the
 object store's mapped pages are split among processes), the driver's resident set, own
 heap and mapped store pages (peaks, sampled through the run), the object store's use at each
-round's end (Ray's own count), and the participants' states summed (kept between calls: in the
-object store, or under Ray's 100 KiB inline limit in the driver's own memory).
+round's end (Ray's own count; Ray frees objects in batches, so it still holds some of the
+round's earlier states then), and the participants' states summed (kept between calls in the
+object store, a bundle's states as one object).
 
     python scripts/bench_participants.py                        # ~10 minutes on 2 cores
     python scripts/bench_participants.py --participants 10,100 --actors 2
@@ -45,8 +46,7 @@ def config(
 def state_bytes(values: dict) -> list[int]:
     """Bytes of each model's participant state (weights and both optimizers) as the pool ships
     it (`Participant.snapshot`, pickled), in the order of `models`; measured in a Ray worker,
-    so that the driver measured here never loads torch. Ray returns a state under 100 KiB
-    inline, into the driver's own memory; a larger one goes to the object store."""
+    so that the driver measured here never loads torch."""
     return ray.get(ray.remote(_state_bytes).remote(values))
 
 

@@ -40,3 +40,26 @@ def test_a_pool_actor_that_dies_is_replaced(ray_session, tmp_path):
     longer = {"models": FIVE, "train": {"rounds": 3}, "resources": {"backend": "ray", "actors": 2}}
     resumed = run(tiny_config(**longer), tmp_path / "run", progress=None, resume=True)
     assert {r["round"] for r in resumed.metrics.to_pylist()} == {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_sampled_participants_on_a_pool_match_the_local_loop_through_a_crash(ray_session):
+    """Three participants of one model on each of two actors: transfer learning sends whole
+    bundles (their states come back packed as one object), rounds with half the
+    participants sampled send part of a bundle (each state its own object). A pool actor
+    dies in round 2 and its participants start again from states of both kinds."""
+    settings = {
+        "models": ["cnn2:8,8,0.0"] * 6,
+        "train": {"rounds": 3, "participation": 0.5},
+    }
+    local = run(tiny_config(**settings), progress=None)
+    pooled = run(
+        tiny_config(
+            **settings,
+            resources={"backend": "ray", "actors": 2, "reuse_actors": False},
+            faults=["1:revisit:2:exit", "3:revisit:2:exit", "5:revisit:2:exit"],
+        ),
+        progress=None,
+    )
+    assert numbers(pooled.metrics.to_pylist()) == numbers(local.metrics.to_pylist())
+    assert any(r["note"] and "pool actor 1" in r["note"] for r in pooled.metrics.to_pylist())

@@ -147,38 +147,54 @@ class PoolWorker:
         versions: list[int],
         replay: bool,
         together: bool,
+        pack: bool,
         phase: Phase,
         *args: Any,
     ) -> tuple:
         """One bundle of participants' calls of `phase`: for each, (metrics, payload, new
-        state) in a row. `boxes`: refs to each one's spec, private data and state, in lists
-        so that Ray does not fetch them: they are needed only for a participant this actor
-        does not hold at that version. A participant that fails answers Failed for its
-        metrics (grouped.py); the others' answers stand."""
+        state) in a row; with `pack`, for each (metrics, payload), then all their new states
+        as one object (None for a phase that changes no state). `boxes`: refs to each one's
+        spec, private data and state (its own object, or a packed one and its position
+        there), in lists so that Ray does not fetch them: they are needed only for a
+        participant this actor does not hold at that version. A participant that fails
+        answers Failed for its metrics (grouped.py) and None for its state; the others'
+        answers stand.
+
+        Why pack: a small state (a tiny CNN's, 23 KiB) is under Ray's 100 KiB inline limit,
+        so returned alone it is copied into the driver's own memory, and copied again into
+        the object store by the driver when a later call carries it (at 10 000 participants,
+        most of the driver's heap). Packed, a bundle's states go to the object store as one
+        object. The driver packs whole bundles only: a packed object lives until the last
+        of its members moves on, so with train.participation below 1 a bundle's few sampled
+        members would keep older packs alive (2.5-3x the states, simulated)."""
         from fedmd_ray.grouped import run_bundle
 
         built: dict[int, Any] = {}
         answers: dict[int, Any] = {}
+        fetched: dict[Any, Any] = {}  # members that left the same bundle: one fetch
         for k, (index, boxed, version) in enumerate(zip(indices, boxes, versions)):
             try:
-                built[k] = self._participant(index, boxed, version, replay)
+                built[k] = self._participant(index, boxed, version, replay, fetched)
             except Exception as exc:
                 answers[k] = Failed(exc)
+        fetched.clear()
         answers.update(zip(built, run_bundle(list(built.values()), phase, args, together)))
         out: list[Any] = []
+        states: list[Any] = []
         for k, (index, version) in enumerate(zip(indices, versions)):
             answer = answers[k]
             if isinstance(answer, Failed):
                 self.held.pop(index, None)  # it may have changed part way: rebuilt next time
-                out += [answer, None, None]
-                continue
-            participant = built[k]
-            new_state = participant.snapshot() if phase.mutating else None
-            self._hold(index, version + phase.mutating, participant)
-            out += [*answer, new_state]
-        return tuple(out)
+                answer, state = (answer, None), None
+            else:
+                participant = built[k]
+                state = participant.snapshot() if phase.mutating else None
+                self._hold(index, version + phase.mutating, participant)
+            out += answer if pack else [*answer, state]
+            states.append(state)
+        return (*out, states if phase.mutating else None) if pack else tuple(out)
 
-    def _participant(self, index: int, boxed: list, version: int, replay: bool) -> Any:
+    def _participant(self, index: int, boxed: list, version: int, replay: bool, fetched: dict) -> Any:
         """Participant `index` at state `version`: held here already, or rebuilt."""
         import ray
 
@@ -193,7 +209,14 @@ class PoolWorker:
             # the first call on, so a participant not held costs one fetch, its state.
             self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
         spec, private = self.inputs[index]
-        state = ray.get(state_ref) if state_ref is not None else None
+        state = None
+        if isinstance(state_ref, tuple):  # packed with its bundle's: (ref, position)
+            ref, position = state_ref
+            if ref not in fetched:
+                fetched[ref] = ray.get(ref)
+            state = fetched[ref][position]
+        elif state_ref is not None:
+            state = ray.get(state_ref)
         participant = build_participant(spec, *self.shared, private, self.test)
         participant.report = self.report
         if isinstance(state, dict):

@@ -13,6 +13,7 @@ same things, so the dispatcher never asks which it has:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -180,6 +181,7 @@ class ActorPool:
         """How many state-changing calls of each participant have been kept: a pool actor
         that still holds that version of the participant in memory skips reloading it."""
         self.units = bundles(self.specs, self.size)
+        self.sizes = Counter(self.units)  # members of each bundle
         self.actors = [self.start(k) for k in range(self.size)]
 
     def slot(self, index: int) -> int:
@@ -196,8 +198,10 @@ class ActorPool:
         return cls.remote(*s.public, s.val, s.test, s.sink, self.held_budget)
 
     def send(self, calls: Sequence[Call], replay: bool = False) -> list[tuple[Any, Any]]:
-        """One Ray call for the bundle; each member's metrics, payload and new state come
-        back as objects of their own."""
+        """One Ray call for the bundle; each member's metrics and payload come back as
+        objects of their own, and its new state too unless the bundle is whole: then the
+        members' states come back as one object (PoolWorker.call says why), and each
+        member's state is that object and its position in it."""
         first = calls[0]
         actor = self.actors[self.slot(first.index)]
         boxes = []
@@ -208,19 +212,24 @@ class ActorPool:
             # Spec, private data and state travel as refs inside a list, which Ray does not
             # resolve: the actor fetches them only when it does not hold this version already.
             boxes.append([self.spec_refs[call.index], self.shared.private[call.index], call.state])
-        refs = actor.call.options(num_returns=3 * len(calls)).remote(
+        pack = len(calls) == self.sizes[self.units[first.index]]
+        each = 2 if pack else 3
+        refs = actor.call.options(num_returns=each * len(calls) + int(pack)).remote(
             [c.index for c in calls],
             boxes,
             [c.version for c in calls],
             replay,
             self.together,
+            pack,
             first.phase,
             *first.args,
         )
         out = []
         for j, call in enumerate(calls):
-            call.new_state = refs[3 * j + 2] if call.phase.mutating else None  # else a ref to None
-            out.append((refs[3 * j], refs[3 * j + 1]))
+            call.new_state = None  # a phase that changes no state: its ref holds None
+            if call.phase.mutating:
+                call.new_state = (refs[-1], j) if pack else refs[3 * j + 2]
+            out.append((refs[each * j], refs[each * j + 1]))
         return out
 
     def answered(self, call: Call) -> None:
