@@ -198,6 +198,24 @@ def test_a_failing_participant_stops_the_run_by_name_and_keeps_results(ray_sessi
     assert "Incomplete run" in (out_dir / "summary.md").read_text()
 
 
+@pytest.mark.parametrize("actors", [None, 2])
+def test_a_failure_is_said_once_without_rays_unhandled_error_tracebacks(ray_session, capfd, caplog, actors):
+    """Every participant fails in the same step: the run stops naming the first, and the
+    other failed calls' answers, and the failing call's own scores, are never read. Ray
+    prints any error it holds that nobody read, with the participant's traceback, when its
+    object is freed: the run must have read them."""
+    import gc
+    import time
+
+    faults = [f"{i}:communicate:1" for i in range(3)]
+    config = tiny_config(faults=faults, resources={"backend": "ray", "actors": actors})
+    with pytest.raises(ParticipantError, match="simulated fault in communicate of round 1"):
+        run(config, progress=None)
+    gc.collect()
+    time.sleep(1.5)  # Ray reports an unread error from its own thread once the object is freed
+    assert "Unhandled error" not in capfd.readouterr().err + caplog.text
+
+
 def test_a_dead_actor_is_reported_by_name(ray_session, out_dir):
     config = tiny_config(faults=["2:revisit:1:exit"], resources={"backend": "ray", "max_restarts": 0})
     with pytest.raises(ParticipantError, match="'p02-cnn2' failed during revisit: its actor process died"):

@@ -107,6 +107,8 @@ class Dispatcher:
         self.restarts: dict[int, int] = {}
         self.events: list[Event] = []
         self._drained = 0.0
+        self.unsettled: list[Call] = []
+        """Calls still out when a failure stopped a run of steps: `settle` reads them."""
 
     def run(
         self,
@@ -138,38 +140,42 @@ class Dispatcher:
             queue.push(self._entry(steps, chains, i, 0), chains[i][0])
         pending: dict[Any, Call] = {}  # metrics ref -> the call
         total = sum(len(c) for c in chains.values())
-        while queue or pending:
-            for bundle in queue.take():
-                k = chains[bundle[0][0]][bundle[0][1]]
-                calls = [Call(i, steps[k].phase, steps[k].args_of(i), pos) for i, pos in bundle]
-                self._sent(calls, self.slots.send(calls), pending)
-            if need is not None and self._quorum(done[0], need, deadline_s, start):
-                break
-            timeout = None  # after the deadline: whoever answers next
-            if need is not None and deadline_s is not None:
-                left = deadline_s - (time.perf_counter() - start)
-                timeout = left if left > 0 else None
-            for ref in self._wait(list(pending), timeout):
-                call = pending.pop(ref, None)
-                if call is None:
-                    continue  # its bundle was resent after its actor died: a new ref is out
-                k = chains[call.index][call.pos]
-                try:
-                    answered = self._take(ref, call, pending)
-                except FedMDError as exc:
-                    if not (spare_last and k == len(steps) - 1):
-                        raise
-                    outcome.failure = outcome.failure or exc
+        try:
+            while queue or pending:
+                for bundle in queue.take():
+                    k = chains[bundle[0][0]][bundle[0][1]]
+                    calls = [Call(i, steps[k].phase, steps[k].args_of(i), pos) for i, pos in bundle]
+                    self._sent(calls, self.slots.send(calls), pending)
+                if need is not None and self._quorum(done[0], need, deadline_s, start):
+                    break
+                timeout = None  # after the deadline: whoever answers next
+                if need is not None and deadline_s is not None:
+                    left = deadline_s - (time.perf_counter() - start)
+                    timeout = left if left > 0 else None
+                for ref in self._wait(list(pending), timeout):
+                    call = pending.pop(ref, None)
+                    if call is None:
+                        continue  # its bundle was resent after its actor died: a new ref is out
+                    k = chains[call.index][call.pos]
+                    try:
+                        answered = self._take(ref, call, pending)
+                    except FedMDError as exc:
+                        if not (spare_last and k == len(steps) - 1):
+                            raise
+                        outcome.failure = outcome.failure or exc
+                        queue.free(call)
+                        continue
+                    if not answered:
+                        continue  # its actor died: resent, still pending
                     queue.free(call)
-                    continue
-                if not answered:
-                    continue  # its actor died: resent, still pending
-                queue.free(call)
-                done[k][call.index] = call
-                ends[k] = time.perf_counter()
-                if call.pos + 1 < len(chains[call.index]):
-                    nxt = call.pos + 1
-                    queue.push(self._entry(steps, chains, call.index, nxt), chains[call.index][nxt])
+                    done[k][call.index] = call
+                    ends[k] = time.perf_counter()
+                    if call.pos + 1 < len(chains[call.index]):
+                        nxt = call.pos + 1
+                        queue.push(self._entry(steps, chains, call.index, nxt), chains[call.index][nxt])
+        except BaseException:
+            self.unsettled += pending.values()
+            raise
         self._drain(force=True)
         if need is not None:
             outcome.late = [i for i in steps[0].who if i not in done[0]]
@@ -219,6 +225,7 @@ class Dispatcher:
             self._sent(calls, self._restart(call, calls, describe_ray_error(exc)), pending)
             return False
         except Exception as exc:  # RayTaskError wraps the participant's own exception
+            self._read_quietly(call)
             if isinstance(getattr(exc, "cause", None), FedMDError):
                 # Ours already says what is wrong and how to fix it, as on the local backend.
                 raise exc.cause from None
@@ -234,6 +241,35 @@ class Dispatcher:
         if self.report is not None:
             self.report({"kind": "done", "participant": name, "phase": call.phase})
         return True
+
+    def settle(self, wait_s: float = 10.0) -> None:
+        """After a failure stopped the run and its actors were stopped: read the calls that
+        were still out. Each failed one (another participant failing in the same step, say)
+        holds its error, and Ray prints every error nobody read, with the participant's
+        whole traceback, when its object is freed: after the run said what failed in one
+        line. A call cut short by its actor's end is not printed; one still computing on a
+        kept actor (resources.reuse_actors) is waited for up to `wait_s`."""
+        out = {call.ref: call for call in self.unsettled}
+        self.unsettled = []
+        if not out:
+            return
+        ready, _ = self.ray.wait(list(out), num_returns=len(out), timeout=wait_s)
+        for ref in ready:
+            try:
+                self.ray.get(ref)
+            except Exception:
+                self._read_quietly(out[ref])
+
+    def _read_quietly(self, call: Call) -> None:
+        """Read a failed call's other answers (its scores, its bundle's states), which hold
+        the same error."""
+        state = call.new_state[0] if isinstance(call.new_state, tuple) else call.new_state
+        for ref in (call.payload, state):
+            if ref is not None:
+                try:
+                    self.ray.get(ref, timeout=0)
+                except Exception:
+                    pass
 
     def _restart(self, call: Call, calls: list[Call], error: str) -> list[tuple[Any, Any]]:
         """The actor under `call` died: start a new one, bring it back to where the dead one

@@ -48,7 +48,7 @@ class RayBackend:
         import ray
 
         self.ray = ray
-        self.slots = self.aggregator = self.sink = self.plan = self.shipment = None
+        self.slots = self.aggregator = self.sink = self.plan = self.shipment = self.dispatch = None
         self.mps: dict[str, dict] | None = None
         """MPS on each GPU node (resources.mps="auto"), as mps.start found it."""
         self.reuse = False
@@ -306,6 +306,8 @@ class RayBackend:
     def shutdown(self) -> None:
         if self.slots is not None:
             self.slots.stop()
+        if self.dispatch is not None:
+            self.dispatch.settle()  # after the actors stopped: what they left unread
         for kind, actor in (("consensus", self.aggregator), ("progress", self.sink)):
             if actor is None:
                 continue
