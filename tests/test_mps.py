@@ -83,3 +83,26 @@ def test_a_daemon_that_serves_no_gpu_is_stopped_again(tmp_path, monkeypatch):
     assert status["mps"] == "unavailable" and not status["started"]
     assert "could not run through it" in status["why"]
     assert log.read_text().split() == ["get_server_list", "-d", "quit"]
+
+
+def test_a_daemon_another_run_started_at_the_same_moment_is_used(tmp_path, monkeypatch):
+    """Two runs on one node: both find no daemon, both start one; the second start fails
+    because the first's is up, and that daemon serves both runs' actors."""
+    log = tmp_path / "calls.log"
+    tool = tmp_path / "bin" / mps.CONTROL
+    tool.parent.mkdir()
+    # "-d" fails as NVIDIA's tool does when a daemon runs already; from then on one answers.
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-d" ]; then echo "-d" >> {log}; echo "An instance of this daemon is already running" >&2; exit 1; fi\n'
+        f'read command; echo "$command" >> {log}\n'
+        f'grep -q -- "-d" {log} && exit 0\n'
+        'echo "Cannot find MPS control daemon process" >&2; exit 1\n'
+    )
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
+
+    status = mps._here("start")
+
+    assert status == {"mps": "on", "started": False, "why": "a daemon another run started at the same time"}
+    assert log.read_text().split() == ["get_server_list", "-d", "get_server_list"]

@@ -87,6 +87,10 @@ def _here(action: str) -> dict:
         return {"mps": "on", "started": False, "why": "a daemon was running already"}
     started = control("-d")
     if started.returncode != 0:
+        if control(command="get_server_list\n").returncode == 0:
+            # Another run on this node started one between the two calls: its actors and
+            # ours are its clients alike, and it is that run's to stop.
+            return {"mps": "on", "started": False, "why": "a daemon another run started at the same time"}
         return {"mps": "unavailable", "started": False, "why": f"{CONTROL} -d failed: {_last(started)}"}
     try:
         check = subprocess.run(
