@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,20 +62,29 @@ def test_a_run_on_a_node_without_mps_goes_on_without_it_and_says_why(ray_session
     assert "**NVIDIA MPS** (resources.mps=auto): on for 0 of 1 GPU nodes" in summary or node["mps"] == "on"
 
 
-def test_a_daemon_that_serves_no_gpu_is_stopped_again(tmp_path, monkeypatch):
+def stand_in(tmp_path, monkeypatch, on_start: str, answers: str) -> Path:
+    """A stand-in for NVIDIA's control tool first on PATH; the log of its calls. `-d` runs
+    `on_start`; other commands arrive on stdin, as the real tool takes them, are logged and
+    run `answers` (which ends the script)."""
     log = tmp_path / "calls.log"
     tool = tmp_path / "bin" / mps.CONTROL
     tool.parent.mkdir()
-    # No daemon runs until "-d"; commands arrive on stdin, as NVIDIA's tool takes them.
     tool.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1" = "-d" ]; then echo "-d" >> {log}; exit 0; fi\n'
-        f'read command; echo "$command" >> {log}\n'
-        '[ "$command" = "quit" ] && exit 0\n'
-        'echo "Cannot find MPS control daemon process" >&2; exit 1\n'
+        f'if [ "$1" = "-d" ]; then echo "-d" >> {log}; {on_start}; fi\n'
+        f'read command; echo "$command" >> {log}\n' + answers.replace("LOG", str(log))
     )
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+NO_DAEMON = 'echo "Cannot find MPS control daemon process" >&2; exit 1\n'
+
+
+def test_a_daemon_that_serves_no_gpu_is_stopped_again(tmp_path, monkeypatch):
+    # No daemon answers, before "-d" or after it; "quit" succeeds.
+    log = stand_in(tmp_path, monkeypatch, "exit 0", '[ "$command" = "quit" ] && exit 0\n' + NO_DAEMON)
     if torch.cuda.is_available():
         pytest.skip("a real GPU would pass the check without any daemon")
 
@@ -88,19 +98,9 @@ def test_a_daemon_that_serves_no_gpu_is_stopped_again(tmp_path, monkeypatch):
 def test_a_daemon_another_run_started_at_the_same_moment_is_used(tmp_path, monkeypatch):
     """Two runs on one node: both find no daemon, both start one; the second start fails
     because the first's is up, and that daemon serves both runs' actors."""
-    log = tmp_path / "calls.log"
-    tool = tmp_path / "bin" / mps.CONTROL
-    tool.parent.mkdir()
     # "-d" fails as NVIDIA's tool does when a daemon runs already; from then on one answers.
-    tool.write_text(
-        "#!/bin/sh\n"
-        f'if [ "$1" = "-d" ]; then echo "-d" >> {log}; echo "An instance of this daemon is already running" >&2; exit 1; fi\n'
-        f'read command; echo "$command" >> {log}\n'
-        f'grep -q -- "-d" {log} && exit 0\n'
-        'echo "Cannot find MPS control daemon process" >&2; exit 1\n'
-    )
-    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
+    already = 'echo "An instance of this daemon is already running" >&2; exit 1'
+    log = stand_in(tmp_path, monkeypatch, already, 'grep -q -- "-d" LOG && exit 0\n' + NO_DAEMON)
 
     status = mps._here("start")
 
