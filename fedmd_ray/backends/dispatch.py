@@ -253,7 +253,10 @@ class Dispatcher:
         self.unsettled = []
         if not out:
             return
-        ready, _ = self.ray.wait(list(out), num_returns=len(out), timeout=wait_s)
+        try:
+            ready, _ = self.ray.wait(list(out), num_returns=len(out), timeout=wait_s)
+        except Exception:  # noqa: BLE001 - Ray gone: nothing left to print; never mask the run's error
+            return
         for ref in ready:
             try:
                 self.ray.get(ref)
