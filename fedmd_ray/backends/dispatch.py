@@ -266,13 +266,11 @@ class Dispatcher:
     def _read_quietly(self, call: Call) -> None:
         """Read a failed call's other answers (its scores, its bundle's states), which hold
         the same error."""
-        state = call.new_state[0] if isinstance(call.new_state, tuple) else call.new_state
-        for ref in (call.payload, state):
-            if ref is not None:
-                try:
-                    self.ray.get(ref, timeout=0)
-                except Exception:
-                    pass
+        for ref in call.other_answers():
+            try:
+                self.ray.get(ref, timeout=0)
+            except Exception:
+                pass
 
     def _restart(self, call: Call, calls: list[Call], error: str) -> list[tuple[Any, Any]]:
         """The actor under `call` died: start a new one, bring it back to where the dead one

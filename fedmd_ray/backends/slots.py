@@ -62,6 +62,12 @@ class Call:
         self.version = 0
         self.confirms = False  # queued after a pending snapshot: its answer confirms it
 
+    def other_answers(self) -> list[Any]:
+        """The refs of what this call answered besides its metrics: its payload, and the
+        object its new state is in (its own, or its bundle's: `ActorPool.send`)."""
+        state = self.new_state[0] if isinstance(self.new_state, tuple) else self.new_state
+        return [ref for ref in (self.payload, state) if ref is not None]
+
     def remote(self, actor: Any, num_returns: int, *head: Any) -> Any:
         """Submit this call to `actor`'s `call` method, `head` before its own arguments."""
         return actor.call.options(num_returns=num_returns).remote(*head, self.phase, *self.args)
