@@ -25,6 +25,7 @@ from torch import nn
 from fedmd_ray import sharing
 from fedmd_ray.errors import CheckpointError, ConfigError, FedMDError, ParticipantError
 from fedmd_ray.faults import fire
+from fedmd_ray.heap import keep_freed_memory
 from fedmd_ray.models import build_model, check_model, parameter_count
 from fedmd_ray.phases import Phase
 from fedmd_ray.plugins import BUILTIN_DIGEST_LOSSES, DIGEST_LOSSES, Code
@@ -160,32 +161,6 @@ def digest_loss_function(kind: str, temperature: float, code: Code | None = None
         return loss.reshape(())
 
     return checked
-
-
-_ALLOCATOR_SET = False
-
-
-def keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the
-    kernel. The paper CNNs' activation maps are tens of MiB a batch; above glibc's mmap
-    threshold (at most 32 MiB) each one is a fresh mapping whose pages the kernel zeroes on
-    first touch, then unmaps on free. Measured on one core, inference of cnn2:128,256 on
-    1024 images in chunks of 128: 7.4 s with 2.0 M page faults and 2.8 s of kernel time by
-    default, 4.3 s with 50 k faults and 0.06 s with both thresholds raised; the same peak
-    memory. Once per process; nothing on other C libraries."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
-    _ALLOCATOR_SET = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        pass  # not glibc (macOS, musl): its allocator's defaults stay
 
 
 def holdout_split(

@@ -9,6 +9,7 @@ import pytest
 from fedmd_ray import run
 from fedmd_ray.errors import ConfigError, ConsensusError, ParticipantError, ResourceError
 from fedmd_ray.phases import Phase
+from fedmd_ray.procfs import status_bytes
 from tests.conftest import numbers, tiny_config
 
 PHASES = set(Phase) - {Phase.SETUP, Phase.RESUME}  # every phase a fresh run records
@@ -127,6 +128,73 @@ def test_kept_actors_compute_what_fresh_ones_do(ray_session, tmp_path):
         == numbers(second.metrics.to_pylist())
         == numbers(local.metrics.to_pylist())
     )
+
+
+SCRATCH_MODEL = """
+import torch
+from torch import nn
+
+forwards = [0]
+
+
+class Scratchy(nn.Module):
+    # A linear model whose fifth forward pass (in transfer learning) also fills, then frees,
+    # a 512 MiB scratch tensor: the peak a call leaves behind in the process.
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    def forward(self, x):
+        forwards[0] += 1
+        if forwards[0] == 5:
+            x = x + torch.ones(128 * 2**20)[:1] * 0
+        return self.body(x)
+
+
+def make(image_shape, num_classes):
+    return Scratchy(num_classes)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("turns", [True, False], ids=["taking-turns", "all-at-once"])
+def test_actors_that_take_turns_on_the_cores_give_freed_memory_back(ray_session, tmp_path, turns):
+    """Three actors on two cores take turns (the dispatcher's window): between its calls an
+    actor holds its participant, not the memory its last call freed. Where all compute at
+    once (resources.max_concurrent=3) they keep it for their next call, as the allocator is
+    told to (heap.py): which also shows this test sees the memory it means."""
+    (tmp_path / "scratchy.py").write_text(SCRATCH_MODEL)
+    model = f"{tmp_path / 'scratchy.py'}:make"
+    config = tiny_config(
+        models=[model] * 3,
+        train={"rounds": 1},
+        resources={"backend": "ray", "reuse_actors": False, "max_concurrent": None if turns else 3},
+    )
+    out = tmp_path / "run"
+    held: list[int] = []
+
+    def at_round_end(round_, summary):
+        pids = [d["pid"] for d in json.loads((out / "participants.json").read_text())]
+        held.extend(status_bytes("RssAnon", pid) for pid in pids)
+
+    @ray_session.remote(num_cpus=0)
+    class Bare:  # an actor process with the same imports, and no participant
+        def anon(self):
+            import fedmd_ray.backends.actors  # noqa: F401
+            import fedmd_ray.participant  # noqa: F401
+
+            return status_bytes("RssAnon")
+
+    bare = Bare.remote()
+    base = ray_session.get(bare.anon.remote())
+    ray_session.kill(bare)
+    run(config, out, progress=None, on_round=at_round_end)
+    assert len(held) == 3 and base
+    mib = [round((h - base) / 2**20) for h in held]  # above an actor with no participant
+    if turns:
+        assert max(mib) < 200, mib
+    else:
+        assert min(mib) > 400, mib
 
 
 @pytest.mark.slow

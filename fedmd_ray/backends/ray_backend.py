@@ -119,11 +119,12 @@ class RayBackend:
             private=[ray.put((p.x, p.y)) for p in task.private_parts],
             sink=self.sink,
         )
+        window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
         if pooled:
             self.slots = ActorPool(ray, self.specs, shared, plan, self.tag, together=r.group)
         else:
-            self.slots = DedicatedActors(ray, self.specs, shared, plan, self.tag, self.reuse)
-        window = None if pooled else concurrency_window(config, ray.cluster_resources(), plan.threads)
+            turns = window is not None and window < n  # actors wait for a core between calls
+            self.slots = DedicatedActors(ray, self.specs, shared, plan, self.tag, self.reuse, give_back=turns)
         self.dispatch = Dispatcher(ray, self.slots, self.names, window, r.max_restarts, self.sink, report)
         # The next round's scores go out as each participant's last step of this round, where
         # everyone is waited for (who answers in time must otherwise be seen in its own

@@ -95,9 +95,13 @@ class DedicatedActors:
         placement: Placement,
         tag: str,
         reuse: bool = False,
+        give_back: bool = False,
     ):
         self.ray, self.specs, self.shared, self.placement, self.tag = ray, list(specs), shared, placement, tag
         self.reuse = reuse
+        self.give_back = give_back
+        """The actors take turns on the cores (the dispatcher's window): each hands the
+        memory its call freed back to the system when the call ends (heap.py)."""
         self.journal = RestartJournal(len(self.specs))
         self.actors = [self.start(i) for i in range(len(self.specs))]
 
@@ -113,11 +117,12 @@ class DedicatedActors:
         data = (*s.public, s.val, s.private[slot], s.test)
         kept = KEPT.take(self.ray, "participant", options) if self.reuse and generation == 0 else None
         if kept is not None:
-            kept.adopt.remote(spec, *data, restored=False, sink=s.sink)  # queued before any call
+            # queued before any call
+            kept.adopt.remote(spec, *data, restored=False, sink=s.sink, give_back=self.give_back)
             return kept
         options["name"] = f"fedmd-{self.tag}/{spec.name}" + (f"-r{generation}" if generation else "")
         cls = self.ray.remote(ParticipantActor).options(**options)
-        return cls.remote(spec, *data, restored=generation > 0, sink=s.sink)
+        return cls.remote(spec, *data, restored=generation > 0, sink=s.sink, give_back=self.give_back)
 
     def stop(self) -> None:
         """The run ended: keep the actors for the next one (reuse), or end them."""
