@@ -1,9 +1,11 @@
 """Who takes part in a round: a seeded fraction of participants, and stragglers that miss
 the consensus when the driver stops waiting for them."""
 
+import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray import run
+from fedmd_ray.errors import ParticipantError
 from fedmd_ray.plans import sample_participants
 from tests.conftest import numbers, tiny_config
 
@@ -55,6 +57,31 @@ def test_a_straggler_misses_the_consensus_and_is_recorded_late(ray_session):
     assert (5, "p02-cnn2") not in late
     consensus_bytes = {r["bytes_received"] for r in rows if r["round"] == 2 and r["phase"] == "digest"}
     assert consensus_bytes == {300 * 16 * 4}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("actors", [None, 2], ids=["own-actors", "pool"])
+def test_a_straggler_that_then_fails_stops_the_run_by_name(ray_session, tmp_path, capfd, actors):
+    """p01 is late for round 1's consensus, then raises: the run goes on without it, and
+    stops with its name and phase once the failure comes in (not silently, and without Ray's
+    "Unhandled error" tracebacks); what was recorded before stays written."""
+    config = tiny_config(
+        resources={"backend": "ray", "quorum": 0.5, "deadline_s": 0.5, "actors": actors},
+        train={"rounds": 3},
+        faults=["1:communicate:1:sleep3", "1:communicate:1"],
+    )
+    out = tmp_path / "run"
+    with pytest.raises(ParticipantError) as info:
+        run(config, out, progress=None)
+    assert "Participant 'p01-cnn3' failed during communicate" in str(info.value)
+    assert "simulated fault in communicate of round 1" in str(info.value)
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert {r["participant"] for r in rows if r["phase"] == "transfer"} == {
+        "p00-cnn2",
+        "p01-cnn3",
+        "p02-cnn2",
+    }
+    assert "Unhandled error" not in capfd.readouterr().err
 
 
 @pytest.mark.slow

@@ -110,6 +110,8 @@ class Dispatcher:
         self._drained = 0.0
         self.unsettled: list[Call] = []
         """Calls still out when a failure stopped a run of steps: `settle` reads them."""
+        self.late: list[Call] = []
+        """Calls a quorum went on without (late participants' scores), until they answer."""
 
     def run(
         self,
@@ -136,6 +138,7 @@ class Dispatcher:
         def unit(i: int, k: int) -> Any:  # a step whose arguments differ by participant: one each
             return ("own", i) if callable(steps[k].args) else self.slots.unit(i)
 
+        self._check_late()
         queue = _Queue(self.slots, self.window, unit, steps)
         for i in chains:
             queue.push(self._entry(steps, chains, i, 0), chains[i][0])
@@ -180,6 +183,8 @@ class Dispatcher:
         self._drain(force=True)
         if need is not None:
             outcome.late = [i for i in steps[0].who if i not in done[0]]
+            self.late += pending.values()
+        self._check_late()
         outcome.walls = [max(0.0, end - max([start, *ends[:k]])) for k, end in enumerate(ends)]
         if total >= TRIM_AFTER_CALLS:
             # A phase of thousands of calls leaves Ray's per-call buffers freed but mapped: at
@@ -229,14 +234,9 @@ class Dispatcher:
             return False
         except Exception as exc:  # RayTaskError wraps the participant's own exception
             self._read_quietly(call)
-            if isinstance(getattr(exc, "cause", None), FedMDError):
-                # Ours already says what is wrong and how to fix it, as on the local backend.
-                raise exc.cause from None
-            raise ParticipantError(name, call.phase, describe_ray_error(exc)) from None
+            raise self._failure(call, exc) from None
         if isinstance(call.metrics, Failed):  # one member of a pool's bundle
-            if call.metrics.error is not None:
-                raise call.metrics.error
-            raise ParticipantError(name, call.phase, call.metrics.text)
+            raise self._failure(call, call.metrics)
         metrics_only(call.metrics, name, call.phase)
         if call.metrics.get("seconds") is not None:
             self.costs.record(call.phase, call.index, call.metrics["seconds"])
@@ -245,15 +245,51 @@ class Dispatcher:
             self.report({"kind": "done", "participant": name, "phase": call.phase})
         return True
 
+    def _failure(self, call: Call, error: Exception | Failed) -> FedMDError:
+        """What a call that raised says: ours already says what is wrong and how to fix it,
+        as on the local backend; anything else is named by its participant and phase."""
+        cause = error.error if isinstance(error, Failed) else getattr(error, "cause", None)
+        if isinstance(cause, FedMDError):
+            return cause
+        text = error.text if isinstance(error, Failed) else describe_ray_error(error)
+        return ParticipantError(self.names[call.index], call.phase, text)
+
+    def _check_late(self) -> None:
+        """Late calls that answered since: one that raised stops the run by its
+        participant's name, as it would have in time (Ray would otherwise print its error
+        when the object is freed, and nobody else would say it). One whose actor died is
+        left to that participant's next call, which brings the actor back (restarts.py).
+        A participant's next call runs after its late one on the same actor, so a failure is
+        seen by the end of the run of steps it takes part in next."""
+        if not self.late:
+            return
+        out = {call.ref: call for call in self.late}
+        ready, _ = self.ray.wait(list(out), num_returns=len(out), timeout=0)
+        for ref in ready:
+            call = out.pop(ref)
+            try:
+                metrics = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                self._read_quietly(call)
+                continue
+            except Exception as exc:
+                self._read_quietly(call)
+                self.late = list(out.values())
+                raise self._failure(call, exc) from None
+            if isinstance(metrics, Failed):
+                self.late = list(out.values())
+                raise self._failure(call, metrics)
+        self.late = list(out.values())
+
     def settle(self, wait_s: float = 10.0) -> None:
-        """After a failure stopped the run and its actors were stopped: read the calls that
-        were still out. Each failed one (another participant failing in the same step, say)
-        holds its error, and Ray prints every error nobody read, with the participant's
-        whole traceback, when its object is freed: after the run said what failed in one
-        line. A call cut short by its actor's end is not printed; one still computing on a
+        """After the actors were stopped: read the calls that were still out (a failure
+        stopped the run, or a quorum went on without them). Each failed one (another
+        participant failing in the same step, say) holds its error, and Ray prints every
+        error nobody read, with the participant's whole traceback, when its object is
+        freed: after the run said what failed in one line. A call cut short by its actor's end is not printed; one still computing on a
         kept actor (resources.reuse_actors) is waited for up to `wait_s`."""
-        out = {call.ref: call for call in self.unsettled}
-        self.unsettled = []
+        out = {call.ref: call for call in self.unsettled + self.late}
+        self.unsettled, self.late = [], []
         if not out:
             return
         try:
