@@ -41,8 +41,8 @@ def give_back_freed_memory() -> None:
     (a participant's actor waiting for its turn on a core) would otherwise hold its last
     call's peak: ten paper CNNs on ten actors of a 2-core, 24 GiB machine took 20 GiB of
     memory in all, until Ray's memory monitor stopped the run; given back after their
-    calls, 10 GiB, and the run finished (docs/PERFORMANCE.md). The driver gives back what thousands of calls'
-    bookkeeping left (dispatch.py)."""
+    calls, 10 GiB, and the run finished (docs/PERFORMANCE.md). The driver gives back what
+    thousands of calls' bookkeeping left (dispatch.py)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)

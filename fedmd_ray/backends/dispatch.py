@@ -286,8 +286,9 @@ class Dispatcher:
         stopped the run, or a quorum went on without them). Each failed one (another
         participant failing in the same step, say) holds its error, and Ray prints every
         error nobody read, with the participant's whole traceback, when its object is
-        freed: after the run said what failed in one line. A call cut short by its actor's end is not printed; one still computing on a
-        kept actor (resources.reuse_actors) is waited for up to `wait_s`."""
+        freed: after the run said what failed in one line. A call cut short by its actor's
+        end is not printed; one still computing on a kept actor (resources.reuse_actors) is
+        waited for up to `wait_s`."""
         out = {call.ref: call for call in self.unsettled + self.late}
         self.unsettled, self.late = [], []
         if not out:
