@@ -5,10 +5,12 @@ computes, handed back to the system once the call is over. Nothing on other C li
 from __future__ import annotations
 
 import ctypes
+import functools
 
 _KEEPING = False
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6")

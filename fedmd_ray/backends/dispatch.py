@@ -265,21 +265,21 @@ class Dispatcher:
             return
         out = {call.ref: call for call in self.late}
         ready, _ = self.ray.wait(list(out), num_returns=len(out), timeout=0)
-        for ref in ready:
-            call = out.pop(ref)
-            try:
-                metrics = self.ray.get(ref)
-            except self.ray.exceptions.RayActorError:
-                self._read_quietly(call)
-                continue
-            except Exception as exc:
-                self._read_quietly(call)
-                self.late = list(out.values())
-                raise self._failure(call, exc) from None
-            if isinstance(metrics, Failed):
-                self.late = list(out.values())
-                raise self._failure(call, metrics)
-        self.late = list(out.values())
+        try:
+            for ref in ready:
+                call = out.pop(ref)
+                try:
+                    metrics = self.ray.get(ref)
+                except self.ray.exceptions.RayActorError:
+                    self._read_quietly(call)
+                    continue
+                except Exception as exc:
+                    self._read_quietly(call)
+                    raise self._failure(call, exc) from None
+                if isinstance(metrics, Failed):
+                    raise self._failure(call, metrics)
+        finally:
+            self.late = list(out.values())  # unread ones too, if one failed: `settle` reads them
 
     def settle(self, wait_s: float = 10.0) -> None:
         """After the actors were stopped: read the calls that were still out (a failure
