@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from fedmd_ray.config import Config, flatten, model_share
@@ -110,9 +111,29 @@ def write(storage: Storage, round_: int, identity_: dict[str, Any], participants
             storage.delete(FOLDER, old)
 
 
-def read(storage: Storage, identity_: dict[str, Any], names: list[str]) -> tuple[int, str, dict[str, dict]]:
-    """(round, its folder inside the storage, participant entries) of the run in `storage`,
-    checked against this run's `identity_`."""
+@dataclass(frozen=True)
+class Saved:
+    """A run's last checkpoint as its manifest describes it."""
+
+    round: int
+    folder: str
+    """Its folder inside the run's storage."""
+    entries: dict[str, dict]
+    """Per participant: its state file and checksum."""
+    fingerprint: str | None
+    identity: dict[str, Any]
+    """The settings it was written under (identity())."""
+
+    @property
+    def threads(self) -> int | None:
+        """The threads each participant computed on."""
+        return self.identity.get("threads per participant")
+
+
+def saved(storage: Storage) -> Saved:
+    """The last checkpoint of the run in `storage`, refused when missing, damaged or of
+    another version. Reads only the manifest, so a resume that cannot work stops before
+    any participant starts."""
     where = storage.location(FOLDER, MANIFEST)
     if not storage.exists(FOLDER, MANIFEST):
         raise CheckpointError(
@@ -123,6 +144,9 @@ def read(storage: Storage, identity_: dict[str, Any], names: list[str]) -> tuple
         manifest = json.loads(storage.read_text(FOLDER, MANIFEST))
         round_, entries, directory = int(manifest["round"]), manifest["participants"], manifest["directory"]
         files = {name: entry["file"] for name, entry in entries.items()}
+        identity_ = manifest.get("identity", {})
+        if not isinstance(identity_, dict):
+            raise TypeError(f"its identity is a {type(identity_).__name__}")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"The checkpoint manifest {where} is damaged ({exc}); start the run afresh."
@@ -141,8 +165,14 @@ def read(storage: Storage, identity_: dict[str, Any], names: list[str]) -> tuple
             f"The checkpoint in {storage} was written by another version of fedmd_ray (format "
             f"{manifest.get('format', 1)}; this one reads format {FORMAT}); start the run afresh."
         )
-    if manifest.get("fingerprint") != fingerprint(identity_):
-        theirs = manifest.get("identity", {})
+    return Saved(round_, f"{FOLDER}/{directory}", entries, manifest.get("fingerprint"), identity_)
+
+
+def check(storage: Storage, saved_: Saved, identity_: dict[str, Any], names: list[str]) -> None:
+    """Refuse to continue `saved_` under settings that change the numbers (this run's
+    `identity_`) or without a state for each of `names`."""
+    if saved_.fingerprint != fingerprint(identity_):
+        theirs = saved_.identity
         changed = sorted(k for k in set(identity_) | set(theirs) if identity_.get(k) != theirs.get(k))
         shown = ", ".join(f"{k} ({theirs.get(k)!r} -> {identity_.get(k)!r})" for k in changed[:5])
         raise CheckpointError(
@@ -150,9 +180,8 @@ def read(storage: Storage, identity_: dict[str, Any], names: list[str]) -> tuple
             f"{shown or 'unknown'}. Resume with the original settings and code (only {', '.join(FREE_KEYS)} "
             "may change; pin resources.torch_threads to resume on a machine of another size), or start afresh."
         )
-    missing = [n for n in names if n not in entries]
+    missing = [n for n in names if n not in saved_.entries]
     if missing:
         raise CheckpointError(
             f"The checkpoint in {storage} has no state for {missing}; start the run afresh."
         )
-    return round_, f"{FOLDER}/{directory}", entries

@@ -55,7 +55,8 @@ def run(
     report: Callable[[dict], None] | None = None,
 ) -> RunResult:
     """Run one FedMD simulation; write results to `out_dir` as it goes (when given). With
-    `resume`, continue the run in `out_dir` from its last checkpoint. `progress` takes
+    `resume`, continue the run in `out_dir` from its last checkpoint (one that had finished
+    is not run again: its results are written anew from its metrics). `progress` takes
     summary lines; `report` takes progress events as they happen (see `progress.py`).
     `on_round(round, summary)` is called after each round with the per-participant summary
     so far. `out_dir` is a local folder or a URI (s3://, gs://, ...: storage.py). A run
@@ -67,6 +68,14 @@ def run(
     storage = Storage(out_dir) if out_dir is not None else None
     if storage is not None and not resume:
         storage.check_writable()
+    # A resume that cannot work says so before any participant starts.
+    saved = checkpoint.saved(storage) if storage is not None and resume else None
+    if saved is not None and saved.round > config.train.rounds:
+        raise ConfigError(
+            f"The run in {storage} has already run {saved.round} rounds; train.rounds="
+            f"{config.train.rounds} would end it before its last checkpoint. Resume with "
+            f"--set train.rounds=N for N of at least {saved.round}, or start a new run."
+        )
     say = progress or (lambda _line: None)
     t = config.train
     task = task or build_task(config)
@@ -83,6 +92,8 @@ def run(
     )
     consensus_of = consensus_plan(config, task)
     check_consensus(consensus_of, len(specs), task.num_classes)
+    if saved is not None and saved.round == t.rounds:
+        return _finished(config, storage, task, names, saved, plans, say)
     saving = storage is not None and config.checkpoint_every > 0
     say(f"starting {len(specs)} participants on the '{config.resources.backend}' backend ...")
     backend = make_backend(config, task, specs, report)
@@ -96,12 +107,14 @@ def run(
             f"{len(task.public_train)} public samples, {task.num_classes} classes"
         )
         identity = checkpoint.identity(config, backend.threads)
-        if resume:
-            done, folder, entries = checkpoint.read(storage, identity, names)
-            backend.restore(storage, folder, entries)
+        if saved is not None:
+            checkpoint.check(storage, saved, identity, names)
+            backend.restore(storage, saved.folder, saved.entries)
+            done = saved.round
             recorder.resume(done)
+            recorder.privacy_spent(_epsilons(config, plans.releases(done)))
             backend.end_round(done)
-            say(f"resumed after round {done} from {folder}")
+            say(f"resumed after round {done} from {saved.folder}")
         else:
             done = 0
             # Transfer learning: public data, then private data. This is the lower bound.
@@ -153,6 +166,32 @@ def run(
     finally:
         backend.shutdown()
     return RunResult(str(storage) if storage else None, recorder.summary(), recorder.table())
+
+
+def _finished(
+    config: Config,
+    storage: Storage,
+    task: Task,
+    names: list[str],
+    saved: checkpoint.Saved,
+    plans: RoundPlans,
+    say: Callable[[str], None],
+) -> RunResult:
+    """Resuming a run whose last checkpoint is its last round: nothing is computed and no
+    participant starts; its summary, figure and result come from its metrics again (whole
+    even if the run was stopped while writing them). Settings that change the numbers are
+    refused as for any resume; the threads are the checkpoint's, as nothing runs."""
+    checkpoint.check(storage, saved, checkpoint.identity(config, saved.threads), names)
+    recorder = Recorder(storage, config, task, say, track=False)
+    recorder.reopen()
+    recorder.resume(saved.round)
+    recorder.privacy_spent(_epsilons(config, plans.releases(saved.round)))
+    say(
+        f"the run in {storage} had already finished its {saved.round} rounds; nothing to run "
+        "(--set train.rounds=N resumes it for more)"
+    )
+    recorder.finish(complete=True)
+    return RunResult(str(storage), recorder.summary(), recorder.table())
 
 
 def _end_round(

@@ -73,7 +73,9 @@ class Recorder:
     summary needs stay in memory (per participant: bounds, accuracy per round, bytes), so
     ten thousand participants fit."""
 
-    def __init__(self, storage: Storage | None, config: Config, task, say: Callable[[str], None]):
+    def __init__(
+        self, storage: Storage | None, config: Config, task, say: Callable[[str], None], track: bool = True
+    ):
         self.storage = storage
         self.config = config
         self.say = say
@@ -93,7 +95,9 @@ class Recorder:
             self.storage.makedirs()
             self._write_json("config.json", config.to_dict())
             self._write_json("partition.json", task.partition_report)
-        self.trackers = open_trackers(config.log, self.storage, config.to_dict(), config.name)
+        self.trackers = (
+            open_trackers(config.log, self.storage, config.to_dict(), config.name) if track else []
+        )
 
     def _clear(self) -> None:
         self.lower: dict[str, float] = {}
@@ -135,6 +139,32 @@ class Recorder:
             self._write_json("participants.json", info)
             if placement is not None:
                 self._write_json("placement.json", placement)
+
+    def reopen(self) -> None:
+        """Take back what the run wrote of its participants and placement (a run resumed
+        with nothing left to compute starts none)."""
+        info, placement = self._read_json("participants.json"), self._read_json("placement.json")
+        if isinstance(info, list) and all(isinstance(d, dict) for d in info):
+            self.info = info
+            self.models.update(
+                {d["participant"]: d.get("model") for d in info if d.get("participant") in self.models}
+            )
+        if isinstance(placement, dict):
+            self.mps = placement.get("mps")
+
+    def _read_json(self, name: str) -> Any:
+        """A JSON file of the run (None when absent or unreadable: it only adds detail)."""
+        if self.storage is None or not self.storage.exists(name):
+            return None
+        try:
+            return json.loads(self.storage.read_text(name))
+        except ValueError:
+            return None
+
+    def privacy_spent(self, epsilons: list[float | None] | None) -> None:
+        """Differential privacy: each participant's epsilon so far (None: privacy is off)."""
+        if epsilons is not None:
+            self.epsilons = dict(zip(self.names, epsilons))
 
     def _row(self, round_: int, participant: str, phase: str, **values: Any) -> None:
         row = dict.fromkeys(SCHEMA.names)
@@ -212,8 +242,8 @@ class Recorder:
         round_ = scores.plan.round
         self.phase(round_, Phase.COMMUNICATE, scores.metrics, scores.wall_seconds, scores.answered)
         epsilon = None
+        self.privacy_spent(epsilons)
         if epsilons is not None:
-            self.epsilons = dict(zip(self.names, epsilons))
             epsilon = max(e for e in epsilons if e is not None)
         self.timing(round_, Phase.COMMUNICATE, scores.wall_seconds, epsilon=epsilon)
         chosen = set(scores.plan.chosen)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray import run
-from fedmd_ray.errors import CheckpointError, ParticipantError
+from fedmd_ray.errors import CheckpointError, ConfigError, ParticipantError
 from fedmd_ray.results import Recorder
 from fedmd_ray.storage import Storage
 from tests.conftest import LOCAL_RAY, numbers, tiny_config
@@ -161,6 +161,33 @@ def test_a_resume_can_add_rounds(tmp_path):
     longer = run(tiny_config(train={"rounds": 3}), out, progress=None, resume=True)
     whole = run(tiny_config(train={"rounds": 3}), progress=None)
     assert numbers(longer.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
+
+
+def test_resuming_a_finished_run_starts_nothing_and_a_shorter_one_is_refused(tmp_path, monkeypatch):
+    """A finished run resumed (a scheduler's retry of a job killed as it exited) computes
+    nothing and starts no participant: its results are written again from its metrics,
+    per-participant privacy spent included. One resumed with fewer rounds than it ran is
+    refused before any work: it cannot be taken back."""
+    from fedmd_ray import fedmd
+
+    dp = {"clip": 1.0, "noise_multiplier": 1.0}
+    out = tmp_path / "run"
+    whole = run(tiny_config(sharing=dp), out, progress=None)
+    written = (out / "summary.md").read_text()
+    (out / "summary.md").unlink()  # as if stopped while writing its results
+    monkeypatch.setattr(fedmd, "make_backend", lambda *a, **k: pytest.fail("a participant was started"))
+    said = []
+    again = run(tiny_config(sharing=dp), out, progress=said.append, resume=True)
+    assert any("had already finished its 2 rounds; nothing to run" in line for line in said)
+    assert (out / "summary.md").read_text() == written
+    assert [r.to_dict() for r in again.summary] == [r.to_dict() for r in whole.summary]
+    assert all(r.epsilon is not None and r.parameters for r in again.summary)
+    assert numbers(again.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
+    with pytest.raises(ConfigError, match=r"has already run 2 rounds; train.rounds=1 would end it"):
+        run(tiny_config(sharing=dp, train={"rounds": 1}), out, progress=None, resume=True)
+    with pytest.raises(CheckpointError, match=r"train.lr \(0.001 -> 0.01\)"):
+        run(tiny_config(sharing=dp, train={"lr": 0.01}), out, progress=None, resume=True)
+    assert numbers(pq.read_table(out / "metrics.parquet").to_pylist()) == numbers(whole.metrics.to_pylist())
 
 
 def test_mismatched_damaged_missing_or_old_checkpoints_are_refused(tmp_path):
