@@ -53,10 +53,10 @@ def _flags(data_dir: str | None, download: bool, backend: str | None, address: s
 def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, str]:
     """The config a run in `--resume DIR` (a folder or a URI) was started with, with
     --set/flags on top."""
-    if args.preset or args.config or args.scale or args.out:
+    if args.preset or args.config or args.scale or args.out or args.overwrite:
         raise config_lib.ConfigError(
             "--resume DIR continues that run with its own config.json; drop --preset/--config/"
-            "--scale/--out (change settings with --set, e.g. --set train.rounds=30)."
+            "--scale/--out/--overwrite (change settings with --set, e.g. --set train.rounds=30)."
         )
     storage = Storage(args.resume)
     if not storage.exists("config.json"):
@@ -87,6 +87,8 @@ def _run(args: argparse.Namespace) -> int:
             args.scale,
         )
         out = args.out or str(Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not args.overwrite:
+            _keep_earlier_results(out)
     from fedmd_ray.progress import Progress
 
     _stop_on_sigterm()
@@ -111,6 +113,33 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(Storage(out).read_text("summary.md"))
     return 0
+
+
+def _keep_earlier_results(out: str) -> None:
+    """Refuse to run where an earlier run's results are (rounds or a checkpoint): a new run
+    would replace them. A folder with only an earlier start's files (stopped before its
+    first round) holds nothing to lose."""
+    storage = Storage(out)
+    try:
+        held = storage.exists("metrics.parquet") or storage.exists("checkpoint", "latest.json")
+    except OSError:
+        return  # an unreachable place is check_writable's to explain
+    if not held:
+        return
+    try:
+        earlier = json.loads(storage.read_text("config.json")).get("name", "?")
+    except (OSError, ValueError, AttributeError):
+        earlier = "?"
+    try:
+        finished = json.loads(storage.read_text("summary.json")).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    how = "finished" if finished else "stopped part way"
+    resume = "" if finished else f"continue it with `fedmd-ray run --resume {out}`, "
+    raise config_lib.ConfigError(
+        f"--out {out} holds the results of an earlier run ('{earlier}', {how}); {resume}choose "
+        "another --out, or add --overwrite to replace them."
+    )
 
 
 def _results_in(out: str) -> str | None:
@@ -202,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one key, e.g. train.rounds=5 or resources.num_gpus=0.1",
     )
     run_p.add_argument("--out", help="results folder (default runs/NAME-TIMESTAMP)")
+    run_p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --out"
+    )
     run_p.add_argument("--data-dir", help="datasets in torchvision's layouts (or FEDMD_DATA_DIR)")
     run_p.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     run_p.add_argument("--backend", choices=config_lib.BACKENDS, help="ray (default) or local")

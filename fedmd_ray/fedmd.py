@@ -59,7 +59,8 @@ def run(
     is not run again: its results are written anew from its metrics). `progress` takes
     summary lines; `report` takes progress events as they happen (see `progress.py`).
     `on_round(round, summary)` is called after each round with the per-participant summary
-    so far. `out_dir` is a local folder or a URI (s3://, gs://, ...: storage.py). A run
+    so far. `out_dir` is a local folder or a URI (s3://, gs://, ...: storage.py); a new run
+    there replaces an earlier one's results (results.OUTPUTS), as it starts. A run
     refused before any work (bad data, too few resources, a model, consensus or digest loss
     that cannot work) leaves no results folder behind."""
     check(config)
@@ -100,7 +101,7 @@ def run(
     recorder: Recorder | None = None
     try:
         described = backend.describe()
-        recorder = Recorder(storage, config, task, say)
+        recorder = Recorder(storage, config, task, say, replace=saved is None)
         recorder.participants(described, backend.placement)
         say(
             f"{len(specs)} participants ready on the '{backend.name}' backend; "

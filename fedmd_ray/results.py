@@ -48,6 +48,20 @@ SCHEMA = pa.schema(
     ]
 )
 METRICS = "metrics.parquet"
+OUTPUTS = (
+    METRICS,
+    "checkpoint",  # checkpoint.FOLDER
+    "tensorboard",
+    "summary.md",
+    "summary.json",
+    "accuracy.png",
+    "config.json",
+    "partition.json",
+    "participants.json",
+    "placement.json",
+)
+"""What a run writes in its folder. A new run there replaces exactly these: an earlier
+run's rounds must not mix with its own, and a user's other files stay."""
 SAFEGUARD_NOTE = "kept its model from before the round (safeguard)"
 
 __all__ = ["ALL", "SCHEMA", "Recorder", "is_result", "phase_walls", "seconds_per_round"]
@@ -74,8 +88,16 @@ class Recorder:
     ten thousand participants fit."""
 
     def __init__(
-        self, storage: Storage | None, config: Config, task, say: Callable[[str], None], track: bool = True
+        self,
+        storage: Storage | None,
+        config: Config,
+        task,
+        say: Callable[[str], None],
+        track: bool = True,
+        replace: bool = False,
     ):
+        """With `replace`, an earlier run's results in the folder are removed first (a new
+        run, not a resume)."""
         self.storage = storage
         self.config = config
         self.say = say
@@ -92,6 +114,9 @@ class Recorder:
         self._clear()
         self.complete = False
         if self.storage is not None:
+            if replace:
+                for name in OUTPUTS:
+                    self.storage.delete(name)
             self.storage.makedirs()
             self._write_json("config.json", config.to_dict())
             self._write_json("partition.json", task.partition_report)

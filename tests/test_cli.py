@@ -114,6 +114,27 @@ def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
     assert "not a fedmd-ray run directory" in capsys.readouterr().err
 
 
+def test_a_new_run_does_not_replace_an_earlier_ones_results_unless_told(tmp_path, capsys):
+    """`--out` that holds an earlier run's rounds is refused, and the earlier results stay;
+    with --overwrite the folder holds the new run only (no earlier round mixed into its
+    metrics, no earlier checkpoint to resume)."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "r"
+    quick = [*QUICK, "--backend", "local", "--quiet"]
+    assert main(["run", "--out", str(out), "--set", "train.rounds=3", *quick]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["run", "--out", str(out), "--set", "train.rounds=1", *quick]) == 1
+    err = capsys.readouterr().err
+    assert "holds the results of an earlier run ('smoke', finished)" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(["run", "--out", str(out), "--set", "train.rounds=1", "--overwrite", *quick]) == 0
+    assert sorted(set(pq.read_table(out / "metrics.parquet").column("round").to_pylist())) == [0, 1]
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["latest.json", "round-0001"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_tune_refuses_a_bad_search_file_clearly(tmp_path, capsys):
     spec = tmp_path / "search.json"
     spec.write_text(json.dumps({"preset": "smoke", "search": {"train.round": {"choice": [1, 2]}}}))
