@@ -142,16 +142,19 @@ def _keep_earlier_results(out: str) -> None:
     )
 
 
-def _results_in(out: str) -> str | None:
-    """The config.json of results in `out` (None: no results there)."""
+def _results_in(out: str) -> tuple | None:
+    """Which results are in `out`: its config.json's contents and time written (None: no
+    results there). A rerun of the same config with --overwrite writes the same contents."""
     try:
         storage = Storage(out)
-        return storage.read_text("config.json") if storage.exists("config.json") else None
+        if not storage.exists("config.json"):
+            return None
+        return storage.read_text("config.json"), storage.fs.get_file_info(storage.path("config.json")).mtime
     except (FedMDError, OSError):
         return None
 
 
-def _kept(out: str, earlier: str | None, resumable: bool = False) -> str:
+def _kept(out: str, earlier: tuple | None, resumable: bool = False) -> str:
     if _results_in(out) in (None, earlier) and not resumable:
         return "nothing was written."
     if _results_in(out) is None:
