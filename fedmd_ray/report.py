@@ -155,8 +155,10 @@ def render_summary(
     epsilon: float | None = None,
     together: tuple[int, int] | list[int] | None = None,
     mps: dict | str | None = None,
+    chance: float | None = None,
 ) -> str:
-    """The paper's comparison as a Markdown table, with what each participant moved."""
+    """The paper's comparison as a Markdown table, with what each participant moved; with
+    `chance` (1 / the private task's classes), who ended no better than guessing."""
 
     def pct(x: float) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -224,6 +226,7 @@ def render_summary(
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     m = mean_row(summary)
+    guessing = no_better_than_chance(summary, chance)
     if len(summary) > MANY:
         lines += _distribution_rows(summary, pct)
         summary = []  # one row per participant is in summary.json, not here
@@ -241,7 +244,27 @@ def render_summary(
         f"{pct(m['fedmd_best'])} | {pct(m['upper_bound'])} | **{100 * m['gain']:+.1f}** | "
         f"{_kib(m['bytes_per_round'])} | {_kib(m['fedavg_bytes_per_round'])} |"
     )
+    if guessing:
+        lines += ["", f"**No better than chance**: {guessing_text(guessing, chance)}"]
     return "\n".join(lines) + "\n"
+
+
+def no_better_than_chance(summary: list[SummaryRow], chance: float | None) -> list[str]:
+    """Honest participants whose model ended the run at or below `chance` accuracy."""
+    if chance is None:
+        return []
+    return [r.participant for r in summary if not r.adversary and r.fedmd_final <= chance + 1e-9]
+
+
+def guessing_text(names: list[str], chance: float | None) -> str:
+    """Why a model no better than chance matters, and where to look (summary and progress)."""
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return (
+        f"{shown}: {100 * (chance or 0):.1f} % or less on the private task, no better than guessing "
+        f"among its {round(1 / chance) if chance else '?'} classes: their training did not take. "
+        "Too few epochs or samples for the model, or a learning rate that made it diverge "
+        "(train.lr, train.digest_lr): their losses in metrics.parquet tell which."
+    )
 
 
 def accuracy_curves(table: pa.Table, summary: list[SummaryRow]) -> dict[str, dict[int, float]]:

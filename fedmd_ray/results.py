@@ -22,6 +22,7 @@ from fedmd_ray.report import (
     ALL,
     SummaryRow,
     describe_accuracy,
+    guessing_text,
     is_result,
     mean_row,
     plot_accuracy,
@@ -109,6 +110,9 @@ class Recorder:
         self.models = {r["participant"]: None for r in task.partition_report}
         self.names = list(self.models)
         self.info: list[dict] = []
+        classes = len(np.unique(task.private_test.y))
+        self.chance = 1.0 / classes if classes else None
+        """Accuracy on the private task of a model that guesses."""
         self.epsilons: dict[str, float | None] = {}
         """Differential privacy: epsilon each participant has spent (its own releases)."""
         self._clear()
@@ -258,6 +262,17 @@ class Recorder:
         if phase in (Phase.TRANSFER, Phase.UPPER_BOUND):
             label = "lower bound (transfer learning)" if phase == Phase.TRANSFER else "upper bound (pooled)"
             self.say(f"{label}: {describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]")
+            if phase == Phase.TRANSFER:
+                adversaries = {self.names[i] for i in self.config.sharing.adversaries}
+                guessing = [
+                    name
+                    for name, r in zip(chosen, results)
+                    if name not in adversaries
+                    and self.chance is not None
+                    and r["accuracy"] <= self.chance + 1e-9
+                ]
+                if guessing:
+                    self.say(f"warning: {guessing_text(guessing, self.chance)}")
             self.flush()
 
     def scores(self, scores: Scores, epsilons: list[float | None] | None = None) -> None:
@@ -426,7 +441,8 @@ class Recorder:
             },
         )
         text = (
-            render_summary(summary, self.config, complete, epsilon, self.together, self.mps) + self._events()
+            render_summary(summary, self.config, complete, epsilon, self.together, self.mps, self.chance)
+            + self._events()
         )
         self.storage.write_text("summary.md", text)
         try:

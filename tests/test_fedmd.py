@@ -300,6 +300,32 @@ def test_diverged_scores_are_refused_with_the_participant_named(ray_session, bac
         run(config, progress=None)
 
 
+def test_models_no_better_than_guessing_are_pointed_out(out_dir):
+    """Who ends transfer learning, or the run, at or below chance on the private task is
+    named as it happens and in summary.md, and nobody else: a learning rate that wrecks
+    training without overflowing (finite, huge losses) names everyone; the tiny config's
+    small cnn3, trained too briefly, names it alone."""
+    said = []
+    run(tiny_config(train={"lr": 1e6, "rounds": 1}), out_dir, progress=said.append)
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert (
+        len(warnings) == 1
+        and "p00-cnn2, p01-cnn3, p02-cnn2: 16.7 % or less on the private task" in warnings[0]
+    )
+    assert "train.lr" in warnings[0]
+    said.clear()
+    result = run(tiny_config(train={"rounds": 1}), out_dir, progress=said.append)
+    chance = 1 / 6
+    lower = [r.participant for r in result.summary if r.lower_bound <= chance]
+    final = [r.participant for r in result.summary if r.fedmd_final <= chance]
+    assert lower and len(lower) < len(result.summary)  # some named, some not
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {', '.join(lower)}: 16.7 % or less")
+    summary = (out_dir / "summary.md").read_text()
+    line = next(line for line in summary.splitlines() if line.startswith("**No better than chance**"))
+    assert line.startswith(f"**No better than chance**: {', '.join(final)}: 16.7 % or less")
+
+
 def test_round_plans_are_fresh_each_round_and_depend_on_nothing_else():
     from fedmd_ray.plans import RoundPlans, public_subset
 
