@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +18,7 @@ from fedmd_ray import run
 from fedmd_ray.errors import CheckpointError, ConfigError, ParticipantError
 from fedmd_ray.results import Recorder
 from fedmd_ray.storage import Storage
+from fedmd_ray.tasks import build_task
 from tests.conftest import LOCAL_RAY, numbers, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,12 +262,8 @@ def test_a_resume_interrupted_while_it_trims_the_metrics_keeps_every_earlier_rou
     run(tiny_config(train={"rounds": 3}), out, progress=None)
     whole = pq.read_table(out / "metrics.parquet").to_pylist()
     storage = _CrashesAfterOneChange(out)
-    recorder = Recorder(
-        storage,
-        tiny_config(train={"rounds": 3}),
-        SimpleNamespace(partition_report=json.loads((out / "partition.json").read_text())),
-        say=lambda _m: None,
-    )
+    config = tiny_config(train={"rounds": 3})
+    recorder = Recorder(storage, config, build_task(config), say=lambda _m: None)
     storage.armed = True
     with pytest.raises(SystemExit):
         recorder.resume(1)
