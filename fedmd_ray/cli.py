@@ -126,14 +126,9 @@ def _keep_earlier_results(out: str) -> None:
         return  # an unreachable place is check_writable's to explain
     if not held:
         return
-    try:
-        earlier = json.loads(storage.read_text("config.json")).get("name", "?")
-    except (OSError, ValueError, AttributeError):
-        earlier = "?"
-    try:
-        finished = json.loads(storage.read_text("summary.json")).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        finished = False
+    config, summary = storage.read_json("config.json"), storage.read_json("summary.json")
+    earlier = config.get("name", "?") if isinstance(config, dict) else "?"
+    finished = isinstance(summary, dict) and summary.get("complete") is True
     how = "finished" if finished else "stopped part way"
     resume = "" if finished else f"continue it with `fedmd-ray run --resume {out}`, "
     raise config_lib.ConfigError(

@@ -25,6 +25,7 @@ from fedmd_ray.report import (
     guessing_text,
     is_result,
     mean_row,
+    no_better_than_chance,
     plot_accuracy,
     render_summary,
 )
@@ -172,7 +173,12 @@ class Recorder:
     def reopen(self) -> None:
         """Take back what the run wrote of its participants and placement (a run resumed
         with nothing left to compute starts none)."""
-        info, placement = self._read_json("participants.json"), self._read_json("placement.json")
+        if self.storage is None:
+            return
+        info, placement = (
+            self.storage.read_json("participants.json"),
+            self.storage.read_json("placement.json"),
+        )
         if isinstance(info, list) and all(isinstance(d, dict) for d in info):
             self.info = info
             self.models.update(
@@ -180,15 +186,6 @@ class Recorder:
             )
         if isinstance(placement, dict):
             self.mps = placement.get("mps")
-
-    def _read_json(self, name: str) -> Any:
-        """A JSON file of the run (None when absent or unreadable: it only adds detail)."""
-        if self.storage is None or not self.storage.exists(name):
-            return None
-        try:
-            return json.loads(self.storage.read_text(name))
-        except ValueError:
-            return None
 
     def privacy_spent(self, epsilons: list[float | None] | None) -> None:
         """Differential privacy: each participant's epsilon so far (None: privacy is off)."""
@@ -262,17 +259,10 @@ class Recorder:
         if phase in (Phase.TRANSFER, Phase.UPPER_BOUND):
             label = "lower bound (transfer learning)" if phase == Phase.TRANSFER else "upper bound (pooled)"
             self.say(f"{label}: {describe_accuracy([r['accuracy'] for r in results])}  [{wall_seconds:.1f}s]")
-            if phase == Phase.TRANSFER:
-                adversaries = {self.names[i] for i in self.config.sharing.adversaries}
-                guessing = [
-                    name
-                    for name, r in zip(chosen, results)
-                    if name not in adversaries
-                    and self.chance is not None
-                    and r["accuracy"] <= self.chance + 1e-9
-                ]
-                if guessing:
-                    self.say(f"warning: {guessing_text(guessing, self.chance)}")
+            # Before any round, the summary's final accuracy is the lower bound.
+            guessing = no_better_than_chance(self.summary(), self.chance) if phase == Phase.TRANSFER else []
+            if guessing:
+                self.say(f"warning: {guessing_text(guessing, self.chance)}")
             self.flush()
 
     def scores(self, scores: Scores, epsilons: list[float | None] | None = None) -> None:

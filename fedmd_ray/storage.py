@@ -9,9 +9,11 @@ need the same wherever they run (an instance role, or resources.runtime_env's en
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from pathlib import Path
+from typing import Any
 
 from fedmd_ray.errors import ConfigError
 from fedmd_ray.files import atomic_write
@@ -88,6 +90,14 @@ class Storage:
 
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode("utf-8")
+
+    def read_json(self, *parts: str) -> Any:
+        """A JSON file's value; None when it is absent or cannot be read or parsed (for
+        files that only add detail: a damaged one is no reason to stop)."""
+        try:
+            return json.loads(self.read_text(*parts)) if self.exists(*parts) else None
+        except (OSError, ValueError):
+            return None
 
     def names(self, *parts: str) -> list[str]:
         """The names directly inside a folder ([] when it does not exist)."""
