@@ -22,6 +22,7 @@ from fedmd_ray.config import Config, flatten, model_share
 from fedmd_ray.errors import CheckpointError
 from fedmd_ray.plugins import code_digests
 from fedmd_ray.storage import Storage
+from fedmd_ray.usercode import absolute
 
 FOLDER = "checkpoint"
 MANIFEST = "latest.json"
@@ -168,12 +169,27 @@ def saved(storage: Storage) -> Saved:
     return Saved(round_, f"{FOLDER}/{directory}", entries, manifest.get("fingerprint"), identity_)
 
 
+def _absolute(identity_: dict[str, Any]) -> dict[str, Any]:
+    """A saved identity with its file specs and dataset paths absolute where this process
+    runs, as `identity` now writes them (checkpoints written before kept them as given)."""
+
+    def anchored(value: Any) -> Any:
+        return absolute(value) if isinstance(value, str) else value
+
+    return {
+        (f"code {absolute(k[5:])}" if k.startswith("code ") else k): (
+            [anchored(v) for v in value] if isinstance(value, list) else anchored(value)
+        )
+        for k, value in identity_.items()
+    }
+
+
 def check(storage: Storage, saved_: Saved, identity_: dict[str, Any], names: list[str]) -> None:
     """Refuse to continue `saved_` under settings that change the numbers (this run's
     `identity_`) or without a state for each of `names`."""
-    if saved_.fingerprint != fingerprint(identity_):
-        theirs = saved_.identity
-        changed = sorted(k for k in set(identity_) | set(theirs) if identity_.get(k) != theirs.get(k))
+    theirs = _absolute(saved_.identity)
+    changed = sorted(k for k in set(identity_) | set(theirs) if identity_.get(k) != theirs.get(k))
+    if saved_.fingerprint != fingerprint(identity_) and changed:
         shown = ", ".join(f"{k} ({theirs.get(k)!r} -> {identity_.get(k)!r})" for k in changed[:5])
         raise CheckpointError(
             f"The checkpoint in {storage} was written under settings that change the numbers: "

@@ -5,6 +5,8 @@ work, so a typo is one line, not a traceback from inside Ray."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fedmd_ray.config import Config
@@ -15,6 +17,7 @@ from fedmd_ray.errors import ConfigError, did_you_mean
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.model_names import check_model_name
 from fedmd_ray.plugins import BUILTIN_DIGEST_LOSSES, CONSENSUS, DIGEST_LOSSES, Registry, parse_spec
+from fedmd_ray.usercode import absolute
 
 
 def check(config: Config) -> None:
@@ -27,6 +30,29 @@ def check(config: Config) -> None:
     _check_plugin("train.consensus", config.train.consensus, tuple(AGGREGATORS), CONSENSUS)
     for fault in config.faults:
         parse_fault(fault, config.num_participants)
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """`config` with every user file (models, consensus, digest loss, resources.per_model's
+    keys) and dataset path made absolute where this process runs: the run's config.json and
+    checkpoint then mean the same from any working directory, so `--resume` works from
+    anywhere. Idempotent."""
+    d, t, r = config.data, config.train, config.resources
+    per_model = r.per_model
+    if isinstance(per_model, dict):
+        per_model = {absolute(k): v for k, v in per_model.items()}
+    return replace(
+        config,
+        models=[absolute(m) for m in config.models],
+        data=replace(
+            d,
+            public=absolute(d.public),
+            private=absolute(d.private),
+            data_dir=str(Path(d.data_dir).expanduser().resolve()) if d.data_dir else d.data_dir,
+        ),
+        train=replace(t, consensus=absolute(t.consensus), digest_loss=absolute(t.digest_loss)),
+        resources=replace(r, per_model=per_model),
+    )
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -220,34 +220,62 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 def _load_folder(root: Path, train: bool, source: str) -> ArrayDataset:
     """torchvision's ImageFolder layout, split in two: root/train/<class>/..., root/test/<class>/...
-    Classes are the folder names in sorted order; images must share one size."""
-    from PIL import Image
-
+    Classes are the train split's folder names in sorted order, and a test image takes the
+    label of its folder's name (a test split may lack a class, never add one). Images must
+    share one size; greyscale ones among colour ones are made colour."""
     split = root / ("train" if train else "test")
-    if not split.is_dir():
-        raise DatasetError(
-            f"Dataset '{source}': folder {split} not found; expected {root}/train/<class>/*.png and {root}/test/<class>/*.png."
-        )
-    classes = sorted(d.name for d in split.iterdir() if d.is_dir())
-    if not classes:
-        raise DatasetError(f"Dataset '{source}': {split} has no class folders.")
+    classes = _class_folders(root / "train", source)
+    if not train:
+        extra = sorted(set(_class_folders(split, source)) - set(classes))
+        if extra:
+            raise DatasetError(
+                f"Dataset '{source}': {split} has class folders {extra[:5]} that {root / 'train'} "
+                "lacks; a test image's class must be one the participants train on."
+            )
     xs, ys = [], []
     for label, name in enumerate(classes):
+        if not (split / name).is_dir():
+            continue
         files = sorted(f for f in (split / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DatasetError(
                 f"Dataset '{source}': class folder {split / name} holds no images ({', '.join(IMAGE_SUFFIXES)})."
             )
-        for f in files:
-            with Image.open(f) as img:
-                xs.append(np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "I;16") else "RGB")))
-            ys.append(label)
+        xs += [_read_image(f, source) for f in files]
+        ys += [label] * len(files)
+    if any(a.ndim == 3 for a in xs):
+        xs = [np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in xs]
     shapes = {a.shape for a in xs}
     if len(shapes) > 1:
         raise DatasetError(
             f"Dataset '{source}': images in {split} differ in size ({sorted(shapes)[:3]}); resize them to one size."
         )
     return as_dataset(np.stack(xs), np.asarray(ys), source)
+
+
+def _class_folders(split: Path, source: str) -> list[str]:
+    if not split.is_dir():
+        root = split.parent
+        raise DatasetError(
+            f"Dataset '{source}': folder {split} not found; expected {root}/train/<class>/*.png and {root}/test/<class>/*.png."
+        )
+    # Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are no classes.
+    classes = sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"Dataset '{source}': {split} has no class folders.")
+    return classes
+
+
+def _read_image(path: Path, source: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "I;16") else "RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DatasetError(
+            f"Dataset '{source}': cannot read image {path} ({exc}); remove or replace it."
+        ) from None
 
 
 def _load_torchvision(name: str, train: bool, root: Path, download: bool, source: str) -> ArrayDataset:

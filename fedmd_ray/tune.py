@@ -121,7 +121,7 @@ def _absolute(value: Any) -> Any:
     if isinstance(value, list):
         return [_absolute(v) for v in value]
     if isinstance(value, dict):
-        return {k: _absolute(v) for k, v in value.items()}
+        return {absolute(k): _absolute(v) for k, v in value.items()}  # resources.per_model's keys
     return value
 
 

@@ -186,7 +186,7 @@ def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path, capsys):
         (["train.consensus=agg.py:not_an_array"], "it must return (samples, classes)"),
         (
             ["train.digest_loss=losses.py:per_sample"],
-            "Digest loss 'losses.py:per_sample' of participant p00-cnn2",
+            "losses.py:per_sample' of participant p00-cnn2",  # named by its absolute path
         ),
     ],
 )

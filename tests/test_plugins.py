@@ -1,12 +1,14 @@
 """Bring your own: a participant's own model, data, consensus and digest loss, by file,
 module or registered name, on the local and the ray backend alike."""
 
+import json
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from torch import nn
 
@@ -98,7 +100,8 @@ def test_a_user_model_file_runs_and_is_summarised_like_a_builtin(ray_session, us
     ray_run = run(tiny_config(models=models, resources={"backend": "ray"}), user_dir / "ray", progress=None)
     assert numbers(local.metrics.to_pylist()) == numbers(ray_run.metrics.to_pylist())
     rows = {r.participant: r for r in ray_run.summary}
-    assert rows["p00-small"].model == "my_nets.py:small"
+    # The summary names the file that ran, wherever the run is read or resumed from.
+    assert rows["p00-small"].model == f"{(user_dir / 'my_nets.py').resolve()}:small"
     assert rows["p01-small"].parameters == sum(
         p.numel() for p in nn.Sequential(nn.Conv2d(1, 12, 3), nn.Linear(48, 16)).parameters()
     )
@@ -269,6 +272,24 @@ def test_an_image_folder_and_its_empty_class(tmp_path):
     ds = load_dataset(f"folder:{tmp_path / 'imgs'}", train=True)
     assert ds.x.shape == (12, 1, 10, 10) and sorted(set(ds.y.tolist())) == [0, 1, 2]
     assert np.array_equal(ds.x[ds.y == 1][0, 0], x[y == 1][0])
+    # A test split without class_1 keeps class_2's label: classes are the train split's names.
+    for f in (tmp_path / "imgs" / "test" / "class_1").iterdir():
+        f.unlink()
+    (tmp_path / "imgs" / "test" / "class_1").rmdir()
+    (tmp_path / "imgs" / "test" / ".ipynb_checkpoints").mkdir()
+    test = load_dataset(f"folder:{tmp_path / 'imgs'}", train=False)
+    assert sorted(set(test.y.tolist())) == [0, 2]
+    assert np.array_equal(test.x[test.y == 2][0, 0], x[11])  # 11.png sorts first of class_2
+    # A colour image among greyscale ones makes the dataset colour.
+    Image.fromarray(np.stack([x[0]] * 3, axis=-1)).save(tmp_path / "imgs" / "test" / "class_0" / "rgb.png")
+    test = load_dataset(f"folder:{tmp_path / 'imgs'}", train=False)
+    assert test.x.shape[1] == 3 and np.array_equal(test.x[0, 0], x[0])
+    (tmp_path / "imgs" / "test" / "class_0" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="cannot read image .*broken.png"):
+        load_dataset(f"folder:{tmp_path / 'imgs'}", train=False)
+    (tmp_path / "imgs" / "test" / "class_7").mkdir()
+    with pytest.raises(DatasetError, match=r"class folders \['class_7'\] that .*train lacks"):
+        load_dataset(f"folder:{tmp_path / 'imgs'}", train=False)
     (tmp_path / "imgs" / "train" / "class_9").mkdir()
     with pytest.raises(DatasetError, match="class_9 holds no images"):
         load_dataset(f"folder:{tmp_path / 'imgs'}", train=True)
@@ -318,22 +339,35 @@ def test_conform_images_converts_channels_and_size():
     assert back.x.shape == (2, 3, 4, 4) and np.all(back.x == grey.x[:, :1])
 
 
-def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir):
+def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir, monkeypatch, capsys):
     from fedmd_ray.errors import ParticipantError
 
     models = ["my_nets.py:small", "cnn2:8,16,0.1"]
-    whole = run(tiny_config(models=models, train={"rounds": 2}), user_dir / "whole", progress=None)
+    data = {"private": "npz:mine.npz", "private_classes": None}
+    x, y = _images(160, (16, 16), 4)
+    _npz(user_dir / "mine.npz", x[:120], y[:120], x[120:], y[120:])
+    whole = run(tiny_config(models=models, data=data, train={"rounds": 2}), user_dir / "whole", progress=None)
     out = user_dir / "stopped"
     with pytest.raises(ParticipantError):
-        run(tiny_config(models=models, train={"rounds": 2}, faults=["0:revisit:2"]), out, progress=None)
-    resumed = run(tiny_config(models=models, train={"rounds": 2}), out, progress=None, resume=True)
-    assert numbers(resumed.metrics.to_pylist()) == numbers(whole.metrics.to_pylist())
-    assert '"my_nets.py:small"' in (out / "config.json").read_text()
+        run(
+            tiny_config(models=models, data=data, train={"rounds": 2}, faults=["0:revisit:2"]),
+            out,
+            progress=None,
+        )
+    # The run records where its files are, so `--resume` works from any directory.
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["models"][0] == f"{(user_dir / 'my_nets.py').resolve()}:small"
+    assert recorded["data"]["private"] == f"npz:{(user_dir / 'mine.npz').resolve()}"
+    monkeypatch.chdir(user_dir.parent)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    resumed = pq.read_table(out / "metrics.parquet")
+    assert numbers(resumed.to_pylist()) == numbers(whole.metrics.to_pylist())
     # The checkpoint knows the code, not only its name: an edited model file is refused.
     nets = user_dir / "my_nets.py"
     nets.write_text(nets.read_text() + "\n# edited\n")
-    with pytest.raises(CheckpointError, match=r"code my_nets.py:small \('[0-9a-f]{8}"):
-        run(tiny_config(models=models, train={"rounds": 3}), out, progress=None, resume=True)
+    monkeypatch.chdir(user_dir)
+    with pytest.raises(CheckpointError, match=r"code \S*my_nets.py:small \('[0-9a-f]{8}"):
+        run(tiny_config(models=models, data=data, train={"rounds": 3}), out, progress=None, resume=True)
 
 
 def test_a_resume_that_changes_who_answers_in_time_is_refused(tmp_path):
@@ -397,7 +431,7 @@ def test_two_folders_with_the_same_file_names_each_run_their_own(ray_session, tm
     result = run(
         tiny_config(models=models, train={"rounds": 1}, resources={"backend": backend}), progress=None
     )
-    params = {r.model: r.parameters for r in result.summary}
+    params = {str(Path(r.model).relative_to(tmp_path.resolve())): r.parameters for r in result.summary[:2]}
     assert params["a/nets.py:net"] == 256 * 6 + 6 + 6 * 16 + 16
     assert params["b/nets.py:net"] == 256 * 10 + 10 + 10 * 16 + 16
 

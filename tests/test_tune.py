@@ -22,15 +22,18 @@ def tiny_search(**extra):
     }
 
 
+TINY_MODEL = (
+    "from torch import nn\n\n\ndef tiny(num_classes, image_shape):\n"
+    "    return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[1] * image_shape[2], num_classes))\n"
+)
+
+
 @pytest.mark.slow
 def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_path, monkeypatch):
     """Two trials over the participants' models, one of them the user's own file: each trial
     runs in a working directory of its own, so file specs are resolved where the search
     starts (the command's working directory)."""
-    (tmp_path / "models.py").write_text(
-        "from torch import nn\n\n\ndef tiny(num_classes, image_shape):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(image_shape[1] * image_shape[2], num_classes))\n"
-    )
+    (tmp_path / "models.py").write_text(TINY_MODEL)
     monkeypatch.chdir(tmp_path)
     grid = [
         ["models.py:tiny", "cnn3:8,16,16,0.1", "cnn2:16,16,0.2"],
@@ -70,6 +73,17 @@ def test_trial_resources_reserve_the_whole_simulation():
         {"CPU": 0.5, "GPU": 0.5},
         {"CPU": 1, "GPU": 0.25},
     ]
+
+
+def test_a_share_for_a_users_model_file_follows_it_into_the_trials(tmp_path, monkeypatch):
+    (tmp_path / "models.py").write_text(TINY_MODEL)
+    monkeypatch.chdir(tmp_path)
+    spec = tiny_search()
+    spec["config"]["models"] = ["models.py:tiny", "cnn2:8,16,0.1"]
+    spec["config"]["resources"]["per_model"] = {"models.py:tiny": {"num_cpus": 1}}
+    _, _, config = load_search(spec)
+    assert config.models[0] == f"{(tmp_path / 'models.py').resolve()}:tiny"
+    assert trial_resources(config).bundles[1:] == [{"CPU": 1, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]
 
 
 def test_bad_search_files_fail_before_any_trial():
