@@ -11,12 +11,16 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmd_ray.config import flatten
 from fedmd_ray.errors import ConfigError
 from fedmd_ray.phases import Phase
 from fedmd_ray.report import integer_rounds, is_result
+from fedmd_ray.storage import Storage
+
+METRICS = "metrics.parquet"  # results.METRICS (a sibling layer)
 
 COLUMNS = (
     ("lower_bound", "lower bound"),
@@ -28,26 +32,29 @@ COLUMNS = (
 )
 
 
-def load_run(path: Path) -> dict:
-    """A run folder's summary, config and per-round mean accuracy."""
-    summary_file, config_file = path / "summary.json", path / "config.json"
-    if not summary_file.exists() or not config_file.exists():
+def load_run(location: str | Path) -> dict:
+    """A run folder's (or a URI's: storage.py) summary, config and per-round mean accuracy."""
+    storage = Storage(location)
+    summary, config = storage.read_json("summary.json"), storage.read_json("config.json")
+    if not isinstance(summary, dict) or not isinstance(config, dict):
         raise ConfigError(
-            f"{path} is not a finished fedmd-ray run folder (it needs summary.json and config.json; "
-            "a run writes them when it ends, or stops)."
+            f"{storage} is not a finished fedmd-ray run folder (it needs readable summary.json and "
+            "config.json; a run writes them when it ends, or stops)."
         )
-    summary = json.loads(summary_file.read_text())
     curve: dict[int, list[float]] = {}
-    metrics = path / "metrics.parquet"
-    if metrics.exists():
+    if storage.exists(METRICS):
         columns = ["round", "participant", "phase", "accuracy", "note"]
-        for r in pq.read_table(metrics, columns=columns).to_pylist():
+        try:
+            rows = pq.read_table(storage.path(METRICS), columns=columns, filesystem=storage.fs).to_pylist()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise ConfigError(f"{storage.location(METRICS)} cannot be read ({exc}).") from None
+        for r in rows:
             if is_result(r, Phase.EVALUATE):
                 curve.setdefault(r["round"], []).append(r["accuracy"])
     return {
-        "path": path,
+        "path": location,
         "summary": summary,
-        "config": json.loads(config_file.read_text()),
+        "config": config,
         "curve": {k: float(np.mean(v)) for k, v in sorted(curve.items())},
     }
 
@@ -90,7 +97,10 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(runs: list[dict], path: Path) -> None:
+def figure(runs: list[dict]) -> bytes:
+    """The runs' mean accuracy per round, as PNG bytes."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,18 +124,20 @@ def figure(runs: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    return png.getvalue()
 
 
 def compare(paths: list[str], out: str | Path) -> str:
-    """Write compare.md and compare.png into `out`; return the table."""
+    """Write compare.md and compare.png into `out` (a folder or a URI); return the table."""
     if len(paths) < 2:
         raise ConfigError("fedmd-ray compare needs at least two run folders.")
-    runs = [load_run(Path(p)) for p in paths]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(p) for p in paths]
+    storage = Storage(out)
+    storage.check_writable()
     text = table(runs)
-    (out / "compare.md").write_text("# FedMD runs compared\n\n" + text + "\n![mean accuracy](compare.png)\n")
-    figure(runs, out / "compare.png")
+    storage.write_text("compare.md", "# FedMD runs compared\n\n" + text + "\n![mean accuracy](compare.png)\n")
+    storage.write_bytes("compare.png", figure(runs))
     return text

@@ -66,3 +66,19 @@ def test_compare_two_runs(tmp_path, capsys):
         assert f"{100 * gain:+.1f}" in row
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 1
+    # Each of these is one line, not a traceback: an --out that is a file, a damaged run.
+    assert "is a file" in _refused(capsys, "compare", str(a), str(b), "--out", str(a / "summary.md"))
+    (b / "summary.json").write_text("{not json")
+    assert "not a finished fedmd-ray run" in _refused(capsys, "compare", str(a), str(b))
+    (b / "summary.json").write_text("{}")
+    for part in (b / "metrics.parquet").iterdir():
+        part.write_bytes(b"damaged")
+    assert "metrics.parquet cannot be read" in _refused(capsys, "compare", str(a), str(b))
+
+
+def _refused(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err

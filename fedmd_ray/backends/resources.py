@@ -49,7 +49,7 @@ def init_ray(address: str | None = None, runtime_env: dict[str, Any] | None = No
         raise
     except ConnectionError as exc:
         raise ResourceError(
-            f"Could not reach the Ray cluster at '{address}': {exc}. Start it with "
+            f"Could not reach the Ray cluster at '{address}': {str(exc).rstrip('.')}. Start it with "
             "`ray start --head` or `ray up cluster.yaml`, or drop --address to run "
             "locally."
         ) from None
