@@ -31,6 +31,7 @@ from fedmd_ray.checks import from_dict
 from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
 from fedmd_ray.presets import get_preset
 from fedmd_ray.report import SummaryRow
+from fedmd_ray.storage import Storage
 from fedmd_ray.usercode import absolute
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -164,6 +165,11 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"Unknown search-file keys {unknown}; known: {', '.join(sorted(known))}.")
+    for key in ("num_samples", "max_concurrent_trials"):
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            flag = " (--samples)" if key == "num_samples" else ""
+            raise ConfigError(f"'{key}'{flag} is {value!r}; it must be a whole number of at least 1.")
     base: dict[str, Any] = get_preset(spec["preset"]) if spec.get("preset") else {}
     if spec.get("config_file"):
         base = merge(base, load_file(spec["config_file"]))
@@ -216,6 +222,7 @@ def search(
     else:
         raise ConfigError(f"'scheduler' is '{scheduler_name}'; use asha or fifo.")
 
+    Storage(out_dir).check_writable()  # before Ray starts: a bad --out is one line, not a traceback
     init_ray(sample.resources.address)
     release_kept_actors()  # trials need every CPU and GPU a kept actor would hold
     resources = trial_resources(sample, ray.cluster_resources())
@@ -228,7 +235,7 @@ def search(
         tune_config=tune.TuneConfig(
             metric=metric,
             mode="max",
-            num_samples=int(spec.get("num_samples", 1)),
+            num_samples=spec.get("num_samples") or 1,
             scheduler=scheduler,
             max_concurrent_trials=spec.get("max_concurrent_trials"),
         ),

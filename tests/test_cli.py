@@ -140,6 +140,14 @@ def test_tune_refuses_a_bad_search_file_clearly(tmp_path, capsys):
     spec.write_text(json.dumps({"preset": "smoke", "search": {"train.round": {"choice": [1, 2]}}}))
     assert main(["tune", "--config", str(spec), "--out", str(tmp_path / "t")]) == 1
     assert "Did you mean 'rounds'" in capsys.readouterr().err
+    spec.write_text(json.dumps({"preset": "smoke", "search": {"train.rounds": {"choice": [1, 2]}}}))
+    assert main(["tune", "--config", str(spec), "--samples", "0", "--out", str(tmp_path / "t")]) == 1
+    assert (
+        "'num_samples' (--samples) is 0; it must be a whole number of at least 1" in capsys.readouterr().err
+    )
+    assert main(["tune", "--config", str(spec), "--out", str(spec)]) == 1
+    assert "is a file; name a folder" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,10 @@ def test_bad_search_files_fail_before_any_trial():
         load_search(tiny_search(search={"train.lr": {"loguniform": [0.1, 0.01]}}))
     with pytest.raises(ConfigError, match="no 'search' section"):
         load_search(tiny_search(search={}))
+    with pytest.raises(ConfigError, match="'num_samples' \\(--samples\\) is '2'; it must be a whole number"):
+        load_search(tiny_search(num_samples="2"))
+    with pytest.raises(ConfigError, match="'max_concurrent_trials' is -1"):
+        load_search(tiny_search(max_concurrent_trials=-1))
 
 
 def test_a_trial_larger_than_the_cluster_is_refused_before_tune_waits_forever(ray_session, tmp_path):
