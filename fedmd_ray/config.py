@@ -576,6 +576,8 @@ def validate(config: Config) -> None:
             f"{unused} would never run. Drop them from 'models', or set participants to "
             f"{len(config.models)} or more (models are then used in turn), or leave it unset."
         )
+    if not 0 <= config.seed < 2**63:
+        raise ConfigError(f"'seed' is {config.seed}; it must be a whole number from 0 to 2**63 - 1.")
     _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)
     for name in config.log:
         _check_choice("log", name, TRACKERS)
@@ -601,6 +603,9 @@ def _validate_data(d: DataConfig) -> None:
         "synthetic_test_per_class",
     ):
         _check_positive(f"data.{key}", getattr(d, key))
+    for key in ("public_classes", "private_classes"):
+        if getattr(d, key) == []:
+            raise ConfigError(f"'data.{key}' is empty; name the classes to use, or null for all of them.")
     if d.input_shape is not None and (
         len(d.input_shape) != 3 or any(not isinstance(v, int) or v < 1 for v in d.input_shape)
     ):

@@ -51,6 +51,9 @@ def test_unknown_key_suggests_the_closest():
         ("data.public=mnits", "Unknown dataset 'mnits'. Did you mean 'mnist'"),
         ("partition.kind=noniid", "'partition.kind' is 'noniid'"),
         ('faults=["9:digest:1"]', "index must be 0..3"),
+        ("seed=-1", "'seed' is -1; it must be a whole number from 0"),
+        ("data.public_classes=[]", "'data.public_classes' is empty; name the classes to use, or null"),
+        ("data.private_classes=[]", "'data.private_classes' is empty"),
     ],
 )
 def test_bad_values_name_their_key(pair, message):
