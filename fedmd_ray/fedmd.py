@@ -94,8 +94,12 @@ def run(
     )
     consensus_of = consensus_plan(config, task)
     check_consensus(consensus_of, len(specs), task.num_classes)
-    if saved is not None and saved.round == t.rounds:
-        return _finished(config, storage, task, names, saved, plans, say)
+    if saved is not None:
+        # Settings that change the numbers are refused before any participant starts; only
+        # the threads each participant gets need the backend, and are checked once it is up.
+        checkpoint.check(storage, saved, checkpoint.identity(config, saved.threads), names)
+        if saved.round == t.rounds:
+            return _finished(config, storage, task, saved, plans, say)
     saving = storage is not None and config.checkpoint_every > 0
     say(f"starting {len(specs)} participants on the '{config.resources.backend}' backend ...")
     backend = make_backend(config, task, specs, report)
@@ -174,16 +178,13 @@ def _finished(
     config: Config,
     storage: Storage,
     task: Task,
-    names: list[str],
     saved: checkpoint.Saved,
     plans: RoundPlans,
     say: Callable[[str], None],
 ) -> RunResult:
     """Resuming a run whose last checkpoint is its last round: nothing is computed and no
     participant starts; its summary, figure and result come from its metrics again (whole
-    even if the run was stopped while writing them). Settings that change the numbers are
-    refused as for any resume; the threads are the checkpoint's, as nothing runs."""
-    checkpoint.check(storage, saved, checkpoint.identity(config, saved.threads), names)
+    even if the run was stopped while writing them)."""
     recorder = Recorder(storage, config, task, say, track=False)
     recorder.reopen()
     recorder.resume(saved.round)

@@ -193,10 +193,12 @@ def test_resuming_a_finished_run_starts_nothing_and_a_shorter_one_is_refused(tmp
 def test_mismatched_damaged_missing_or_old_checkpoints_are_refused(tmp_path):
     out = tmp_path / "run"
     run(tiny_config(train={"rounds": 1}), out, progress=None)
+    said: list[str] = []
     with pytest.raises(
         CheckpointError, match=r"settings that change the numbers: train.lr \(0.001 -> 0.01\)"
     ):
-        run(tiny_config(train={"rounds": 2, "lr": 0.01}), out, progress=None, resume=True)
+        run(tiny_config(train={"rounds": 2, "lr": 0.01}), out, progress=said.append, resume=True)
+    assert not any("starting" in line for line in said), said  # refused before any participant starts
     state = out / "checkpoint" / "round-0001" / "p01-cnn3.pt"
     good = state.read_bytes()
     state.write_bytes(good[:-10] + b"0123456789")
