@@ -17,7 +17,7 @@ from fedmd_ray.errors import ConfigError, did_you_mean
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.model_names import check_model_name
 from fedmd_ray.plugins import BUILTIN_DIGEST_LOSSES, CONSENSUS, DIGEST_LOSSES, Registry, parse_spec
-from fedmd_ray.usercode import absolute
+from fedmd_ray.usercode import absolute, absolute_share_key
 
 
 def check(config: Config) -> None:
@@ -40,7 +40,7 @@ def with_absolute_paths(config: Config) -> Config:
     d, t, r = config.data, config.train, config.resources
     per_model = r.per_model
     if isinstance(per_model, dict):
-        per_model = {absolute(k): v for k, v in per_model.items()}
+        per_model = {absolute_share_key(k): v for k, v in per_model.items()}
     return replace(
         config,
         models=[absolute(m) for m in config.models],

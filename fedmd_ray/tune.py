@@ -32,7 +32,7 @@ from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overri
 from fedmd_ray.presets import get_preset
 from fedmd_ray.report import SummaryRow
 from fedmd_ray.storage import Storage
-from fedmd_ray.usercode import absolute
+from fedmd_ray.usercode import absolute, absolute_share_key
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.5
@@ -122,7 +122,7 @@ def _absolute(value: Any) -> Any:
     if isinstance(value, list):
         return [_absolute(v) for v in value]
     if isinstance(value, dict):
-        return {absolute(k): _absolute(v) for k, v in value.items()}  # resources.per_model's keys
+        return {absolute_share_key(k): _absolute(v) for k, v in value.items()}  # resources.per_model's keys
     return value
 
 

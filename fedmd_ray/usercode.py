@@ -309,6 +309,14 @@ def code_digests(specs: list[str]) -> dict[str, str]:
     return out
 
 
+def absolute_share_key(text: str) -> str:
+    """A resources.per_model key made absolute like the models it names: a file spec, or a
+    file's path alone (the name every model of that file shares)."""
+    if text.strip().endswith(".py") and ":" not in text:
+        return str(Path(text.strip()).expanduser().resolve())
+    return absolute(text)
+
+
 def absolute(text: str) -> str:
     """A file spec (path/to/file.py:attr?...) or a dataset form (npz:PATH, folder:PATH) with
     its path made absolute, so it means the same from any working directory (a Ray Tune

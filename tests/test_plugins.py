@@ -370,6 +370,27 @@ def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir, monkey
         run(tiny_config(models=models, data=data, train={"rounds": 3}), out, progress=None, resume=True)
 
 
+@pytest.mark.parametrize("key", ["my_nets.py:small", "my_nets.py"])
+def test_a_runs_paths_are_made_absolute_with_the_shares_that_name_them(user_dir, key):
+    from fedmd_ray.checks import with_absolute_paths
+    from fedmd_ray.config import model_share
+
+    (user_dir / "imgs").mkdir()
+    config = tiny_config(
+        models=["my_nets.py:small", "cnn2:8,16,0.1"],
+        data={"private": "folder:imgs", "data_dir": "data"},
+        train={"consensus": "my_consensus.py:sharp?power=1.5"},
+        resources={"backend": "ray", "per_model": {key: {"num_cpus": 1}}},
+    )
+    absolute = with_absolute_paths(config)
+    here = user_dir.resolve()
+    assert absolute.models == [f"{here}/my_nets.py:small", "cnn2:8,16,0.1"]
+    assert absolute.data.private == f"folder:{here}/imgs" and absolute.data.data_dir == f"{here}/data"
+    assert absolute.train.consensus == f"{here}/my_consensus.py:sharp?power=1.5"
+    assert [model_share(absolute, m) for m in absolute.models] == [{"num_cpus": 1}, {}]
+    assert with_absolute_paths(absolute) == absolute
+
+
 def test_a_resume_that_changes_who_answers_in_time_is_refused(tmp_path):
     out = tmp_path / "run"
     run(tiny_config(train={"rounds": 1}), out, progress=None)
