@@ -396,8 +396,18 @@ def test_a_resume_that_changes_who_answers_in_time_is_refused(tmp_path):
     run(tiny_config(train={"rounds": 1}), out, progress=None)
     with pytest.raises(CheckpointError, match=r"resources.quorum \(1.0 -> 0.5\)"):
         run(tiny_config(train={"rounds": 2}, resources={"quorum": 0.5}), out, progress=None, resume=True)
-    with pytest.raises(CheckpointError, match=r"threads per participant \(1 -> 2\)"):
+    with pytest.raises(CheckpointError, match=r"resources.torch_threads \(1 -> 2\)"):
         run(tiny_config(train={"rounds": 2}, resources={"torch_threads": 2}), out, progress=None, resume=True)
+    # Threads not pinned follow each participant's CPU share, known once the backend is up.
+    unpinned = tmp_path / "unpinned"
+    run(
+        tiny_config(train={"rounds": 1}, resources={"torch_threads": None, "num_cpus": 1}),
+        unpinned,
+        progress=None,
+    )
+    with pytest.raises(CheckpointError, match=r"threads per participant \(1 -> 2\)"):
+        more = tiny_config(train={"rounds": 2}, resources={"torch_threads": None, "num_cpus": 2})
+        run(more, unpinned, progress=None, resume=True)
 
 
 # ---------------------------------------------------------------- users' code in isolation
