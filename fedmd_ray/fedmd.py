@@ -16,7 +16,7 @@ import numpy as np
 
 from fedmd_ray import checkpoint, privacy
 from fedmd_ray.backends import make_backend
-from fedmd_ray.checks import check, with_absolute_paths
+from fedmd_ray.checks import from_dict, with_absolute_paths
 from fedmd_ray.config import Config, ConfigError
 from fedmd_ray.consensus import AGGREGATORS, check_consensus
 from fedmd_ray.faults import parse_fault
@@ -63,8 +63,8 @@ def run(
     there replaces an earlier one's results (results.OUTPUTS), as it starts. A run
     refused before any work (bad data, too few resources, a model, consensus or digest loss
     that cannot work) leaves no results folder behind."""
-    check(config)
-    config = with_absolute_paths(config)
+    # Built in Python or read from a file, a config is coerced and checked the same way.
+    config = with_absolute_paths(from_dict(config.to_dict()))
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
     storage = Storage(out_dir) if out_dir is not None else None

@@ -107,10 +107,16 @@ def build_task(config: Config) -> Task:
     coarse = d.private_label == "coarse"
     private_classes = _classes_of(priv_train, d.private_classes, "data.private_classes", d.private, coarse)
     if same and set(public_classes) & set(private_classes):
+        example = (
+            ' (as the smoke preset does: --set "data.public_classes=[0,1,2,3,4,5,6,7,8,9]" --set '
+            '"data.private_classes=[10,11,12,13,14,15]"; from Python: from_dict(get_preset("smoke")))'
+            if canonical_name(d.public) == "synthetic"
+            else ""
+        )
         raise ConfigError(
             f"Public and private data both come from '{d.public}' and share classes "
             f"{sorted(set(public_classes) & set(private_classes))}; FedMD's private tasks use "
-            "classes the public data lacks. Set data.public_classes and data.private_classes apart."
+            f"classes the public data lacks. Set data.public_classes and data.private_classes apart{example}."
         )
     if d.input_shape is not None:
         shape = tuple(d.input_shape)

@@ -88,3 +88,18 @@ def test_every_preset_resolves(name):
     assert config.num_participants == len(PRESETS[name]["models"])
     # The round trip through a dict is lossless: what is saved with results can be rerun.
     assert from_dict(config.to_dict()) == config
+
+
+def test_a_config_built_in_python_is_checked_as_a_files_would_be(tmp_path):
+    from fedmd_ray import run
+    from fedmd_ray.config import TrainConfig
+
+    for config, message in (
+        (Config(train=TrainConfig(rounds=-1)), "'train.rounds' is -1; it must be zero or more"),
+        (Config(train=TrainConfig(lr="fast")), "'train.lr' must be a number, got 'fast'"),
+        (Config(seed=-3), "'seed' is -3"),
+        (Config(), r"share classes .* apart \(as the smoke preset does"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run(config, tmp_path / "out", progress=None)
+        assert not (tmp_path / "out").exists()
