@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +328,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = _parse_text(value)
             if not isinstance(value, list):
                 value = [v.strip() for v in str(value).split(",") if v.strip()]
+        if isinstance(value, (tuple, range)):  # from Python
+            value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {value!r}.")
         return [_coerce(v, args[0], key) for v in value]
@@ -339,6 +342,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
+        if isinstance(value, numbers.Integral):  # exactly, however large (a float has 53 bits)
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
         try:
             as_float = float(value)
         except (TypeError, ValueError):

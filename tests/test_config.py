@@ -103,3 +103,20 @@ def test_a_config_built_in_python_is_checked_as_a_files_would_be(tmp_path):
         with pytest.raises(ConfigError, match=message):
             run(config, tmp_path / "out", progress=None)
         assert not (tmp_path / "out").exists()
+
+
+def test_python_values_are_taken_as_their_json_kin():
+    import numpy as np
+
+    from fedmd_ray.config import DataConfig, TrainConfig
+
+    built = Config(
+        seed=np.int64(2**62 + 1),
+        models=("cnn2", "cnn3"),
+        data=DataConfig(public_classes=range(10), private_classes=(10, 11), input_shape=(1, 16, 16)),
+        train=TrainConfig(rounds=np.int32(3)),
+    )
+    config = from_dict(built.to_dict())
+    assert (config.seed, config.models, config.train.rounds) == (2**62 + 1, ["cnn2", "cnn3"], 3)
+    assert config.data.public_classes == list(range(10)) and config.data.input_shape == [1, 16, 16]
+    assert from_dict({"seed": "9223372036854775807"}).seed == 2**63 - 1
