@@ -71,9 +71,20 @@ def _state_bytes(values: dict) -> list[int]:
     return sizes
 
 
+def counts(text: str) -> list[int]:
+    """'10,100,1000' -> [10, 100, 1000]: participant counts, each at least 1."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give participant counts of at least 1, e.g. 10,100")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--participants", default="10,100,1000")
+    p.add_argument("--participants", type=counts, default="10,100,1000")
     p.add_argument("--actors", type=int, default=2, help="pool size")
     p.add_argument(
         "--dedicated-up-to", type=int, default=10, help="also run one actor per participant for N up to this"
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "states MiB  object store MiB  driver peak MiB (own heap, store pages)  accuracy"
     )
     groups = {"off": [False], "on": [True], "both": [False, True]}[args.group]
-    for n in [int(x) for x in args.participants.split(",")]:
+    for n in args.participants:
         runs = ([(None, False)] if n <= args.dedicated_up_to else []) + [(args.actors, g) for g in groups]
         for actors, group in runs:
             cfg = config(n, actors, args.rounds, args.participation, group)
