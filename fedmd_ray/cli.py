@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -207,10 +208,12 @@ def _list(kind: str) -> int:
             print(f"{name}  (registered)")
         print("package.module:factory, path/to/file.py:factory[?key=value&...]  (your own; see README)")
     else:
-        from fedmd_ray.data import DATASETS, FORMS
+        from fedmd_ray.data import DATASETS, FORMS, location
         from fedmd_ray.plugins import DATASETS as REGISTERED
 
-        print("\n".join([*DATASETS, *(f"{n}  (registered)" for n in REGISTERED.user), *FORMS]))
+        # Where each would be read from here (--data-dir, FEDMD_DATA_DIR, or the default).
+        print("\n".join(f"{name:16s} {location(name)}" for name in DATASETS))
+        print("\n".join([*(f"{n:16s} (registered)" for n in REGISTERED.user), *FORMS]))
     return 0
 
 
@@ -297,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         return _list(args.command)
     except FedMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`fedmd-ray datasets | head`): nothing more to print, nor a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

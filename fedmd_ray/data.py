@@ -147,8 +147,11 @@ def location(name: str, data_dir: str | Path | None = None) -> str:
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if name in _IDX_DATASETS:
         found = _find_idx(name, True, root)
-        return str(found[0].parent) if found else f"not found under {root}"
-    return str(root)
+        return str(found[0].parent) if found else f"not found under {root.resolve()}"
+    if form == "torchvision":
+        return str(root)
+    files = _cifar_files(name, root, True)
+    return str(files[0].parent) if all(f.is_file() for f in files) else f"not found under {root.resolve()}"
 
 
 # ---------------------------------------------------------------- the user's own data

@@ -66,10 +66,19 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, capsys):
     assert "Dataset 'mnist' (train split) not found" in err and "--download" in err
 
 
-def test_listing_commands(capsys):
+def test_listing_commands(capsys, tmp_path, monkeypatch):
     assert main(["presets"]) == 0 and "mnist-femnist" in capsys.readouterr().out
     assert main(["models"]) == 0 and "cnn3  (default 128,192,256,0.2)" in capsys.readouterr().out
-    assert main(["datasets"]) == 0 and "emnist_letters" in capsys.readouterr().out
+    # Each built-in dataset says where it would be read from, or where it was looked for.
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (tmp_path / "cifar-10-batches-py" / name).write_bytes(b"")
+    monkeypatch.setenv("FEDMD_DATA_DIR", str(tmp_path))
+    assert main(["datasets"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if " " in line)
+    assert listed["emnist_letters"] == f"not found under {tmp_path.resolve()}"
+    assert listed["cifar10"] == str(tmp_path / "cifar-10-batches-py")
+    assert listed["cifar100"].startswith("not found") and listed["synthetic"] == "made in memory"
     assert main(["config", "--preset", "smoke", "--set", "seed=3"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 3
 
