@@ -29,6 +29,7 @@ from fedmd_ray.backends.resources import even_share, init_ray, shares, uses_gpus
 from fedmd_ray.backends.warm import release as release_kept_actors
 from fedmd_ray.checks import from_dict
 from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
+from fedmd_ray.data import default_data_dir
 from fedmd_ray.presets import get_preset
 from fedmd_ray.report import SummaryRow
 from fedmd_ray.storage import Storage
@@ -175,9 +176,10 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
         base = merge(base, load_file(spec["config_file"]))
     base = merge(base, spec.get("config", {}))
     base = _absolute(merge(base, _nest(spec.get("set", {}))))
-    data_dir = base.get("data", {}).get("data_dir")
-    if data_dir:
-        base["data"]["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    # The datasets' folder too, given or by default (FEDMD_DATA_DIR, else ./data): a trial's
+    # working directory has no ./data.
+    data_dir = base.get("data", {}).get("data_dir") or default_data_dir()
+    base.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
     if not spec.get("search"):
         raise ConfigError("The search file has no 'search' section: name at least one key to vary.")
     space, sample = {}, {}

@@ -81,8 +81,10 @@ def test_a_share_for_a_users_model_file_follows_it_into_the_trials(tmp_path, mon
     spec = tiny_search()
     spec["config"]["models"] = ["models.py:tiny", "cnn2:8,16,0.1"]
     spec["config"]["resources"]["per_model"] = {"models.py:tiny": {"num_cpus": 1}}
+    monkeypatch.delenv("FEDMD_DATA_DIR", raising=False)
     _, _, config = load_search(spec)
     assert config.models[0] == f"{(tmp_path / 'models.py').resolve()}:tiny"
+    assert config.data.data_dir == str((tmp_path / "data").resolve())  # ./data where the search starts
     assert trial_resources(config).bundles[1:] == [{"CPU": 1, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]
 
 
