@@ -250,6 +250,8 @@ def scale(values: dict[str, Any], factor: float) -> dict[str, Any]:
     if not 0 < factor <= 1:
         raise ConfigError(f"--scale is {factor}; it must be in (0, 1].")
     out = copy.deepcopy(values)
+    # Named as what it is: its summary and its folder are not the preset's own results.
+    out["name"] = f"{out.get('name', 'fedmd')}-scale{factor:g}"
     data, train = out.setdefault("data", {}), out.setdefault("train", {})
     full_train, full_test = _FULL_SIZES.get(data.get("public", "synthetic"), (60000, 10000))
     data["public_train_size"] = max(500, round(factor * (data.get("public_train_size") or full_train)))

@@ -301,6 +301,7 @@ def test_superclass_split_on_cifar_format_files(tmp_path):
 
 def test_scale_shrinks_public_work_only():
     small = scale(get_preset("mnist-femnist"), 0.1)
+    assert small["name"] == "mnist-femnist-scale0.1"
     assert small["data"]["public_train_size"] == 6000 and small["data"]["test_size"] == 1000
     t = small["train"]
     assert (t["public_subset_size"], t["rounds"], t["public_epochs"]) == (500, 5, 2)
