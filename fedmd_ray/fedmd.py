@@ -29,6 +29,7 @@ from fedmd_ray.results import Recorder
 from fedmd_ray.spec import ParticipantSpec
 from fedmd_ray.storage import Storage
 from fedmd_ray.tasks import Task, build_task, participant_names
+from fedmd_ray.tracking import check_trackers
 
 
 @dataclass
@@ -78,6 +79,8 @@ def run(
             f"{config.train.rounds} would end it before its last checkpoint. Resume with "
             f"--set train.rounds=N for N of at least {saved.round}, or start a new run."
         )
+    if saved is None or saved.round < config.train.rounds:  # a finished run tracks nothing
+        check_trackers(config.log, storage)
     say = progress or (lambda _line: None)
     t = config.train
     task = task or build_task(config)

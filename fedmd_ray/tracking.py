@@ -38,16 +38,7 @@ class TensorBoard:
     into a local folder first and copies them over as each round's metrics are written."""
 
     def __init__(self, storage: Storage, config: dict, name: str):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "--log tensorboard needs tensorboardX (pip install tensorboardX; it comes with "
-                    "ray[tune]) or the tensorboard package."
-                ) from None
+        SummaryWriter = _summary_writer()  # noqa: N806 - a class
         self.storage = storage
         self.local = (
             Path(storage.path("tensorboard")) if storage.local else Path(tempfile.mkdtemp(prefix="fedmd-tb-"))
@@ -75,11 +66,7 @@ class TensorBoard:
 
 class MLflow:
     def __init__(self, storage: Storage, config: dict, name: str):
-        try:
-            import mlflow
-        except ImportError:
-            raise ConfigError("--log mlflow needs MLflow: pip install mlflow") from None
-        self.mlflow = mlflow
+        self.mlflow = mlflow = _mlflow()
         self.run = mlflow.start_run(run_name=name)
         flat = flatten(config)
         # MLflow caps a param's value at 6000 characters and takes at most 100 per call.
@@ -103,9 +90,39 @@ def _mlflow_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in key)
 
 
-def open_trackers(names: list[str], storage: Storage | None, config: dict, run_name: str) -> list[Tracker]:
+def _summary_writer() -> type:
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "--log tensorboard needs tensorboardX (pip install tensorboardX; it comes with "
+                "ray[tune]) or the tensorboard package."
+            ) from None
+    return SummaryWriter
+
+
+def _mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigError("--log mlflow needs MLflow: pip install mlflow") from None
+    return mlflow
+
+
+def check_trackers(names: list[str], storage: Storage | None) -> None:
+    """Refuse, before any work (no participant started, no folder written), trackers that
+    cannot start here."""
     if names and storage is None:
         raise ConfigError("--log needs a results folder (the run was started without one).")
+    for name in names:
+        {"tensorboard": _summary_writer, "mlflow": _mlflow}[name]()
+
+
+def open_trackers(names: list[str], storage: Storage | None, config: dict, run_name: str) -> list[Tracker]:
+    check_trackers(names, storage)
     makers = {"tensorboard": TensorBoard, "mlflow": MLflow}
     return [makers[n](storage, config, run_name) for n in names]
 

@@ -82,3 +82,14 @@ def _refused(capsys, *argv: str) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     return err
+
+
+def test_a_tracker_that_cannot_start_is_refused_before_any_work(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("MLflow is installed here: nothing to refuse")
+    said: list[str] = []
+    with pytest.raises(ConfigError, match="--log mlflow needs MLflow: pip install mlflow"):
+        run(tiny_config(log=["mlflow"], resources={"backend": "ray"}), tmp_path / "run", progress=said.append)
+    assert said == [] and not (tmp_path / "run").exists()  # no participant started, no folder written
