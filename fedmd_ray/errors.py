@@ -4,6 +4,7 @@ the CLI prints it without a traceback."""
 from __future__ import annotations
 
 import difflib
+import traceback
 from collections.abc import Iterable
 
 
@@ -30,14 +31,22 @@ class ConsensusError(FedMDError, ValueError):
 class ParticipantError(FedMDError, RuntimeError):
     """A participant raised or died; the run stops with its name and its error."""
 
-    def __init__(self, participant: str, phase: str, message: str):
+    def __init__(self, participant: str, phase: str, message: str, trace: str | None = None):
         self.participant, self.phase = participant, phase
+        self.trace = trace
+        """Where its own code raised (the traceback), for the run folder's error.txt."""
+        self.trace_file: str | None = None
+        """Where `trace` was written, once it was."""
         if "CUDA out of memory" in message or "torch.OutOfMemoryError" in message:
             message += (
                 " -- it ran out of GPU memory: each participant may use only its share of a GPU "
                 "(resources.num_gpus); give it a larger share or lower the batch sizes."
             )
         super().__init__(f"Participant '{participant}' failed during {phase}: {message}")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} (its traceback: {self.trace_file})" if self.trace_file else text
 
 
 class ResourceError(FedMDError, RuntimeError):
@@ -63,3 +72,9 @@ class Failed:
     def __init__(self, exc: BaseException):
         self.error = exc if isinstance(exc, FedMDError) else None
         self.text = f"{type(exc).__name__}: {exc}"
+        self.trace = format_trace(exc)
+
+
+def format_trace(exc: BaseException) -> str:
+    """`exc`'s traceback as Python prints it: where a participant's own code raised."""
+    return "".join(traceback.format_exception(exc))

@@ -168,8 +168,9 @@ def run(
             if on_round is not None:
                 on_round(round_, recorder.summary())
         recorder.finish(complete=True)
-    except BaseException:
+    except BaseException as exc:
         if recorder is not None:
+            recorder.failed(exc)
             recorder.finish(complete=False)
         raise
     finally:

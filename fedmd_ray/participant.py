@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmd_ray import sharing
-from fedmd_ray.errors import CheckpointError, ConfigError, FedMDError, ParticipantError
+from fedmd_ray.errors import CheckpointError, ConfigError, FedMDError, ParticipantError, format_trace
 from fedmd_ray.faults import fire
 from fedmd_ray.heap import keep_freed_memory
 from fedmd_ray.models import build_model, check_model, parameter_count
@@ -118,7 +118,8 @@ def build_participant(spec: ParticipantSpec, *data: Any) -> Participant:
     except FedMDError:
         raise
     except Exception as exc:
-        raise ParticipantError(spec.name, Phase.SETUP, f"{type(exc).__name__}: {exc}") from exc
+        text = f"{type(exc).__name__}: {exc}"
+        raise ParticipantError(spec.name, Phase.SETUP, text, format_trace(exc)) from exc
 
 
 def digest_loss(

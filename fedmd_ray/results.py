@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmd_ray.config import Config
+from fedmd_ray.errors import ParticipantError
 from fedmd_ray.phases import ROUND_PHASES, Phase
 from fedmd_ray.protocol import Event, Scores
 from fedmd_ray.report import (
@@ -50,6 +51,7 @@ SCHEMA = pa.schema(
     ]
 )
 METRICS = "metrics.parquet"
+ERROR = "error.txt"  # the traceback of a participant that failed
 OUTPUTS = (
     METRICS,
     "checkpoint",  # checkpoint.FOLDER
@@ -61,6 +63,7 @@ OUTPUTS = (
     "partition.json",
     "participants.json",
     "placement.json",
+    ERROR,
 )
 """What a run writes in its folder. A new run there replaces exactly these: an earlier
 run's rounds must not mix with its own, and a user's other files stay."""
@@ -410,8 +413,18 @@ class Recorder:
         for tracker in self.trackers:
             tracker.flush()
 
+    def failed(self, exc: BaseException) -> None:
+        """A participant's own code raised: its traceback goes to error.txt, which the
+        error's one line then names (the line says what failed; the file says where)."""
+        if self.storage is None or not isinstance(exc, ParticipantError) or not exc.trace:
+            return
+        self.storage.write_text(ERROR, f"{exc}\n\n{exc.trace}")
+        exc.trace_file = self.storage.location(ERROR)
+
     def finish(self, complete: bool) -> None:
         self.complete = complete
+        if complete and self.storage is not None:
+            self.storage.delete(ERROR)  # a resumed run that ended: the failure it resumed from is over
         self.flush()
         for tracker in self.trackers:
             tracker.close()

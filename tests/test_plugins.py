@@ -15,7 +15,7 @@ from torch import nn
 import fedmd_ray
 from fedmd_ray import run
 from fedmd_ray.cli import main
-from fedmd_ray.errors import CheckpointError, ConfigError, ConsensusError, DatasetError
+from fedmd_ray.errors import CheckpointError, ConfigError, ConsensusError, DatasetError, ParticipantError
 from fedmd_ray.plugins import MODELS, parse_spec
 from tests.conftest import numbers, tiny_config
 
@@ -354,6 +354,7 @@ def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir, monkey
             out,
             progress=None,
         )
+    assert "failed during revisit" in (out / "error.txt").read_text()
     # The run records where its files are, so `--resume` works from any directory.
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["models"][0] == f"{(user_dir / 'my_nets.py').resolve()}:small"
@@ -362,12 +363,50 @@ def test_resume_with_a_user_model_records_the_spec(ray_session, user_dir, monkey
     assert main(["run", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
     resumed = pq.read_table(out / "metrics.parquet")
     assert numbers(resumed.to_pylist()) == numbers(whole.metrics.to_pylist())
+    assert not (out / "error.txt").exists()  # the failure it resumed from is over
     # The checkpoint knows the code, not only its name: an edited model file is refused.
     nets = user_dir / "my_nets.py"
     nets.write_text(nets.read_text() + "\n# edited\n")
     monkeypatch.chdir(user_dir)
     with pytest.raises(CheckpointError, match=r"code \S*my_nets.py:small \('[0-9a-f]{8}"):
         run(tiny_config(models=models, data=data, train={"rounds": 3}), out, progress=None, resume=True)
+
+
+FLAKY = """
+from torch import nn
+
+
+class Flaky(nn.Module):
+    def __init__(self, num_classes, image_shape):
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(image_shape[1] * image_shape[2], num_classes))
+
+    def forward(self, x):
+        if self.training and len(x) < 64:  # the private data's batches, not the public data's
+            raise RuntimeError("a bug in the user's forward")
+        return self.head(x)
+
+
+def flaky(num_classes, image_shape):
+    return Flaky(num_classes, image_shape)
+"""
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_model_failing_mid_training_leaves_its_traceback(ray_session, user_dir, backend):
+    (user_dir / "flaky.py").write_text(FLAKY)
+    config = tiny_config(models=["flaky.py:flaky", "cnn2:8,16,0.1"], resources={"backend": backend})
+    with pytest.raises(ParticipantError) as info:
+        run(config, user_dir / "run", progress=None)
+    trace = user_dir / "run" / "error.txt"
+    assert str(info.value) == (
+        "Participant 'p00-flaky' failed during transfer: RuntimeError: a bug in the user's forward "
+        f"(its traceback: {trace.resolve()})"
+    )
+    # The line says what failed; the file says where, down to the user's own line.
+    text = trace.read_text()
+    assert text.startswith("Participant 'p00-flaky' failed during transfer")
+    assert 'flaky.py", line 12, in forward' in text and 'raise RuntimeError("a bug' in text
 
 
 @pytest.mark.parametrize("key", ["my_nets.py:small", "my_nets.py"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -252,7 +253,11 @@ class Dispatcher:
         if isinstance(cause, FedMDError):
             return cause
         text = error.text if isinstance(error, Failed) else describe_ray_error(error)
-        return ParticipantError(self.names[call.index], call.phase, text)
+        # A task error's text is the participant's own traceback, as Ray carried it back.
+        trace = (
+            error.trace if isinstance(error, Failed) else _plain(str(error)) if cause is not None else None
+        )
+        return ParticipantError(self.names[call.index], call.phase, text, trace)
 
     def _check_late(self) -> None:
         """Late calls that answered since: one that raised stops the run by its
@@ -459,3 +464,8 @@ def _first_line(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if "Error" in line or "error" in line or "failed" in line.lower()]
     return (useful or lines or [type(exc).__name__])[-1][:400]
+
+
+def _plain(text: str) -> str:
+    """Ray's text without its terminal colours (a file is read in an editor, not a terminal)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

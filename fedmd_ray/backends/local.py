@@ -16,7 +16,7 @@ import torch
 from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.config import Config
 from fedmd_ray.consensus import form_consensus
-from fedmd_ray.errors import FedMDError, ParticipantError
+from fedmd_ray.errors import FedMDError, ParticipantError, format_trace
 from fedmd_ray.participant import Participant, build_participant, run_call
 from fedmd_ray.phases import Phase
 from fedmd_ray.plans import RoundPlan
@@ -63,7 +63,8 @@ class LocalBackend:
             except FedMDError:
                 raise
             except Exception as exc:
-                raise ParticipantError(self.names[i], phase, f"{type(exc).__name__}: {exc}") from exc
+                text = f"{type(exc).__name__}: {exc}"
+                raise ParticipantError(self.names[i], phase, text, format_trace(exc)) from exc
             if self.report is not None:
                 self.report({"kind": "done", "participant": self.names[i], "phase": phase})
         return out
