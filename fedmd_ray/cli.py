@@ -156,6 +156,8 @@ def _kept(out: str, earlier: tuple | None, resumable: bool = False) -> str:
     if _results_in(out) is None:
         return "nothing was written."
     storage = Storage(out)
+    if not storage.exists("metrics.parquet"):  # stopped before transfer learning ended
+        return f"no results yet (its config and partition are in {storage}/)."
     text = f"results written so far are in {storage}/"
     if resumable and storage.exists("checkpoint", "latest.json"):
         text += f"; continue with: fedmd-ray run --resume {out}"

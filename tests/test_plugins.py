@@ -393,7 +393,7 @@ def flaky(num_classes, image_shape):
 
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
-def test_a_model_failing_mid_training_leaves_its_traceback(ray_session, user_dir, backend):
+def test_a_model_failing_mid_training_leaves_its_traceback(ray_session, user_dir, backend, capsys):
     (user_dir / "flaky.py").write_text(FLAKY)
     config = tiny_config(models=["flaky.py:flaky", "cnn2:8,16,0.1"], resources={"backend": backend})
     with pytest.raises(ParticipantError) as info:
@@ -407,6 +407,22 @@ def test_a_model_failing_mid_training_leaves_its_traceback(ray_session, user_dir
     text = trace.read_text()
     assert text.startswith("Participant 'p00-flaky' failed during transfer")
     assert 'flaky.py", line 12, in forward' in text and 'raise RuntimeError("a bug' in text
+    if backend == "local":  # the command line: the error's line, then what is (not) in the folder
+        capsys.readouterr()
+        argv = [
+            "run",
+            "--backend",
+            "local",
+            "--quiet",
+            "--out",
+            "cli",
+            "--set",
+            'models=["flaky.py:flaky","cnn2"]',
+        ]
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].endswith(f"(its traceback: {(user_dir / 'cli' / 'error.txt').resolve()})")
+        assert err[1] == f"no results yet (its config and partition are in {(user_dir / 'cli').resolve()}/)."
 
 
 @pytest.mark.parametrize("key", ["my_nets.py:small", "my_nets.py"])
