@@ -187,13 +187,15 @@ def _absolute(identity_: dict[str, Any]) -> dict[str, Any]:
 def check(storage: Storage, saved_: Saved, identity_: dict[str, Any], names: list[str]) -> None:
     """Refuse to continue `saved_` under settings that change the numbers (this run's
     `identity_`) or without a state for each of `names`."""
-    theirs = _absolute(saved_.identity)
+    # The fingerprints differ only in how paths were written (a checkpoint from before paths
+    # were recorded absolute) when nothing differs once they are made absolute.
+    theirs = _absolute(saved_.identity) if saved_.fingerprint != fingerprint(identity_) else identity_
     changed = sorted(k for k in set(identity_) | set(theirs) if identity_.get(k) != theirs.get(k))
-    if saved_.fingerprint != fingerprint(identity_) and changed:
+    if changed:
         shown = ", ".join(f"{k} ({theirs.get(k)!r} -> {identity_.get(k)!r})" for k in changed[:5])
         raise CheckpointError(
             f"The checkpoint in {storage} was written under settings that change the numbers: "
-            f"{shown or 'unknown'}. Resume with the original settings and code (only {', '.join(FREE_KEYS)} "
+            f"{shown}. Resume with the original settings and code (only {', '.join(FREE_KEYS)} "
             "may change; pin resources.torch_threads to resume on a machine of another size), or start afresh."
         )
     missing = [n for n in names if n not in saved_.entries]

@@ -344,8 +344,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"'{key}' must be an integer, got {value!r}.")
         if isinstance(value, numbers.Integral):  # exactly, however large (a float has 53 bits)
             return int(value)
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass  # "3.0", "1e3": whole numbers written as floats, read below
         try:
             as_float = float(value)
         except (TypeError, ValueError):

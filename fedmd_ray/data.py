@@ -270,12 +270,12 @@ def _class_folders(split: Path, source: str) -> list[str]:
 
 
 def _read_image(path: Path, source: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("L" if img.mode in ("L", "1", "I", "I;16") else "RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
+    except OSError as exc:  # PIL's UnidentifiedImageError (not an image) is one
         raise DatasetError(
             f"Dataset '{source}': cannot read image {path} ({exc}); remove or replace it."
         ) from None

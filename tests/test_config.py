@@ -42,6 +42,7 @@ def test_unknown_key_suggests_the_closest():
         ("train.public_subset_size=0", "'train.public_subset_size' is 0; it must be greater than zero"),
         ("train.lr=abc", "'train.lr' must be a number"),
         ("train.rounds=2.5", "'train.rounds' must be an integer"),
+        ("train.rounds=+-5", "'train.rounds' must be an integer, got '+-5'"),
         ("resources.num_gpus=1.5", "whole number of GPUs"),
         ("resources.num_gpus=-0.1", "'resources.num_gpus' is -0.1"),
         ("resources.backend=spark", "'resources.backend' is 'spark'; it must be one of ray, local"),

@@ -252,12 +252,11 @@ class Dispatcher:
         cause = error.error if isinstance(error, Failed) else getattr(error, "cause", None)
         if isinstance(cause, FedMDError):
             return cause
-        text = error.text if isinstance(error, Failed) else describe_ray_error(error)
+        if isinstance(error, Failed):
+            return ParticipantError(self.names[call.index], call.phase, error.text, error.trace)
         # A task error's text is the participant's own traceback, as Ray carried it back.
-        trace = (
-            error.trace if isinstance(error, Failed) else _plain(str(error)) if cause is not None else None
-        )
-        return ParticipantError(self.names[call.index], call.phase, text, trace)
+        trace = _plain(str(error)) if cause is not None else None
+        return ParticipantError(self.names[call.index], call.phase, describe_ray_error(error), trace)
 
     def _check_late(self) -> None:
         """Late calls that answered since: one that raised stops the run by its
