@@ -197,7 +197,9 @@ class ResourcesConfig:
     possible), 'SPREAD' (across nodes), 'STRICT_PACK' or 'STRICT_SPREAD'. None: Ray places
     each actor on its own. Inside a Ray Tune trial, the trial's own group is used."""
     device: str = "auto"
-    """'auto' (CUDA when the participant was given a GPU), 'cpu' or 'cuda'."""
+    """'auto': CUDA where the participant has a GPU share (resources.num_gpus or its
+    per_model entry) and torch sees a device, else the CPU, on either backend; 'cpu'; or
+    'cuda' (on the ray backend every participant then needs a GPU share)."""
     torch_threads: int | None = None
     """Torch threads per participant. None: its CPU share, rounded down (at least 1), where
     the share is resources.num_cpus, or the cluster's CPUs split evenly over the
@@ -496,6 +498,23 @@ def model_share(config: Config, model: str) -> dict[str, float]:
     return per_model.get(model, per_model.get(model.split(":", 1)[0], {}))
 
 
+def _check_cuda(config: Config) -> None:
+    """On Ray, a participant on CUDA must have a GPU share: Ray would place it as if it used
+    none, beside others on a GPU it does not account for."""
+    r = config.resources
+    if r.backend != "ray" or r.device != "cuda":
+        return
+    without = sorted(
+        {m for m in config.participant_models() if not model_share(config, m).get("num_gpus", r.num_gpus) > 0}
+    )
+    if without:
+        raise ConfigError(
+            f"'resources.device' is 'cuda' but {', '.join(without)} ha{'s' if len(without) == 1 else 've'} "
+            "no GPU share on the ray backend. Give each participant one (e.g. resources.num_gpus=0.1, "
+            "or resources.per_model), or leave resources.device='auto' (CUDA where a share is given)."
+        )
+
+
 def _check_group(config: Config) -> None:
     r = config.resources
     if r.group and (r.backend != "ray" or r.actors is None or r.actors >= config.num_participants):
@@ -600,6 +619,7 @@ def validate(config: Config) -> None:
         _check_per_model(config)
     _check_group(config)
     _check_mps(config)
+    _check_cuda(config)
 
 
 def _validate_data(d: DataConfig) -> None:

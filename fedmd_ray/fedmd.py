@@ -17,7 +17,7 @@ import numpy as np
 from fedmd_ray import checkpoint, privacy
 from fedmd_ray.backends import make_backend
 from fedmd_ray.checks import from_dict, with_absolute_paths
-from fedmd_ray.config import Config, ConfigError
+from fedmd_ray.config import Config, ConfigError, model_share
 from fedmd_ray.consensus import AGGREGATORS, check_consensus
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.phases import Phase
@@ -276,7 +276,7 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
             num_classes=task.num_classes,
             image_shape=task.image_shape,
             train=config.train,
-            device=config.resources.device,
+            device=participant_device(config, config.model_of(i)),
             torch_threads=config.resources.torch_threads,
             sharing=config.sharing,
             adversary=i in config.sharing.adversaries,
@@ -288,6 +288,18 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
         )
         for i, name in enumerate(participant_names(config))
     ]
+
+
+def participant_device(config: Config, model: str) -> str:
+    """resources.device for a participant of `model`: 'auto' means CUDA only with a GPU share.
+    Since Ray 2.5x an actor given no GPU still sees every GPU of its node (Ray no longer
+    empties CUDA_VISIBLE_DEVICES), and the local backend always sees them: without this a
+    run with num_gpus=0 on a GPU machine put every participant on GPU 0, unaccounted, and
+    computed other numbers than the CPU run its config and checkpoint describe."""
+    device = config.resources.device
+    if device == "auto" and not model_share(config, model).get("num_gpus", config.resources.num_gpus) > 0:
+        return "cpu"
+    return device
 
 
 def consensus_plan(config: Config, task: Task) -> ConsensusPlan:

@@ -237,6 +237,15 @@ class Participant:
         self.spec = spec
         self.name = spec.name
         self.cfg = spec.train
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"{spec.name}: resources.device is 'cuda' but torch finds no CUDA device in its "
+                f"process (torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Set resources.device='auto' (CUDA "
+                "where a participant has a GPU share, resources.num_gpus) or 'cpu'."
+            )
+        # 'auto' here means the participant was given a GPU share (fedmd.participant_device);
+        # Ray's fake GPUs (ray.init(num_gpus=2)) have no CUDA behind them, so it runs on CPU.
         use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         if use_cuda:

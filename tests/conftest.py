@@ -71,11 +71,9 @@ TINY = {
         "upper_bound_epochs": 5,
         "digest_batch_size": 64,
     },
-    # CPU even where a GPU is present: with device 'auto' the local backend would take the
-    # GPU while Ray actors given no GPU stay on the CPU, and the two would differ. Actors
-    # kept from one test's run to the next (resources.reuse_actors): a Ray run then costs
-    # its work, not three processes importing torch (tests that need fresh actors say so).
-    "resources": {"backend": "local", "torch_threads": 1, "device": "cpu", "reuse_actors": True},
+    # Actors kept from one test's run to the next (resources.reuse_actors): a Ray run then
+    # costs its work, not three processes importing torch (tests that need fresh actors say so).
+    "resources": {"backend": "local", "torch_threads": 1, "reuse_actors": True},
 }
 
 

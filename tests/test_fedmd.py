@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from fedmd_ray import run
 from fedmd_ray.errors import ConfigError, ConsensusError, ParticipantError, ResourceError
+from fedmd_ray.fedmd import participant_device
 from fedmd_ray.phases import Phase
 from fedmd_ray.procfs import status_bytes
 from tests.conftest import numbers, tiny_config
@@ -243,6 +245,35 @@ def test_each_model_gets_its_own_share_and_the_same_numbers(ray_session, out_dir
         tiny_config(resources={"per_model": {"resnet18": {"num_gpus": 0.5}}})
     with pytest.raises(ConfigError, match="with 'resources.actors' a pool of equal actors"):
         tiny_config(resources={"actors": 1, "per_model": {"cnn2": {"num_gpus": 0.5}}})
+
+
+def test_a_participant_computes_on_cuda_only_with_a_gpu_share():
+    """Ray 2.60 leaves every GPU visible to an actor given none, and the local backend sees
+    them all: 'auto' must follow the participant's share, not what torch can see, or a CPU
+    run's config computes on GPU 0 of a GPU machine."""
+    models = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1"]
+    assert participant_device(tiny_config(models=models), models[0]) == "cpu"
+    assert participant_device(tiny_config(models=models, resources={"num_gpus": 0.1}), models[0]) == "auto"
+    mixed = tiny_config(models=models, resources={"backend": "ray", "per_model": {"cnn3": {"num_gpus": 0.5}}})
+    assert [participant_device(mixed, m) for m in models] == ["cpu", "auto"]
+    assert participant_device(tiny_config(resources={"device": "cpu", "num_gpus": 0.1}), models[0]) == "cpu"
+    assert (
+        participant_device(tiny_config(resources={"device": "cuda"}), models[0]) == "cuda"
+    )  # local: as asked
+    with pytest.raises(ConfigError, match=r"'cuda' but cnn2:8,16,0.1 has no GPU share on the ray backend"):
+        tiny_config(
+            models=models,
+            resources={"backend": "ray", "device": "cuda", "per_model": {"cnn3": {"num_gpus": 0.5}}},
+        )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch has no CUDA device")
+def test_cuda_asked_for_where_there_is_none_is_refused_by_name(out_dir):
+    config = tiny_config(resources={"backend": "local", "device": "cuda"})
+    with pytest.raises(
+        ConfigError, match=r"p00-cnn2: resources.device is 'cuda' but torch finds no CUDA device"
+    ):
+        run(config, out_dir, progress=None)
 
 
 @pytest.mark.parametrize("backend", ["local", "ray"])
