@@ -51,8 +51,26 @@ def with_absolute_paths(config: Config) -> Config:
             data_dir=str(Path(d.data_dir).expanduser().resolve()) if d.data_dir else d.data_dir,
         ),
         train=replace(t, consensus=absolute(t.consensus), digest_loss=absolute(t.digest_loss)),
-        resources=replace(r, per_model=per_model),
+        resources=replace(r, per_model=per_model, runtime_env=_anchored_env(r.runtime_env)),
     )
+
+
+def _anchored_env(env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """resources.runtime_env with its local folders (working_dir, py_modules) absolute: Ray
+    reads them where the driver runs, so a relative one would ship another folder when the
+    run is resumed from elsewhere. URIs (s3://, gs://, https://) are left as written."""
+    if not env:
+        return env
+
+    def anchored(path: Any) -> Any:
+        return path if not isinstance(path, str) or "://" in path else str(Path(path).expanduser().resolve())
+
+    out = dict(env)
+    if "working_dir" in out:
+        out["working_dir"] = anchored(out["working_dir"])
+    if isinstance(out.get("py_modules"), list):
+        out["py_modules"] = [anchored(m) for m in out["py_modules"]]
+    return out
 
 
 def from_dict(values: dict[str, Any]) -> Config:

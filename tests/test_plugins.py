@@ -435,7 +435,11 @@ def test_a_runs_paths_are_made_absolute_with_the_shares_that_name_them(user_dir,
         models=["my_nets.py:small", "cnn2:8,16,0.1"],
         data={"private": "folder:imgs", "data_dir": "data"},
         train={"consensus": "my_consensus.py:sharp?power=1.5"},
-        resources={"backend": "ray", "per_model": {key: {"num_cpus": 1}}},
+        resources={
+            "backend": "ray",
+            "per_model": {key: {"num_cpus": 1}},
+            "runtime_env": {"working_dir": ".", "py_modules": ["libs", "s3://bucket/m.zip"], "pip": ["timm"]},
+        },
     )
     absolute = with_absolute_paths(config)
     here = user_dir.resolve()
@@ -443,6 +447,8 @@ def test_a_runs_paths_are_made_absolute_with_the_shares_that_name_them(user_dir,
     assert absolute.data.private == f"folder:{here}/imgs" and absolute.data.data_dir == f"{here}/data"
     assert absolute.train.consensus == f"{here}/my_consensus.py:sharp?power=1.5"
     assert [model_share(absolute, m) for m in absolute.models] == [{"num_cpus": 1}, {}]
+    env = {"working_dir": str(here), "py_modules": [f"{here}/libs", "s3://bucket/m.zip"], "pip": ["timm"]}
+    assert absolute.resources.runtime_env == env  # Ray ships the folder the run started in, on resume too
     assert with_absolute_paths(absolute) == absolute
 
 
