@@ -14,6 +14,7 @@ ReLU -> dropout -> average pooling, and the head is a bias-free dense layer with
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -179,6 +180,7 @@ def build_model(
             make, kwargs = factory, parse_spec(name).kwargs
         else:
             make, kwargs = MODELS.resolve(name, code)
+        _check_signature(make, num_classes=num_classes, image_shape=tuple(in_shape), **kwargs)
         return make(num_classes=num_classes, image_shape=tuple(in_shape), **kwargs)
     if len(in_shape) != 3:
         raise ConfigError(
@@ -192,6 +194,36 @@ def build_model(
 
     model = torchvision.models.get_model(base, weights=None, num_classes=num_classes)
     return _adapt_torchvision(model, in_shape[0])
+
+
+def _where(exc: BaseException) -> str:
+    """' (at file.py, line N)': where the exception was raised, for a one-line error about a
+    user's code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f" (at {tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
+
+
+def _check_signature(make: Any, **kwargs: Any) -> None:
+    """A factory that cannot take what it is called with is refused with the call it gets,
+    not with the TypeError of a keyword it never heard of."""
+    try:
+        signature = inspect.signature(make)
+    except (TypeError, ValueError):  # a builtin or C callable: its call says for itself
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        name = getattr(make, "__name__", type(make).__name__)
+        raise ConfigError(
+            f"its factory is called as {name}({call}) and cannot take that ({exc}); it has the "
+            f"signature {name}{signature}. A model factory takes num_classes and image_shape "
+            "(C, H, W) by those names, and the options its spec gives (file.py:factory?width=32)."
+        ) from None
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -219,9 +251,9 @@ def check_model(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     except Exception as exc:
-        raise fail(f"its factory raised {type(exc).__name__}: {exc}") from None
+        raise fail(f"its factory raised {type(exc).__name__}: {exc}{_where(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise fail(f"its factory returned a {type(model).__name__}, not a torch.nn.Module.")
+        raise fail(f"its factory returned {type(model).__name__!r}, not a torch.nn.Module.")
     try:
         with torch.no_grad():
             out = model.eval()(sample)

@@ -114,8 +114,17 @@ def test_a_user_model_file_runs_and_is_summarised_like_a_builtin(ray_session, us
             "my_nets.py:wrong_width",
             r"p00-wrong_width.*maps a batch of shape \(2, 1, 16, 16\) to \(2, 17\); it must give \(2, 16\)",
         ),
-        ("my_nets.py:not_a_module", "returned a str, not a torch.nn.Module"),
-        ("my_nets.py:raises", "its factory raised RuntimeError: no such layer"),
+        ("my_nets.py:not_a_module", "returned 'str', not a torch.nn.Module"),
+        (
+            "my_nets.py:raises",
+            r"its factory raised RuntimeError: no such layer \(at \S*/mine/my_nets.py, line 27\)",
+        ),
+        (
+            "my_nets.py:small?depth=3",
+            r"its factory is called as small\(num_classes=16, image_shape=\(1, 16, 16\), depth=3\) and "
+            r"cannot take that \(got an unexpected keyword argument 'depth'\); it has the signature "
+            r"small\(num_classes, image_shape, width=8\)",
+        ),
         ("my_nets.py:smal", "has no 'smal'. Did you mean 'small'"),
         ("missing.py:small", "file missing.py not found"),
         ("no_such_pkg.models:small", "cannot import module 'no_such_pkg.models'"),
@@ -132,7 +141,11 @@ def test_bad_models_are_refused_before_any_work_naming_the_participant(user_dir,
     "model, message",
     [
         ("my_nets.py:wrong_width", r"p00-wrong_width.*to \(2, 17\); it must give \(2, 16\)"),
-        ("my_nets.py:raises", "its factory raised RuntimeError: no such layer"),
+        # The user's file, not Ray's copy of it.
+        (
+            "my_nets.py:raises",
+            r"its factory raised RuntimeError: no such layer \(at \S*/mine/my_nets.py, line 27\)",
+        ),
     ],
 )
 def test_on_ray_bad_models_are_refused_before_any_work(ray_session, user_dir, model, message):
@@ -406,7 +419,12 @@ def test_a_model_failing_mid_training_leaves_its_traceback(ray_session, user_dir
     # The line says what failed; the file says where, down to the user's own line.
     text = trace.read_text()
     assert text.startswith("Participant 'p00-flaky' failed during transfer")
-    assert 'flaky.py", line 12, in forward' in text and 'raise RuntimeError("a bug' in text
+    # The user's own file, not Ray's copy of it under /tmp/ray.
+    assert (
+        f'{(user_dir / "flaky.py").resolve()}", line 12, in forward' in text
+        and 'raise RuntimeError("a bug' in text
+    )
+    assert "fedmd_user_code" not in text
     if backend == "local":  # the command line: the error's line, then what is (not) in the folder
         capsys.readouterr()
         argv = [
@@ -581,3 +599,28 @@ def test_an_environment_that_cannot_be_set_up_is_one_line_naming_the_participant
     )
     with pytest.raises(ConfigError, match=r"p00-cnn2.*could not set up its runtime_env"):
         run(config, progress=None)
+
+
+def test_errors_name_the_users_files_not_rays_copies():
+    from fedmd_ray.backends.shipping import Shipment
+    from fedmd_ray.usercode import Code
+
+    origins = {
+        "d0": Path("/home/u/nets"),
+        "m/mypkg": Path("/home/u/src/mypkg"),
+        "m/single": Path("/opt/single.py"),
+    }
+    shipment = Shipment(None, Code("fedmd_user_code_0123456789ab", {}, "m"), [], origins)
+    copy = "/tmp/ray/session_1/runtime_resources/py_modules_files/_ray_pkg_9f/fedmd_user_code_0123456789ab"
+    text = (
+        f'  File "{copy}/d0/nets.py", line 3, in small\n'
+        f'  File "{copy}/m/mypkg/layers.py", line 9, in forward\n'
+        f'  File "{copy}/m/single.py", line 1\n'
+        f'  File "{copy}/d7/gone.py", line 2\n'  # not this run's: left as it was
+    )
+    assert shipment.unship(text) == (
+        '  File "/home/u/nets/nets.py", line 3, in small\n'
+        '  File "/home/u/src/mypkg/layers.py", line 9, in forward\n'
+        '  File "/opt/single.py", line 1\n'
+        f'  File "{copy}/d7/gone.py", line 2\n'
+    )

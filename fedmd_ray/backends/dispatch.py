@@ -102,9 +102,12 @@ class Dispatcher:
         max_restarts: int,
         sink: Any = None,
         report: Callable[[dict], None] | None = None,
+        unship: Callable[[str], str] | None = None,
     ):
         self.ray, self.slots, self.names, self.window = ray, slots, names, window
         self.max_restarts, self.sink, self.report = max_restarts, sink, report
+        self.unship = unship
+        """Rewrites the paths of Ray's copies of the user's code into the user's own."""
         self.costs = Costs()
         self.restarts: dict[int, int] = {}
         self.events: list[Event] = []
@@ -248,15 +251,25 @@ class Dispatcher:
 
     def _failure(self, call: Call, error: Exception | Failed) -> FedMDError:
         """What a call that raised says: ours already says what is wrong and how to fix it,
-        as on the local backend; anything else is named by its participant and phase."""
+        as on the local backend; anything else is named by its participant and phase. Either
+        names the user's files, not Ray's copies of them."""
         cause = error.error if isinstance(error, Failed) else getattr(error, "cause", None)
         if isinstance(cause, FedMDError):
-            return cause
+            return self._unshipped(cause)
         if isinstance(error, Failed):
-            return ParticipantError(self.names[call.index], call.phase, error.text, error.trace)
-        # A task error's text is the participant's own traceback, as Ray carried it back.
-        trace = _plain(str(error)) if cause is not None else None
-        return ParticipantError(self.names[call.index], call.phase, describe_ray_error(error), trace)
+            failure = ParticipantError(self.names[call.index], call.phase, error.text, error.trace)
+        else:
+            # A task error's text is the participant's own traceback, as Ray carried it back.
+            trace = _plain(str(error)) if cause is not None else None
+            failure = ParticipantError(self.names[call.index], call.phase, describe_ray_error(error), trace)
+        return self._unshipped(failure)
+
+    def _unshipped(self, error: FedMDError) -> FedMDError:
+        if self.unship is not None:
+            error.args = tuple(self.unship(a) if isinstance(a, str) else a for a in error.args)
+            if isinstance(error, ParticipantError) and error.trace:
+                error.trace = self.unship(error.trace)
+        return error
 
     def _check_late(self) -> None:
         """Late calls that answered since: one that raised stops the run by its

@@ -125,7 +125,9 @@ class RayBackend:
         else:
             turns = window is not None and window < n  # actors wait for a core between calls
             self.slots = DedicatedActors(ray, self.specs, shared, plan, self.tag, self.reuse, give_back=turns)
-        self.dispatch = Dispatcher(ray, self.slots, self.names, window, r.max_restarts, self.sink, report)
+        self.dispatch = Dispatcher(
+            ray, self.slots, self.names, window, r.max_restarts, self.sink, report, self.shipment.unship
+        )
         # The next round's scores go out as each participant's last step of this round, where
         # everyone is waited for (who answers in time must otherwise be seen in its own
         # round) and actors are their participants' own (a pool's queue leaves no core idle).

@@ -19,6 +19,7 @@ on the installed Ray).
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -44,6 +45,19 @@ class Shipment:
     env: dict[str, Any] | None
     code: Code | None
     staged: list[Path] = field(default_factory=list)
+    origins: dict[str, Path] = field(default_factory=dict)
+    """Where each shipped folder or module came from: 'd0' -> the user's folder, 'm/top' ->
+    the module's file or folder."""
+
+    def unship(self, text: str) -> str:
+        """`text` (an error, a traceback) naming the user's own files where it names Ray's
+        copies of them: the user opens their file at the line, not a folder under /tmp/ray."""
+        if self.code is None:
+            return text
+        pattern = rf"[^\s\"']*/{re.escape(self.code.package)}/(d\d+|m/[A-Za-z_][A-Za-z0-9_]*(?:\.py)?)"
+        return re.sub(
+            pattern, lambda m: str(self.origins.get(m.group(1).removesuffix(".py"), m.group(0))), text
+        )
 
     def remove(self) -> None:
         for path in self.staged:
@@ -108,7 +122,9 @@ def user_code(config: Config) -> Shipment:
             "is too large; keep model files in a folder of their own, or install the package on every node."
         )
     env["py_modules"] = [*env.get("py_modules", []), str(stage)]
-    return Shipment(env, Code(package, files, "m" if modules else None), [staging])
+    origins = {sub: folder for folder, sub in folders.items()}
+    origins.update({f"m/{top}": source for top, source in modules.items()})
+    return Shipment(env, Code(package, files, "m" if modules else None), [staging], origins)
 
 
 def upload(env: dict[str, Any] | None) -> dict[str, Any] | None:
