@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fedmd_ray.errors import ConfigError, ConsensusError
+from fedmd_ray.errors import ConfigError, ConsensusError, raised_at
 from fedmd_ray.plugins import CONSENSUS, Code, parse_spec
 from fedmd_ray.protocol import ConsensusPlan
 
@@ -137,7 +137,9 @@ def aggregate(
     try:
         answer = combine(stacked, w, **user_options)
     except Exception as exc:
-        raise ConsensusError(f"consensus '{method}' raised {type(exc).__name__}: {exc}") from None
+        raise ConsensusError(
+            f"consensus '{method}' raised {type(exc).__name__}: {exc}{raised_at(exc)}"
+        ) from None
     if not isinstance(answer, np.ndarray | list | tuple) and not hasattr(answer, "__array__"):
         raise ConsensusError(
             f"consensus '{method}' returned a {type(answer).__name__}; it must return (samples, classes) = "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmd_ray.errors import ConfigError, DatasetError, did_you_mean
+from fedmd_ray.errors import ConfigError, DatasetError, did_you_mean, raised_at
 from fedmd_ray.plugins import DATASETS as REGISTRY
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -123,7 +123,9 @@ def load_dataset(
         except FedMDErrorTypes:
             raise
         except Exception as exc:
-            raise DatasetError(f"Dataset '{name}': its loader raised {type(exc).__name__}: {exc}") from None
+            raise DatasetError(
+                f"Dataset '{name}': its loader raised {type(exc).__name__}: {exc}{raised_at(exc)}"
+            ) from None
         if isinstance(out, ArrayDataset):
             return as_dataset(out.x, out.y, name, out.coarse_y, out.groups)
         if not (isinstance(out, tuple) and len(out) == 2):

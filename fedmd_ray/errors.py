@@ -4,8 +4,10 @@ the CLI prints it without a traceback."""
 from __future__ import annotations
 
 import difflib
+import sysconfig
 import traceback
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class FedMDError(Exception):
@@ -73,6 +75,28 @@ class Failed:
         self.error = exc if isinstance(exc, FedMDError) else None
         self.text = f"{type(exc).__name__}: {exc}"
         self.trace = format_trace(exc)
+
+
+def raised_at(exc: BaseException) -> str:
+    """' (at FILE, line N)': the last line of the user's own code that `exc` passed through
+    (not fedmd_ray's, torch's or Python's), for a one-line error about that code; '' if none."""
+    where = ""
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        name = frame.f_code.co_filename
+        if not _library(name):
+            where = f" (at {name}, line {line})"
+    return where
+
+
+def _library(filename: str) -> bool:
+    path = Path(filename)
+    if not path.is_absolute() or path.is_relative_to(_PACKAGE):
+        return True  # '<string>', frozen modules, fedmd_ray itself
+    return any(path.is_relative_to(root) for root in _INSTALLED)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_INSTALLED = [Path(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
 
 
 def format_trace(exc: BaseException) -> str:

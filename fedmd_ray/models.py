@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmd_ray.errors import ConfigError
+from fedmd_ray.errors import ConfigError, raised_at
 from fedmd_ray.model_names import (  # noqa: F401  (models.X names kept for callers)
     KNOWN_MODELS,
     PAPER_MODELS,
@@ -196,17 +196,6 @@ def build_model(
     return _adapt_torchvision(model, in_shape[0])
 
 
-def _where(exc: BaseException) -> str:
-    """' (at file.py, line N)': where the exception was raised, for a one-line error about a
-    user's code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return ""
-    return f" (at {tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
-
-
 def _check_signature(make: Any, **kwargs: Any) -> None:
     """A factory that cannot take what it is called with is refused with the call it gets,
     not with the TypeError of a keyword it never heard of."""
@@ -251,7 +240,7 @@ def check_model(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     except Exception as exc:
-        raise fail(f"its factory raised {type(exc).__name__}: {exc}{_where(exc)}") from None
+        raise fail(f"its factory raised {type(exc).__name__}: {exc}{raised_at(exc)}") from None
     if not isinstance(model, nn.Module):
         raise fail(f"its factory returned {type(model).__name__!r}, not a torch.nn.Module.")
     try:

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmd_ray import sharing
-from fedmd_ray.errors import CheckpointError, ConfigError, FedMDError, ParticipantError, format_trace
+from fedmd_ray.errors import (
+    CheckpointError,
+    ConfigError,
+    FedMDError,
+    ParticipantError,
+    format_trace,
+    raised_at,
+)
 from fedmd_ray.faults import fire
 from fedmd_ray.heap import keep_freed_memory
 from fedmd_ray.models import build_model, check_model, parameter_count
@@ -416,7 +423,7 @@ class Participant:
         except Exception as exc:
             raise ConfigError(
                 f"Digest loss '{cfg.digest_loss}' of participant {s.name}: on made-up scores of shape "
-                f"(2, {num_classes}) it failed: {type(exc).__name__}: {exc}"
+                f"(2, {num_classes}) it failed: {type(exc).__name__}: {exc}{raised_at(exc)}"
             ) from None
         return loss
 

@@ -624,3 +624,20 @@ def test_errors_name_the_users_files_not_rays_copies():
         '  File "/opt/single.py", line 1\n'
         f'  File "{copy}/d7/gone.py", line 2\n'
     )
+
+
+def test_an_error_names_the_users_line_not_the_library_it_failed_in(tmp_path):
+    """A user's loss that fails inside torch is named at its own line, not torch's."""
+    import torch
+
+    from fedmd_ray.errors import raised_at
+    from fedmd_ray.plugins import DIGEST_LOSSES
+
+    (tmp_path / "losses.py").write_text(
+        "import torch\n\n\ndef bad(outputs, target):\n    return torch.nn.functional.cross_entropy(outputs, target[:, :3])\n"
+    )
+    loss, _ = DIGEST_LOSSES.resolve(f"{tmp_path}/losses.py:bad")
+    with pytest.raises(RuntimeError) as info:
+        loss(torch.zeros(2, 5), torch.zeros(2, 5))
+    assert raised_at(info.value) == f" (at {tmp_path}/losses.py, line 5)"
+    assert raised_at(ValueError("never raised")) == ""
