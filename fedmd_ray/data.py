@@ -187,6 +187,12 @@ def as_dataset(
             )
     elif np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32, copy=False)
+        bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+        if bad:  # else it surfaces rounds later as a participant's "diverged" scores
+            raise DatasetError(
+                f"Dataset '{source}': {bad} of its {x.size} sample values are NaN or infinite; "
+                "replace them (e.g. np.nan_to_num) before training on it."
+            )
     elif np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_:
         x = x.astype(np.int64, copy=False)
     else:

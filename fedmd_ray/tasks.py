@@ -11,6 +11,7 @@ import numpy as np
 from fedmd_ray import partition as partition_lib
 from fedmd_ray.config import Config, ConfigError
 from fedmd_ray.data import ArrayDataset, canonical_name, conform_images, load_dataset, load_letters_by_writer
+from fedmd_ray.errors import DatasetError
 
 
 @dataclass
@@ -122,6 +123,12 @@ def build_task(config: Config) -> Task:
         shape = tuple(d.input_shape)
         pub_train, pub_test = (conform_images(ds, shape, d.public) for ds in (pub_train, pub_test))
         priv_train, priv_test = (conform_images(ds, shape, d.private) for ds in (priv_train, priv_test))
+    for name, train, test in ((d.public, pub_train, pub_test), (d.private, priv_train, priv_test)):
+        if train.x.shape[1:] != test.x.shape[1:]:
+            raise DatasetError(
+                f"Dataset '{name}': its test samples are {tuple(test.x.shape[1:])} but its train "
+                f"samples {tuple(train.x.shape[1:])}; both splits must hold samples of one shape."
+            )
     if pub_train.x.shape[1:] != priv_train.x.shape[1:]:
         raise ConfigError(
             f"Public samples {tuple(pub_train.x.shape[1:])} and private samples "

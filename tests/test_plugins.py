@@ -252,6 +252,15 @@ def test_an_npz_of_images_in_any_layout(tmp_path):
             },
             "4 samples but 3 labels",
         ),
+        (
+            {
+                "x_train": np.array([[0.5, np.nan], [np.inf, 1.0]], np.float32),
+                "y_train": np.zeros(2, int),
+                "x_test": np.zeros((1, 2), np.float32),
+                "y_test": np.zeros(1, int),
+            },
+            "2 of its 4 sample values are NaN or infinite",
+        ),
     ],
 )
 def test_bad_npz_data_is_one_clear_error(tmp_path, arrays, message):
@@ -269,6 +278,15 @@ def test_missing_data_and_missing_classes_are_refused(tmp_path):
     spec = _npz(tmp_path / "four.npz", x, y, x, y)
     with pytest.raises(ConfigError, match=r"names classes \[4, 5\] that 'npz:.*four.npz' does not have"):
         run(tiny_config(data={"private": spec, "private_classes": [0, 4, 5]}), progress=None)
+    small, _ = _images(40, (8, 8), 4)  # a test split of other images: refused, not a matmul error mid-run
+    spec = _npz(tmp_path / "mixed.npz", x, y, small, y)
+    with pytest.raises(
+        DatasetError, match=r"its test samples are \(1, 8, 8\) but its train samples \(1, 16, 16\)"
+    ):
+        run(
+            tiny_config(data={"private": spec, "private_classes": [0, 1, 2]}), tmp_path / "out", progress=None
+        )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_image_folder_and_its_empty_class(tmp_path):
