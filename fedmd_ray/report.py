@@ -156,9 +156,11 @@ def render_summary(
     together: tuple[int, int] | list[int] | None = None,
     mps: dict | str | None = None,
     chance: float | None = None,
+    public_samples: int | None = None,
 ) -> str:
     """The paper's comparison as a Markdown table, with what each participant moved; with
-    `chance` (1 / the private task's classes), who ended no better than guessing."""
+    `chance` (1 / the private task's classes), who ended no better than guessing; with
+    `public_samples`, the subset a round really draws when the config asks for more."""
 
     def pct(x: float) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -167,8 +169,11 @@ def render_summary(
     if not complete:
         lines += ["**Incomplete run**: it stopped early; the table shows the last round reached.", ""]
     t, sh = config.train, config.sharing
+    subset = f"public subset {t.public_subset_size}"
+    if public_samples is not None and t.public_subset_size > public_samples:
+        subset = f"public subset {public_samples} (all the public data; train.public_subset_size={t.public_subset_size})"
     lines += [
-        f"{len(summary)} participants, {t.rounds} rounds, public subset {t.public_subset_size}, "
+        f"{len(summary)} participants, {t.rounds} rounds, {subset}, "
         f"consensus `{t.consensus}`, digest loss `{t.digest_loss}`, payload `{sh.payload}`, "
         f"backend `{config.resources.backend}`, seed {config.seed}.",
         "",

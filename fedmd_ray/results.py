@@ -117,6 +117,7 @@ class Recorder:
         classes = len(np.unique(task.private_test.y))
         self.chance = 1.0 / classes if classes else None
         """Accuracy on the private task of a model that guesses."""
+        self.public_samples = len(task.public_train)
         self.epsilons: dict[str, float | None] = {}
         """Differential privacy: epsilon each participant has spent (its own releases)."""
         self._clear()
@@ -444,7 +445,16 @@ class Recorder:
             },
         )
         text = (
-            render_summary(summary, self.config, complete, epsilon, self.together, self.mps, self.chance)
+            render_summary(
+                summary,
+                self.config,
+                complete,
+                epsilon,
+                self.together,
+                self.mps,
+                self.chance,
+                self.public_samples,
+            )
             + self._events()
         )
         self.storage.write_text("summary.md", text)

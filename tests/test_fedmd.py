@@ -1,6 +1,7 @@
 """End-to-end FedMD runs on real (local) Ray and the local backend, synthetic data."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from fedmd_ray.errors import ConfigError, ConsensusError, ParticipantError, Reso
 from fedmd_ray.fedmd import participant_device
 from fedmd_ray.phases import Phase
 from fedmd_ray.procfs import status_bytes
+from fedmd_ray.tasks import build_task
 from tests.conftest import numbers, tiny_config
 
 PHASES = set(Phase) - {Phase.SETUP, Phase.RESUME}  # every phase a fresh run records
@@ -402,3 +404,12 @@ def test_digest_learning_rate_is_its_own_setting():
     assert _accuracies(same) == _accuracies(default)
     digest_loss = [r["loss"] for r in faster.metrics.to_pylist() if r["phase"] == Phase.DIGEST]
     assert digest_loss != [r["loss"] for r in default.metrics.to_pylist() if r["phase"] == Phase.DIGEST]
+
+
+def test_a_subset_larger_than_the_public_data_is_reported_as_what_a_round_draws(out_dir):
+    config = tiny_config(train={"rounds": 1, "upper_bound": False, "public_subset_size": 10**6})
+    run(config, out_dir, progress=None)
+    text = (out_dir / "summary.md").read_text()
+    drawn = re.search(r"public subset (\d+) \(all the public data; train.public_subset_size=1000000\)", text)
+    assert drawn and 0 < int(drawn.group(1)) < 10**6, text
+    assert drawn.group(1) == str(len(build_task(config).public_train))
