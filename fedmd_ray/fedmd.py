@@ -16,6 +16,7 @@ import numpy as np
 
 from fedmd_ray import checkpoint, privacy
 from fedmd_ray.backends import make_backend
+from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.checks import from_dict, with_absolute_paths
 from fedmd_ray.config import Config, ConfigError, model_share
 from fedmd_ray.consensus import AGGREGATORS, check_consensus
@@ -105,6 +106,7 @@ def run(
             return _finished(config, storage, task, saved, plans, say)
     saving = storage is not None and config.checkpoint_every > 0
     say(f"starting {len(specs)} participants on the '{config.resources.backend}' backend ...")
+    _warn_oversubscribed(config, say)
     backend = make_backend(config, task, specs, report)
     recorder: Recorder | None = None
     try:
@@ -288,6 +290,23 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
         )
         for i, name in enumerate(participant_names(config))
     ]
+
+
+def _warn_oversubscribed(config: Config, say: Callable[[str], None]) -> None:
+    """The local backend runs each participant on the threads its share gives it, however
+    few cores this machine has (so that it computes a Ray run's numbers): say so when that
+    is more threads than cores, as Ray would refuse the share."""
+    if config.resources.backend != "local":
+        return
+    cores = local_cpus()
+    threads = participant_threads(config, cores)
+    if threads > cores:
+        key = "torch_threads" if config.resources.torch_threads else "num_cpus"
+        say(
+            f"warning: each participant computes on {threads} torch threads (resources.{key}) and "
+            f"this machine has {cores} cores: the local backend runs them as asked, slowly. A "
+            f"smaller resources.{key} runs faster, with other numbers."
+        )
 
 
 def participant_device(config: Config, model: str) -> str:

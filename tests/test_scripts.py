@@ -152,3 +152,21 @@ def test_even_cpu_share_fits_node_by_node():
     assert even_share([1.0] * 4, 10) == 0.33  # 0.4 each would leave two actors without a node
     assert even_share([1.0, 1.0], 3) == 0.5
     assert even_share([0.5], 100) == 0.01
+
+
+def test_the_local_backend_says_when_a_share_asks_for_more_threads_than_cores():
+    from fedmd_ray.backends.resources import local_cpus
+    from fedmd_ray.fedmd import _warn_oversubscribed
+
+    said: list[str] = []
+    cores = local_cpus()
+    _warn_oversubscribed(tiny_config(resources={"torch_threads": cores + 1}), said.append)
+    assert said == [
+        f"warning: each participant computes on {cores + 1} torch threads (resources.torch_threads) and this "
+        f"machine has {cores} cores: the local backend runs them as asked, slowly. A smaller "
+        "resources.torch_threads runs faster, with other numbers."
+    ]
+    said.clear()
+    _warn_oversubscribed(tiny_config(resources={"torch_threads": cores}), said.append)
+    _warn_oversubscribed(tiny_config(resources={"backend": "ray", "torch_threads": cores + 1}), said.append)
+    assert said == []  # said by the local backend only, which has no cluster to place shares against
