@@ -5,7 +5,7 @@ work, so a typo is one line, not a traceback from inside Ray."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,44 +33,85 @@ def check(config: Config) -> None:
 
 
 def with_absolute_paths(config: Config) -> Config:
-    """`config` with every user file (models, consensus, digest loss, resources.per_model's
-    keys) and dataset path made absolute where this process runs: the run's config.json and
-    checkpoint then mean the same from any working directory, so `--resume` works from
-    anywhere. Idempotent."""
-    d, t, r = config.data, config.train, config.resources
-    per_model = r.per_model
-    if isinstance(per_model, dict):
-        per_model = {absolute_share_key(k): v for k, v in per_model.items()}
-    return replace(
-        config,
-        models=[absolute(m) for m in config.models],
-        data=replace(
-            d,
-            public=absolute(d.public),
-            private=absolute(d.private),
-            data_dir=str(Path(d.data_dir).expanduser().resolve()) if d.data_dir else d.data_dir,
-        ),
-        train=replace(t, consensus=absolute(t.consensus), digest_loss=absolute(t.digest_loss)),
-        resources=replace(r, per_model=per_model, runtime_env=_anchored_env(r.runtime_env)),
-    )
+    """`config` with every path it holds made absolute where this process runs (ANCHORED):
+    the run's config.json and checkpoint then mean the same from any working directory, so
+    `--resume` works from anywhere. Idempotent."""
+    return build(with_absolute_values(config.to_dict()))
 
 
-def _anchored_env(env: dict[str, Any] | None) -> dict[str, Any] | None:
+def with_absolute_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values (a file's, a search's) with their paths made absolute where this
+    process runs; the keys ANCHORED does not name are left as they are."""
+    out = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if path in ANCHORED:
+            out[key] = ANCHORED[path](value) if value is not None else value
+        elif isinstance(value, dict) and any(a.startswith(path + ".") for a in ANCHORED):
+            out[key] = with_absolute_values(value, path + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def absolute_value(key: str, value: Any) -> Any:
+    """The value of dotted `key` ('models', 'data', 'resources.per_model', ...) with its
+    paths made absolute: one search value, before any Config exists."""
+    return _at(with_absolute_values(_nested(key, value)), key)
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _at(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values[part]
+    return values
+
+
+def _path(value: Any) -> Any:
+    return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
+
+
+def _spec(value: Any) -> Any:
+    return absolute(value) if isinstance(value, str) else value
+
+
+def _anchored_env(env: Any) -> Any:
     """resources.runtime_env with its local folders (working_dir, py_modules) absolute: Ray
     reads them where the driver runs, so a relative one would ship another folder when the
     run is resumed from elsewhere. URIs (s3://, gs://, https://) are left as written."""
-    if not env:
+    if not isinstance(env, dict) or not env:
         return env
 
-    def anchored(path: Any) -> Any:
-        return path if not isinstance(path, str) or "://" in path else str(Path(path).expanduser().resolve())
+    def local(path: Any) -> Any:
+        return path if isinstance(path, str) and "://" in path else _path(path)
 
     out = dict(env)
     if "working_dir" in out:
-        out["working_dir"] = anchored(out["working_dir"])
+        out["working_dir"] = local(out["working_dir"])
     if isinstance(out.get("py_modules"), list):
-        out["py_modules"] = [anchored(m) for m in out["py_modules"]]
+        out["py_modules"] = [local(m) for m in out["py_modules"]]
     return out
+
+
+ANCHORED: dict[str, Callable[[Any], Any]] = {
+    "models": lambda specs: [_spec(m) for m in specs] if isinstance(specs, list) else specs,
+    "data.public": _spec,
+    "data.private": _spec,
+    "data.data_dir": _path,
+    "train.consensus": _spec,
+    "train.digest_loss": _spec,
+    "resources.per_model": lambda shares: (
+        {absolute_share_key(k): v for k, v in shares.items()} if isinstance(shares, dict) else shares
+    ),
+    "resources.runtime_env": _anchored_env,
+}
+"""The config keys that hold paths (user files, datasets, folders Ray ships), and how each
+is made absolute. A resources.per_model key names a model's file like the models do."""
 
 
 def from_dict(values: dict[str, Any]) -> Config:

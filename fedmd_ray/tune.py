@@ -27,13 +27,12 @@ from typing import Any
 
 from fedmd_ray.backends.resources import even_share, init_ray, shares, uses_gpus
 from fedmd_ray.backends.warm import release as release_kept_actors
-from fedmd_ray.checks import from_dict
+from fedmd_ray.checks import absolute_value, from_dict, with_absolute_values
 from fedmd_ray.config import Config, ConfigError, load_file, merge, parse_overrides
 from fedmd_ray.data import default_data_dir
 from fedmd_ray.presets import get_preset
 from fedmd_ray.report import SummaryRow
 from fedmd_ray.storage import Storage
-from fedmd_ray.usercode import absolute, absolute_share_key
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 TRIAL_CPU = 0.5
@@ -115,16 +114,15 @@ def trainable(params: dict[str, Any], base: dict[str, Any]) -> None:
     )
 
 
-def _absolute(value: Any) -> Any:
-    """Every file spec and dataset path in `value` made absolute where the search starts:
-    each Tune trial runs in a working directory of its own, where relative paths name nothing."""
-    if isinstance(value, str):
-        return absolute(value)
-    if isinstance(value, list):
-        return [_absolute(v) for v in value]
-    if isinstance(value, dict):
-        return {absolute_share_key(k): _absolute(v) for k, v in value.items()}  # resources.per_model's keys
-    return value
+def _absolute_domain(key: str, domain: Any) -> Any:
+    """A search key's domain with the paths of its values made absolute where the search
+    starts: each Tune trial runs in a working directory of its own, where relative paths
+    name nothing."""
+    if isinstance(domain, dict) and len(domain) == 1 and next(iter(domain)) in ("choice", "grid"):
+        kind, values = next(iter(domain.items()))
+        if isinstance(values, list):
+            return {kind: [absolute_value(key, v) for v in values]}
+    return absolute_value(key, domain)
 
 
 def _domain(key: str, spec: Any):
@@ -175,7 +173,7 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
     if spec.get("config_file"):
         base = merge(base, load_file(spec["config_file"]))
     base = merge(base, spec.get("config", {}))
-    base = _absolute(merge(base, _nest(spec.get("set", {}))))
+    base = with_absolute_values(merge(base, _nest(spec.get("set", {}))))
     # The datasets' folder too, given or by default (FEDMD_DATA_DIR, else ./data): a trial's
     # working directory has no ./data.
     data_dir = base.get("data", {}).get("data_dir") or default_data_dir()
@@ -184,7 +182,7 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
         raise ConfigError("The search file has no 'search' section: name at least one key to vary.")
     space, sample = {}, {}
     for key, domain in spec["search"].items():
-        space[key], sample[key] = _domain(key, _absolute(domain))
+        space[key], sample[key] = _domain(key, _absolute_domain(key, domain))
     config = from_dict(merge(base, _nest(sample)))  # unknown or invalid keys fail here, named
     return base, space, config
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray.config import ConfigError
-from fedmd_ray.tune import load_search, search, trial_resources
+from fedmd_ray.tune import _absolute_domain, load_search, search, trial_resources
 from tests.conftest import TINY
 
 
@@ -86,6 +86,22 @@ def test_a_share_for_a_users_model_file_follows_it_into_the_trials(tmp_path, mon
     assert config.models[0] == f"{(tmp_path / 'models.py').resolve()}:tiny"
     assert config.data.data_dir == str((tmp_path / "data").resolve())  # ./data where the search starts
     assert trial_resources(config).bundles[1:] == [{"CPU": 1, "GPU": 0.25}, {"CPU": 0.5, "GPU": 0.25}]
+    # Searched values are anchored by the key they set, as a run's own config is: a search
+    # over models, data or runtime_env folders means the same in every trial's directory.
+    here = tmp_path.resolve()
+    spec["search"] = {
+        "models": {"grid": [["models.py:tiny", "cnn2:8,16,0.1"], ["cnn2:8,16,0.1", "models.py:tiny"]]},
+        "data": {"choice": [{"private": "npz:a.npz"}]},
+        "resources.runtime_env": {"choice": [{"working_dir": ".", "py_modules": ["s3://b/m.zip"]}]},
+        "train.lr": {"choice": ["models.py"]},  # not a path key: left as written (and refused later)
+    }
+    domains = {key: _absolute_domain(key, domain) for key, domain in spec["search"].items()}
+    assert domains["models"]["grid"][1] == ["cnn2:8,16,0.1", f"{here}/models.py:tiny"]
+    assert domains["data"] == {"choice": [{"private": f"npz:{here}/a.npz"}]}
+    assert domains["resources.runtime_env"] == {
+        "choice": [{"working_dir": str(here), "py_modules": ["s3://b/m.zip"]}]
+    }
+    assert domains["train.lr"] == {"choice": ["models.py"]}
 
 
 def test_bad_search_files_fail_before_any_trial():
