@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -57,6 +58,14 @@ def fire(faults: tuple[Fault, ...], phase: str, round_: int = 0) -> None:
         if (fault.phase, fault.round) != (phase, round_):
             continue
         if fault.mode == "exit":
+            # Said first: on the local backend this process is the run's own, which then ends
+            # with no other word (its checkpoint remains for --resume).
+            print(
+                f"simulated fault: the process of participant {fault.participant} dies in {phase} "
+                f"of round {round_} (faults: '{fault.participant}:{phase}:{round_}:exit')",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(1)  # a crash, as if killed: no exception, no cleanup
         if fault.mode.startswith("sleep"):
             time.sleep(float(fault.mode[len("sleep") :]))  # a straggler

@@ -109,6 +109,23 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     assert "results in" in proc.stdout and (tmp_path / "r" / "summary.md").exists()
 
 
+@pytest.mark.slow
+def test_a_crash_fault_on_the_local_backend_says_so_and_leaves_a_checkpoint(tmp_path):
+    """On the local backend a participant's process is the run's own: an 'exit' fault ends
+    the command, which says why rather than stopping without a word; --resume continues."""
+    out = tmp_path / "r"
+    argv = [sys.executable, "-m", "fedmd_ray.cli", "run", "--backend", "local", "--quiet", "--out", str(out)]
+    argv += ["--set", "train.rounds=2", *QUICK, "--set", 'faults=["1:digest:2:exit"]']
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "simulated fault: the process of participant 1 dies in digest of round 2 (faults: '1:digest:2:exit')"
+    )
+    assert (out / "checkpoint" / "latest.json").exists()
+    assert main(["run", "--quiet", "--resume", str(out), "--set", "faults=[]"]) == 0
+    assert (out / "summary.md").exists()
+
+
 def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "r"
     quick = [*QUICK, "--backend", "local", "--quiet"]
