@@ -16,6 +16,7 @@ import numpy as np
 
 from fedmd_ray.errors import ConfigError, DatasetError, did_you_mean, raised_at
 from fedmd_ray.plugins import DATASETS as REGISTRY
+from fedmd_ray.usercode import check_call
 
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -118,6 +119,16 @@ def load_dataset(
         return _load_torchvision(rest, train, root, download, name)
     if name not in DATASETS:
         loader, kwargs = REGISTRY.resolve(name)
+        check_call(
+            loader,
+            f"Dataset '{name}': its loader",
+            "A dataset loader takes train, data_dir and download by those names, and the options "
+            "its spec gives (file.py:loader?size=32).",
+            train=train,
+            data_dir=str(root),
+            download=download,
+            **kwargs,
+        )
         try:
             out = loader(train=train, data_dir=str(root), download=download, **kwargs)
         except FedMDErrorTypes:

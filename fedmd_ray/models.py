@@ -14,7 +14,6 @@ ReLU -> dropout -> average pooling, and the head is a bias-free dense layer with
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from fedmd_ray.model_names import (  # noqa: F401  (models.X names kept for call
     parse_model_name,
 )
 from fedmd_ray.plugins import MODELS, Code, parse_spec
+from fedmd_ray.usercode import check_call
 
 # Keras' L2(1e-3) adds 1e-3 * sum(w^2) to the loss, i.e. 2e-3 * w to the gradient.
 HEAD_WEIGHT_DECAY = 2e-3
@@ -180,7 +180,15 @@ def build_model(
             make, kwargs = factory, parse_spec(name).kwargs
         else:
             make, kwargs = MODELS.resolve(name, code)
-        _check_signature(make, num_classes=num_classes, image_shape=tuple(in_shape), **kwargs)
+        check_call(
+            make,
+            "its factory",
+            "A model factory takes num_classes and image_shape (C, H, W) by those names, and the "
+            "options its spec gives (file.py:factory?width=32).",
+            num_classes=num_classes,
+            image_shape=tuple(in_shape),
+            **kwargs,
+        )
         return make(num_classes=num_classes, image_shape=tuple(in_shape), **kwargs)
     if len(in_shape) != 3:
         raise ConfigError(
@@ -194,25 +202,6 @@ def build_model(
 
     model = torchvision.models.get_model(base, weights=None, num_classes=num_classes)
     return _adapt_torchvision(model, in_shape[0])
-
-
-def _check_signature(make: Any, **kwargs: Any) -> None:
-    """A factory that cannot take what it is called with is refused with the call it gets,
-    not with the TypeError of a keyword it never heard of."""
-    try:
-        signature = inspect.signature(make)
-    except (TypeError, ValueError):  # a builtin or C callable: its call says for itself
-        return
-    try:
-        signature.bind(**kwargs)
-    except TypeError as exc:
-        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        name = getattr(make, "__name__", type(make).__name__)
-        raise ConfigError(
-            f"its factory is called as {name}({call}) and cannot take that ({exc}); it has the "
-            f"signature {name}{signature}. A model factory takes num_classes and image_shape "
-            "(C, H, W) by those names, and the options its spec gives (file.py:factory?width=32)."
-        ) from None
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -23,6 +23,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import json
 import sys
 import sysconfig
@@ -330,3 +331,22 @@ def absolute(text: str) -> str:
     query = text.strip().partition("?")[2]
     resolved = f"{Path(spec.target).expanduser().resolve()}:{spec.attr}"
     return resolved + (f"?{query}" if query else "")
+
+
+def check_call(fn: Any, what: str, hint: str, **kwargs: Any) -> None:
+    """A user's callable that cannot take the call fedmd_ray makes is refused with that call
+    and its signature (`what` names it, `hint` says what it must take), not with the
+    TypeError of a keyword it never heard of."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: its call says for itself
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise ConfigError(
+            f"{what} is called as {name}({call}) and cannot take that ({exc}); it has the "
+            f"signature {name}{signature}. {hint}"
+        ) from None

@@ -659,3 +659,50 @@ def test_an_error_names_the_users_line_not_the_library_it_failed_in(tmp_path):
         loss(torch.zeros(2, 5), torch.zeros(2, 5))
     assert raised_at(info.value) == f" (at {tmp_path}/losses.py, line 5)"
     assert raised_at(ValueError("never raised")) == ""
+
+
+LOADERS = """
+import numpy as np
+
+
+def blobs(train, data_dir, download, n=240):
+    rng = np.random.default_rng(0 if train else 1)
+    y = rng.integers(0, 4, n)
+    x = (rng.integers(0, 255, (4, 16, 16))[y] * 0.7 + rng.integers(0, 80, (n, 16, 16))).astype("uint8")
+    return x, y
+
+
+def positional(train):
+    return blobs(train, None, False)
+
+
+def a_dict(train, data_dir, download):
+    return {"x": 1}
+
+
+def broken(train, data_dir, download):
+    raise OSError("the disk went away")
+"""
+
+
+def test_a_users_dataset_loader_feeds_a_run_and_its_mistakes_are_named(user_dir):
+    from fedmd_ray.data import load_dataset
+
+    (user_dir / "loaders.py").write_text(textwrap.dedent(LOADERS))
+    ds = load_dataset("loaders.py:blobs?n=100", train=False)
+    assert ds.x.shape == (100, 1, 16, 16) and ds.y.dtype == np.int64
+    config = tiny_config(data={"private": "loaders.py:blobs", "private_classes": None}, train={"rounds": 1})
+    result = run(config, user_dir / "out", progress=None)
+    assert len(result.summary) == 3
+    here = user_dir.resolve()
+    with pytest.raises(
+        ConfigError,
+        match=r"its loader is called as positional\(train=True, data_dir='data', download=False\) ",
+    ):
+        load_dataset("loaders.py:positional", train=True, data_dir="data")
+    with pytest.raises(DatasetError, match="its loader must return \\(x, y\\) arrays or an ArrayDataset"):
+        load_dataset("loaders.py:a_dict", train=True)
+    with pytest.raises(
+        DatasetError, match=rf"raised OSError: the disk went away \(at {here}/loaders.py, line 21\)"
+    ):
+        load_dataset("loaders.py:broken", train=True)
