@@ -295,7 +295,7 @@ def participant_specs(config: Config, task: Task) -> list[ParticipantSpec]:
 def _warn_oversubscribed(config: Config, say: Callable[[str], None]) -> None:
     """The local backend runs each participant on the threads its share gives it, however
     few cores this machine has (so that it computes a Ray run's numbers): say so when that
-    is more threads than cores, as Ray would refuse the share."""
+    is more threads than cores."""
     if config.resources.backend != "local":
         return
     cores = local_cpus()
@@ -311,7 +311,7 @@ def _warn_oversubscribed(config: Config, say: Callable[[str], None]) -> None:
 
 def participant_device(config: Config, model: str) -> str:
     """resources.device for a participant of `model`: 'auto' means CUDA only with a GPU share.
-    Since Ray 2.5x an actor given no GPU still sees every GPU of its node (Ray no longer
+    Ray (2.60 here) leaves an actor given no GPU every GPU of its node in sight (it no longer
     empties CUDA_VISIBLE_DEVICES), and the local backend always sees them: without this a
     run with num_gpus=0 on a GPU machine put every participant on GPU 0, unaccounted, and
     computed other numbers than the CPU run its config and checkpoint describe."""
