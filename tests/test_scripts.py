@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedmd_ray.backends.resources import concurrency_window, even_share, participant_threads
+from fedmd_ray.errors import ResourceError
 from tests.conftest import QUICK, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,3 +171,16 @@ def test_the_local_backend_says_when_a_share_asks_for_more_threads_than_cores():
     _warn_oversubscribed(tiny_config(resources={"torch_threads": cores}), said.append)
     _warn_oversubscribed(tiny_config(resources={"backend": "ray", "torch_threads": cores + 1}), said.append)
     assert said == []  # said by the local backend only, which has no cluster to place shares against
+
+
+def test_a_strict_spread_wider_than_a_fixed_ray_is_refused_at_once():
+    """A Ray the run started itself gains no nodes: STRICT_SPREAD over more actors than it
+    has nodes is refused before Ray is asked (which waited 60 s to say the same)."""
+    from fedmd_ray.backends.resources import _check_strict
+
+    with pytest.raises(
+        ResourceError, match="STRICT_SPREAD puts each of 4 actors on a node of its own; this Ray has 1 node"
+    ):
+        _check_strict("STRICT_SPREAD", 4, 1)
+    _check_strict("STRICT_SPREAD", 2, 2)
+    _check_strict("SPREAD", 4, 1)

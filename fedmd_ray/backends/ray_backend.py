@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -83,7 +84,10 @@ class RayBackend:
         )
         if not self.reuse:
             KEPT.release(ray)
-        self.plan = plan = place(config, r.actors if pooled else n, pooled)
+        # A Ray this run started on this machine (no address, no Ray job's RAY_ADDRESS) has no
+        # autoscaler: what it lacks now, it lacks.
+        fixed = started and r.address is None and not os.environ.get("RAY_ADDRESS")
+        self.plan = plan = place(config, r.actors if pooled else n, pooled, fixed)
         self.reuse = self.reuse and plan.group is None  # not inside a Tune trial's group
         if r.mps == "auto" and shares_gpus(plan):
             self.mps = mps.start(ray)  # before any actor touches CUDA

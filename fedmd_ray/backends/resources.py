@@ -259,12 +259,16 @@ def _trial_group(config: Config, slots: int):
     return group
 
 
-def _reserve(strategy: str, each: list[tuple[float, float]]):
-    """One bundle per actor, placed by `strategy`; refused clearly if it cannot fit."""
+def _reserve(strategy: str, each: list[tuple[float, float]], fixed: bool = False):
+    """One bundle per actor, placed by `strategy`; refused clearly if it cannot fit. On a
+    `fixed` cluster (the local Ray this run started: no autoscaler will add nodes) a strict
+    strategy its nodes cannot hold is refused at once, not after PLACEMENT_TIMEOUT_SECONDS."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for cpus, gpus in each]
+    if fixed:
+        _check_strict(strategy, len(bundles), sum(1 for n in ray.nodes() if n.get("Alive")))
     group = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_SECONDS)
     if not ready:
@@ -278,10 +282,21 @@ def _reserve(strategy: str, each: list[tuple[float, float]]):
     return group
 
 
-def place(config: Config, slots: int, pooled: bool) -> Placement:
+def _check_strict(strategy: str, bundles: int, nodes: int) -> None:
+    """STRICT_SPREAD needs a node per bundle (STRICT_PACK's one node is the cluster's total,
+    checked with the shares, on a Ray of one machine)."""
+    if strategy == "STRICT_SPREAD" and nodes < bundles:
+        raise ResourceError(
+            f"resources.placement=STRICT_SPREAD puts each of {bundles} actors on a node of its own; "
+            f"this Ray has {nodes} node{'s' if nodes != 1 else ''}. Use SPREAD or PACK, or fewer "
+            "actors (resources.actors)."
+        )
+
+
+def place(config: Config, slots: int, pooled: bool, fixed: bool = False) -> Placement:
     """Resources and placement of `slots` actors: from the Tune trial's bundles when this
     runs inside a trial, else planned against the cluster (and reserved as a placement group
-    with resources.placement)."""
+    with resources.placement; `fixed`: the cluster cannot grow)."""
     import ray
 
     group = _trial_group(config, slots)
@@ -300,5 +315,5 @@ def place(config: Config, slots: int, pooled: bool) -> Placement:
     )
     each = shares(config, cpus) if config.resources.per_model else None
     strategy = config.resources.placement
-    group = _reserve(strategy, each or [(cpus, gpus)] * slots) if strategy else None
+    group = _reserve(strategy, each or [(cpus, gpus)] * slots, fixed) if strategy else None
     return Placement(cpus, gpus, threads, slots, group, own=group is not None, each=each)
