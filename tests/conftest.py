@@ -71,9 +71,12 @@ TINY = {
         "upper_bound_epochs": 5,
         "digest_batch_size": 64,
     },
-    # Actors kept from one test's run to the next (resources.reuse_actors): a Ray run then
-    # costs its work, not three processes importing torch (tests that need fresh actors say so).
-    "resources": {"backend": "local", "torch_threads": 1, "reuse_actors": True},
+    # CPU even where a real GPU is present: tests give participants shares of Ray's fake GPUs,
+    # which with device 'auto' would put them on the real one, and their numbers would differ
+    # from the CPU runs they are compared with. Actors kept from one test's run to the next
+    # (resources.reuse_actors): a Ray run then costs its work, not three processes importing
+    # torch (tests that need fresh actors say so).
+    "resources": {"backend": "local", "torch_threads": 1, "device": "cpu", "reuse_actors": True},
 }
 
 

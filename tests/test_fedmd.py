@@ -254,9 +254,15 @@ def test_a_participant_computes_on_cuda_only_with_a_gpu_share():
     them all: 'auto' must follow the participant's share, not what torch can see, or a CPU
     run's config computes on GPU 0 of a GPU machine."""
     models = ["cnn2:8,16,0.1", "cnn3:8,16,16,0.1"]
-    assert participant_device(tiny_config(models=models), models[0]) == "cpu"
-    assert participant_device(tiny_config(models=models, resources={"num_gpus": 0.1}), models[0]) == "auto"
-    mixed = tiny_config(models=models, resources={"backend": "ray", "per_model": {"cnn3": {"num_gpus": 0.5}}})
+    auto = {"device": "auto"}  # the tests' own config computes on the CPU wherever it runs
+    assert participant_device(tiny_config(models=models, resources=auto), models[0]) == "cpu"
+    assert (
+        participant_device(tiny_config(models=models, resources={**auto, "num_gpus": 0.1}), models[0])
+        == "auto"
+    )
+    mixed = tiny_config(
+        models=models, resources={**auto, "backend": "ray", "per_model": {"cnn3": {"num_gpus": 0.5}}}
+    )
     assert [participant_device(mixed, m) for m in models] == ["cpu", "auto"]
     assert participant_device(tiny_config(resources={"device": "cpu", "num_gpus": 0.1}), models[0]) == "cpu"
     assert (
