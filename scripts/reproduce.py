@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(config, out, progress=lambda m: print(m, flush=True))
     except FedMDError as exc:
-        print(f"error: {exc}\nResults written so far are in {out}/", file=sys.stderr)
+        print(f"error: {exc}{_left(out)}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
 
@@ -114,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _left(run_dir: Path) -> str:
+    """What a stopped run left, as a line of its own ('' when it wrote nothing)."""
+    if (run_dir / "metrics.parquet").exists():
+        return f"\nResults written so far are in {run_dir}/"
+    if (run_dir / "config.json").exists():
+        return f"\nNo results yet (its config and partition are in {run_dir}/)."
+    return ""
+
+
 def _several_seeds(args: argparse.Namespace, argv: list[str] | None, config, out: Path) -> int:
     import dataclasses
     import json
@@ -128,7 +137,8 @@ def _several_seeds(args: argparse.Namespace, argv: list[str] | None, config, out
         try:
             result = run(seeded, out / f"seed-{seed}", progress=lambda m: print(m, flush=True))
         except FedMDError as exc:
-            print(f"error (seed {seed}): {exc}\nResults written so far are in {out}/", file=sys.stderr)
+            earlier = f"\nThe earlier seeds' results are in {out}/" if runs else ""
+            print(f"error (seed {seed}): {exc}{_left(out / f'seed-{seed}') or earlier}", file=sys.stderr)
             return 1
         runs.append(
             {

@@ -184,3 +184,18 @@ def test_a_strict_spread_wider_than_a_fixed_ray_is_refused_at_once():
         _check_strict("STRICT_SPREAD", 4, 1)
     _check_strict("STRICT_SPREAD", 2, 2)
     _check_strict("SPREAD", 4, 1)
+
+
+def test_reproduce_stopped_before_any_work_says_only_what_is_wrong(tmp_path, capsys):
+    """A dataset that is not there: the error and its fix, no 'results written so far' for a
+    folder that was never made."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    out = tmp_path / "r"
+    assert reproduce.main(["mnist-femnist", "--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Dataset 'mnist' (train split) not found") and "written so far" not in err, err
+    assert err.endswith("or pass --download to fetch it.") and not out.exists()
