@@ -1,10 +1,12 @@
 """What the benchmarks in scripts/ share: one synthetic FedMD config sized by its
-arguments, and one helper that runs a config and measures it (seconds per round, the
+arguments, the argument types their command lines share, and one helper that runs a
+config and measures it (seconds per round, the
 driver's and the actors' memory, the object store, the GPU). Nothing here is timed in a
 test: these machines are noisy, so the scripts print ratios measured side by side."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -23,6 +25,30 @@ from fedmd_ray.phases import Phase
 from fedmd_ray.presets import PAPER_MODELS, PRESETS
 from fedmd_ray.procfs import children_pss_bytes, status_bytes
 from fedmd_ray.results import seconds_per_round
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (participants, rounds, actors), so
+    that `--participants 0` is refused on the command line before any work starts."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
+
+
+def share(text: str) -> float:
+    """An argparse type: a fraction in (0, 1] (a GPU share, a participation rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction above 0 and at most 1, e.g. 0.1")
+    return value
+
 
 MODEL_SETS: dict[str, list[str]] = {
     "small": PRESETS["smoke"]["models"],

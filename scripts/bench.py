@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedmd_ray.benchmarking import MODEL_SETS, Measured, measure, synthetic_config
+from fedmd_ray.benchmarking import MODEL_SETS, Measured, at_least_one, measure, share, synthetic_config
 from fedmd_ray.checks import from_dict
+from fedmd_ray.errors import FedMDError
 from fedmd_ray.phases import ROUND_PHASES, Phase
 from fedmd_ray.results import phase_walls
 from fedmd_ray.tasks import build_task
@@ -97,24 +99,28 @@ def phase_table(m: Measured, task) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--participants", type=int, default=10)
+    p.add_argument("--participants", type=at_least_one, default=10)
     p.add_argument(
         "--models", default="small", help=f"one or more of {', '.join(MODEL_SETS)}, comma-separated"
     )
     p.add_argument(
-        "--repeat", type=int, default=1, help="runs of each backend per model set (medians reported)"
+        "--repeat", type=at_least_one, default=1, help="runs of each backend per model set (medians reported)"
     )
-    p.add_argument("--public-subset", type=int, default=1000)
-    p.add_argument("--public-train", type=int, default=2000, help="public training images (synthetic)")
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, help="resources.torch_threads (default: from the cores)")
+    p.add_argument("--public-subset", type=at_least_one, default=1000)
+    p.add_argument(
+        "--public-train", type=at_least_one, default=2000, help="public training images (synthetic)"
+    )
+    p.add_argument("--image-size", type=at_least_one, default=28)
+    p.add_argument("--rounds", type=at_least_one, default=3)
+    p.add_argument("--threads", type=at_least_one, help="resources.torch_threads (default: from the cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--gpu-fraction", type=float, default=0.1)
+    p.add_argument("--gpu-fraction", type=share, default=0.1)
     p.add_argument("--payload", choices=["float32", "float16", "topk"], default="float32")
     p.add_argument("--data-dir")
     p.add_argument("--backends", default="local,ray")
-    p.add_argument("--actors", type=int, help="ray: a pool of this many actors serving the participants")
+    p.add_argument(
+        "--actors", type=at_least_one, help="ray: a pool of this many actors serving the participants"
+    )
     p.add_argument(
         "--group",
         action="store_true",
@@ -131,9 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     for m in mixes:
         if m not in MODEL_SETS:
             p.error(f"--models: unknown set '{m}' (choose from {', '.join(MODEL_SETS)})")
-    if len(mixes) > 1 or args.repeat > 1:
-        return _medians(args, mixes)
-    return _one(args)
+    unknown = [b for b in args.backends.split(",") if b not in ("local", "ray")]
+    if unknown:
+        p.error(f"--backends: unknown backend(s) {', '.join(unknown)} (choose from local, ray)")
+    try:
+        if len(mixes) > 1 or args.repeat > 1:
+            return _medians(args, mixes)
+        return _one(args)
+    except FedMDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _medians(args: argparse.Namespace, mixes: list[str]) -> int:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from fedmd_ray.benchmarking import local_ray, measure, synthetic_config
+from fedmd_ray.benchmarking import at_least_one, local_ray, measure, share, synthetic_config
 
 
 def config(
@@ -85,13 +85,13 @@ def counts(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--participants", type=counts, default="10,100,1000")
-    p.add_argument("--actors", type=int, default=2, help="pool size")
+    p.add_argument("--actors", type=at_least_one, default=2, help="pool size")
     p.add_argument(
         "--dedicated-up-to", type=int, default=10, help="also run one actor per participant for N up to this"
     )
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=at_least_one, default=2)
     p.add_argument(
-        "--participation", type=float, default=1.0, help="fraction of participants sampled per round"
+        "--participation", type=share, default=1.0, help="fraction of participants sampled per round"
     )
     p.add_argument(
         "--group", choices=["off", "on", "both"], default="both", help="pool runs ungrouped, grouped, or both"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedmd_ray import run
+from fedmd_ray.benchmarking import at_least_one
 from fedmd_ray.checks import from_dict
 from fedmd_ray.config import merge, parse_overrides
+from fedmd_ray.errors import FedMDError
 from fedmd_ray.presets import get_preset
 from fedmd_ray.tasks import build_task
 
@@ -99,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", help="MNIST and EMNIST in torchvision's layout; synthetic without it")
     parser.add_argument("--out", default="runs/compare", help="where the table and plot go")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--participants", type=int, default=10)
+    parser.add_argument("--rounds", type=at_least_one, default=5)
+    parser.add_argument("--participants", type=at_least_one, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="on every variant")
     parser.add_argument("--backend", default="ray", choices=["ray", "local"])
     parser.add_argument("--only", help="comma-separated variant names (default: all)")
@@ -121,18 +124,38 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in variants]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(variants)}")
-    base = merge(
-        base_config(args.data_dir, args.backend, args.rounds, args.participants), parse_overrides(args.set)
-    )
-    task = build_task(from_dict(base))  # one task: the same partitions for every variant
+    adversarial = [n for n in names if "adversaries" in variants[n].get("sharing", {})]
+    if adversarial and args.participants <= max(ADVERSARIES):
+        parser.error(
+            f"the variants {', '.join(adversarial)} make participants {ADVERSARIES} adversaries, "
+            f"and there are {args.participants}: give --participants {max(ADVERSARIES) + 1} or more, "
+            "or choose variants with --only"
+        )
+    try:
+        base = merge(
+            base_config(args.data_dir, args.backend, args.rounds, args.participants),
+            parse_overrides(args.set),
+        )
+        # Every variant checked before the first runs: a mistyped --consensus is said at
+        # once, not after the variants before it have trained for minutes.
+        configs = {name: from_dict(merge(base, variants[name])) for name in names}
+        task = build_task(from_dict(base))  # one task: the same partitions for every variant
+    except FedMDError as exc:
+        parser.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    failed = None
     for name in names:
-        config = from_dict(merge(base, variants[name]))
+        config = configs[name]
         start = time.perf_counter()
         folder = "".join(ch if ch.isalnum() or ch in "-_+." else "_" for ch in name)
-        result = run(config, out / folder, progress=None, task=task)
+        try:
+            result = run(config, out / folder, progress=None, task=task)
+        except FedMDError as exc:
+            print(f"error: variant {name}: {exc}", file=sys.stderr)
+            failed = name
+            break
         honest = [r for r in result.summary if not r.adversary]
         eps = [r["epsilon"] for r in result.metrics.to_pylist() if r["epsilon"] is not None]
         rows.append(
@@ -156,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    if not rows:
+        return 1
     pq.write_table(pa.Table.from_pylist(rows), out / "comparison.parquet")
     data = "MNIST -> EMNIST letters (reduced)" if args.data_dir else "synthetic"
     lines = [
@@ -178,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out / "comparison.png", data)
     print("\n".join(lines))
     print(f"\nwritten: {out}/comparison.md, comparison.parquet, comparison.png")
+    if failed:
+        print(
+            f"stopped at variant {failed}: the table holds the {len(rows)} variants before it",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from fedmd_ray.backends.resources import init_ray
-from fedmd_ray.benchmarking import nvidia_smi
+from fedmd_ray.benchmarking import at_least_one, nvidia_smi, share
 from fedmd_ray.models import build_model
 from fedmd_ray.presets import PAPER_MODELS
 
@@ -56,10 +56,10 @@ def per_process_mib() -> dict[int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--actors", type=int, default=10)
-    p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--actors", type=at_least_one, default=10)
+    p.add_argument("--fraction", type=share, default=0.1)
+    p.add_argument("--steps", type=at_least_one, default=50)
+    p.add_argument("--batch", type=at_least_one, default=32)
     args = p.parse_args(argv)
 
     init_ray()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmd_ray.benchmarking import at_least_one
 from fedmd_ray.cli import resolve_config
 from fedmd_ray.data import location
 from fedmd_ray.errors import FedMDError
@@ -55,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["ray", "local"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="default runs/reproduce-EXPERIMENT[-scaleS]")
-    p.add_argument("--seeds", type=int, default=1, help="run with this many seeds (seed, seed+1, ...)")
+    p.add_argument(
+        "--seeds", type=at_least_one, default=1, help="run with this many seeds (seed, seed+1, ...)"
+    )
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        print("error: --seeds must be at least 1", file=sys.stderr)
-        return 2
 
     try:
         config = resolve_config(

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 
+from fedmd_ray.benchmarking import at_least_one
 from fedmd_ray.tune import search
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="smoke")
-    p.add_argument("--samples", type=int, default=2, help="trials per grid point")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--samples", type=at_least_one, default=2, help="trials per grid point")
+    p.add_argument("--rounds", type=at_least_one, default=4)
     p.add_argument("--gpus", type=float, default=0.0, help="GPU fraction per participant")
     p.add_argument("--out", default="runs/tune-example")
     args = p.parse_args(argv)

@@ -17,7 +17,7 @@ from tests.conftest import QUICK, tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+def _script(name: str, *args: str, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / name), *args],
@@ -27,7 +27,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
         timeout=600,
         cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == returncode, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -197,5 +197,50 @@ def test_reproduce_stopped_before_any_work_says_only_what_is_wrong(tmp_path, cap
     out = tmp_path / "r"
     assert reproduce.main(["mnist-femnist", "--data-dir", str(tmp_path / "none"), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: Dataset 'mnist' (train split) not found") and "written so far" not in err, err
+    assert err.startswith("error: Dataset 'mnist' (train split) not found") and "written so far" not in err, (
+        err
+    )
     assert err.endswith("or pass --download to fetch it.") and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "script, args, says",
+    [
+        (
+            "bench.py",
+            ["--participants", "0"],
+            "argument --participants: '0' is not a whole number of at least 1",
+        ),
+        ("bench.py", ["--backends", "local,rya"], "unknown backend(s) rya (choose from local, ray)"),
+        (
+            "bench_participants.py",
+            ["--participation", "1.5"],
+            "'1.5' is not a fraction above 0 and at most 1",
+        ),
+        ("gpu_placement.py", ["--actors", "0"], "argument --actors: '0' is not a whole number of at least 1"),
+        ("compare_consensus.py", ["--rounds", "0"], "argument --rounds: '0' is not a whole number"),
+        ("compare_consensus.py", ["--consensus", "nope"], "'train.consensus' is 'nope'; it must be one of"),
+        (
+            "compare_consensus.py",
+            ["--participants", "5"],
+            "give --participants 8 or more, or choose variants",
+        ),
+        (
+            "reproduce.py",
+            ["smoke", "--seeds", "0"],
+            "argument --seeds: '0' is not a whole number of at least 1",
+        ),
+    ],
+)
+def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, says):
+    """A value no run could use is refused by the command line, before a variant trains or Ray
+    starts: `compare_consensus.py --consensus nope` used to train every variant before it
+    (a minute and more) and then stop with a traceback."""
+    out = tmp_path / "out"
+    proc = (
+        _script(script, *args, "--out", str(out), returncode=2)
+        if script != "gpu_placement.py"
+        else (_script(script, *args, returncode=2))
+    )
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
