@@ -187,6 +187,11 @@ def as_dataset(
         raise DatasetError(
             f"Dataset '{source}': labels must be integers, one per sample; got {y.dtype} of shape {y.shape}."
         )
+    if y.min() < 0:  # else a participant's loss fails deep in torch, or -100 is skipped silently
+        raise DatasetError(
+            f"Dataset '{source}': labels are class indices counted from 0; {int(np.sum(y < 0))} of its "
+            f"{len(y)} labels are below 0 (the lowest is {y.min():g}). Map the classes to 0..K-1."
+        )
     if x.dtype == np.uint8:
         if x.ndim == 3:
             x = x[:, None]

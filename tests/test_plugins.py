@@ -261,6 +261,15 @@ def test_an_npz_of_images_in_any_layout(tmp_path):
             },
             "2 of its 4 sample values are NaN or infinite",
         ),
+        (
+            {
+                "x_train": np.zeros((3, 8, 8), np.uint8),
+                "y_train": np.array([-1, 0, -1]),
+                "x_test": np.zeros((1, 8, 8), np.uint8),
+                "y_test": np.zeros(1, int),
+            },
+            r"2 of its 3 labels are below 0 \(the lowest is -1\). Map the classes to 0..K-1",
+        ),
     ],
 )
 def test_bad_npz_data_is_one_clear_error(tmp_path, arrays, message):
