@@ -12,7 +12,7 @@ from typing import Any
 from fedmd_ray.config import Config
 from fedmd_ray.config import from_dict as build
 from fedmd_ray.consensus import AGGREGATORS
-from fedmd_ray.data import check_dataset_name
+from fedmd_ray.data import check_dataset_name, default_data_dir, reads_data_dir
 from fedmd_ray.errors import ConfigError, did_you_mean
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.model_names import check_model_name
@@ -35,8 +35,14 @@ def check(config: Config) -> None:
 def with_absolute_paths(config: Config) -> Config:
     """`config` with every path it holds made absolute where this process runs (ANCHORED):
     the run's config.json and checkpoint then mean the same from any working directory, so
-    `--resume` works from anywhere. Idempotent."""
-    return build(with_absolute_values(config.to_dict()))
+    `--resume` works from anywhere. An unset data.data_dir becomes the folder it stands for
+    here (FEDMD_DATA_DIR, else ./data) where a dataset is read from it, so that a resume
+    from another folder or shell reads the same data. Idempotent."""
+    values = with_absolute_values(config.to_dict())
+    d = config.data
+    if d.data_dir is None and (reads_data_dir(d.public) or reads_data_dir(d.private)):
+        values["data"]["data_dir"] = str(default_data_dir().resolve())
+    return build(values)
 
 
 def with_absolute_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,7 +45,8 @@ class DataConfig:
     """'fine', or 'coarse': the private task is CIFAR-100's superclasses, and
     private_classes then names superclasses."""
     data_dir: str | None = None
-    """Where datasets live in torchvision's layouts; FEDMD_DATA_DIR when unset."""
+    """Where datasets live in torchvision's layouts; FEDMD_DATA_DIR (else ./data) when
+    unset. A run records the absolute folder it read, so a resume reads the same."""
     download: bool = False
     """Let torchvision download missing datasets (needs internet)."""
     public_train_size: int | None = None

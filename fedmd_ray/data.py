@@ -97,6 +97,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("FEDMD_DATA_DIR") or "data").expanduser()
 
 
+def reads_data_dir(name: str) -> bool:
+    """Whether dataset `name` is read from data.data_dir (a built-in, a torchvision one, a
+    user's loader, which is handed it); synthetic data and npz/folder paths are not."""
+    name = canonical_name(name)
+    return name != "synthetic" and name.partition(":")[0] not in ("npz", "folder")
+
+
 def load_dataset(
     name: str,
     train: bool,

@@ -497,6 +497,23 @@ def test_a_runs_paths_are_made_absolute_with_the_shares_that_name_them(user_dir,
     assert with_absolute_paths(absolute) == absolute
 
 
+def test_an_unset_data_dir_is_recorded_as_the_folder_it_stood_for(user_dir, monkeypatch):
+    """A run that reads a dataset from the default folder (FEDMD_DATA_DIR, else ./data)
+    records that folder, so that a resume from another folder or shell reads the same data;
+    a run that reads none (synthetic, npz, folder) records none."""
+    from fedmd_ray.checks import with_absolute_paths
+
+    monkeypatch.delenv("FEDMD_DATA_DIR", raising=False)
+    config = tiny_config(data={"public": "mnist"})
+    assert with_absolute_paths(config).data.data_dir == str(user_dir.resolve() / "data")
+    monkeypatch.setenv("FEDMD_DATA_DIR", "shared/sets")
+    assert with_absolute_paths(config).data.data_dir == str(user_dir.resolve() / "shared" / "sets")
+    assert with_absolute_paths(tiny_config()).data.data_dir is None
+    x, y = _images(8, (8, 8), 2)
+    spec = _npz(user_dir / "x.npz", x, y, x, y)
+    assert with_absolute_paths(tiny_config(data={"private": spec})).data.data_dir is None
+
+
 def test_a_resume_that_changes_who_answers_in_time_is_refused(tmp_path):
     out = tmp_path / "run"
     run(tiny_config(train={"rounds": 1}), out, progress=None)
