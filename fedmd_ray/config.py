@@ -328,7 +328,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _from_dict(tp, value, prefix=f"{key}.")
     if origin is list:
         if isinstance(value, str):
-            value = _parse_text(value)
+            text = value.strip()
+            value = _parse_text(text)
+            if not isinstance(value, list) and text.startswith("[") and text.endswith("]"):
+                # Most often a shell that ate the quotes: [cnn2,cnn3] is no JSON list, and
+                # splitting it at commas would split a spec like cnn2:128,384,0.2 too.
+                items = ('"cnn2","cnn3"' if key == "models" else '"a","b"') if args[0] is str else "0,1"
+                raise ConfigError(
+                    f"'{key}' is {text}, which is not a JSON list: write it as one, quoted for the "
+                    f"shell, e.g. --set '{key}=[{items}]'."
+                )
             if not isinstance(value, list):
                 value = [v.strip() for v in str(value).split(",") if v.strip()]
         if isinstance(value, (tuple, range)):  # from Python

@@ -55,6 +55,12 @@ def test_unknown_key_suggests_the_closest():
         ("seed=-1", "'seed' is -1; it must be a whole number from 0"),
         ("data.public_classes=[]", "'data.public_classes' is empty; name the classes to use, or null"),
         ("data.private_classes=[]", "'data.private_classes' is empty"),
+        # A shell that ate the quotes: said so, not split into models named '[cnn2' and 'cnn3]'.
+        (
+            "models=[cnn2,cnn3]",
+            """'models' is [cnn2,cnn3], which is not a JSON list: write it as one, quoted for the shell, e.g. --set 'models=["cnn2","cnn3"]'""",
+        ),
+        ("data.private_classes=[0,1,x]", "e.g. --set 'data.private_classes=[0,1]'"),
     ],
 )
 def test_bad_values_name_their_key(pair, message):
