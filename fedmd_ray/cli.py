@@ -192,7 +192,7 @@ def _tune(args: argparse.Namespace) -> int:
     return 0 if any(r["error"] is None for r in rows) else 1
 
 
-def _list(kind: str) -> int:
+def _list(kind: str, data_dir: str | None = None) -> int:
     if kind == "presets":
         for name, values in PRESETS.items():
             print(
@@ -214,7 +214,7 @@ def _list(kind: str) -> int:
         from fedmd_ray.plugins import DATASETS as REGISTERED
 
         # Where each would be read from here (--data-dir, FEDMD_DATA_DIR, or the default).
-        print("\n".join(f"{name:16s} {location(name)}" for name in DATASETS))
+        print("\n".join(f"{name:16s} {location(name, data_dir)}" for name in DATASETS))
         print("\n".join([*(f"{n:16s} (registered)" for n in REGISTERED.user), *FORMS]))
     return 0
 
@@ -277,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     cmp_p.add_argument("--out", default="runs/compare", help="where compare.md and compare.png go")
 
-    for kind in ("presets", "models", "datasets"):
+    for kind in ("presets", "models"):
         sub.add_parser(kind, help=f"list the known {kind}")
+    sets = sub.add_parser("datasets", help="list the known datasets and where each would be read from")
+    sets.add_argument("--data-dir", help="look here (default: FEDMD_DATA_DIR, else ./data)")
     return parser
 
 
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(args.preset, args.config, args.set, scale_factor=args.scale)
             print(json.dumps(config.to_dict(), indent=2))
             return 0
-        return _list(args.command)
+        return _list(args.command, getattr(args, "data_dir", None))
     except FedMDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

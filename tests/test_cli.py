@@ -79,6 +79,9 @@ def test_listing_commands(capsys, tmp_path, monkeypatch):
     assert listed["emnist_letters"] == f"not found under {tmp_path.resolve()}"
     assert listed["cifar10"] == str(tmp_path / "cifar-10-batches-py")
     assert listed["cifar100"].startswith("not found") and listed["synthetic"] == "made in memory"
+    assert main(["datasets", "--data-dir", str(tmp_path / "elsewhere")]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if " " in line)
+    assert listed["cifar10"] == f"not found under {(tmp_path / 'elsewhere').resolve()}"
     assert main(["config", "--preset", "smoke", "--set", "seed=3"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 3
 
