@@ -131,15 +131,19 @@ class Saved:
         return self.identity.get("threads per participant")
 
 
+def exists(storage: Storage) -> bool:
+    """Whether the run in `storage` has written a checkpoint to resume from."""
+    return storage.exists(FOLDER, MANIFEST)
+
+
 def saved(storage: Storage) -> Saved:
     """The last checkpoint of the run in `storage`, refused when missing, damaged or of
     another version. Reads only the manifest, so a resume that cannot work stops before
     any participant starts."""
     where = storage.location(FOLDER, MANIFEST)
-    if not storage.exists(FOLDER, MANIFEST):
+    if not exists(storage):
         raise CheckpointError(
-            f"No checkpoint in {storage}: expected {where}. The run stopped before its first "
-            "checkpoint (after transfer learning) or ran with checkpoint_every=0; start it afresh."
+            f"No checkpoint in {storage}: expected {where}. Is it the folder of a run (its --out)?"
         )
     try:
         manifest = json.loads(storage.read_text(FOLDER, MANIFEST))

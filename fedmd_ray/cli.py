@@ -156,12 +156,13 @@ def _kept(out: str, earlier: tuple | None, resumable: bool = False) -> str:
     if _results_in(out) is None:
         return "nothing was written."
     storage = Storage(out)
+    if resumable and not storage.exists("checkpoint", "latest.json"):
+        again = f"; run it again with: fedmd-ray run --resume {out} (no checkpoint yet: from its start)"
+    else:
+        again = f"; continue with: fedmd-ray run --resume {out}" if resumable else ""
     if not storage.exists("metrics.parquet"):  # stopped before transfer learning ended
-        return f"no results yet (its config and partition are in {storage}/)."
-    text = f"results written so far are in {storage}/"
-    if resumable and storage.exists("checkpoint", "latest.json"):
-        text += f"; continue with: fedmd-ray run --resume {out}"
-    return text
+        return f"no results yet (its config and partition are in {storage}/){again}."
+    return f"results written so far are in {storage}/{again}"
 
 
 _TERMINATED = False

@@ -58,7 +58,8 @@ def run(
 ) -> RunResult:
     """Run one FedMD simulation; write results to `out_dir` as it goes (when given). With
     `resume`, continue the run in `out_dir` from its last checkpoint (one that had finished
-    is not run again: its results are written anew from its metrics). `progress` takes
+    is not run again: its results are written anew from its metrics; one stopped before its
+    first checkpoint runs again from its start). `progress` takes
     summary lines; `report` takes progress events as they happen (see `progress.py`).
     `on_round(round, summary)` is called after each round with the per-participant summary
     so far. `out_dir` is a local folder or a URI (s3://, gs://, ...: storage.py); a new run
@@ -70,6 +71,12 @@ def run(
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
     storage = Storage(out_dir) if out_dir is not None else None
+    say = progress or (lambda _line: None)
+    if resume and not checkpoint.exists(storage) and storage.exists("config.json"):
+        # Stopped before its first checkpoint (or run with checkpoint_every=0): nothing to
+        # continue from, and running it again from the start gives the same numbers.
+        say(f"no checkpoint in {storage} yet: running the run again from its start")
+        resume = False
     if storage is not None and not resume:
         storage.check_writable()
     # A resume that cannot work says so before any participant starts.
@@ -82,7 +89,6 @@ def run(
         )
     if saved is None or saved.round < config.train.rounds:  # a finished run tracks nothing
         check_trackers(config.log, storage)
-    say = progress or (lambda _line: None)
     t = config.train
     task = task or build_task(config)
     specs = participant_specs(config, task)

@@ -115,6 +115,22 @@ def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_the_same(tmp_path):
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["latest.json", "round-0003"]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path):
+    """Nothing to continue from: a resume says so and runs the run again from its start, to
+    the same numbers, rather than telling the user to start afresh by hand."""
+    settings = {"resources": {"backend": "local"}, "train": {"rounds": 2}}
+    whole = run(tiny_config(**settings), tmp_path / "whole", progress=None)
+    out = tmp_path / "stopped"
+    with pytest.raises(ParticipantError):  # in transfer learning, before any checkpoint
+        run(tiny_config(**settings, faults=["1:transfer:0"]), out, progress=None)
+    assert (out / "config.json").exists() and not (out / "checkpoint" / "latest.json").exists()
+    said = []
+    resumed = run(tiny_config(**settings), out, progress=said.append, resume=True)
+    assert said[0] == f"no checkpoint in {out} yet: running the run again from its start"
+    assert numbers(pq.read_table(out / "metrics.parquet").to_pylist()) == numbers(whole.metrics.to_pylist())
+    assert [r.fedmd_final for r in resumed.summary] == [r.fedmd_final for r in whole.summary]
+
+
 @pytest.mark.slow
 def test_a_driver_killed_with_sigkill_resumes_with_the_same_numbers(ray_session, undisturbed, tmp_path):
     """`fedmd-ray run` on Ray, killed with SIGKILL once round 1's checkpoint is written (no
