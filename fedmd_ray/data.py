@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -425,12 +426,42 @@ def make_synthetic(
 # ---------------------------------------------------------------- MNIST family (idx files)
 
 
+_UNREADABLE = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    zlib.error,
+    pickle.UnpicklingError,
+)
+"""What a truncated, damaged or foreign data file raises as it is read."""
+
+
+def _damaged(path: Path, why: str) -> DatasetError:
+    return DatasetError(
+        f"{path} cannot be read as a dataset file: {why}. It is damaged or truncated (an "
+        "interrupted download or copy?): delete it and fetch it again (--download), or copy it anew."
+    )
+
+
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except _UNREADABLE as exc:
+        raise _damaged(path, f"{type(exc).__name__}: {exc}") from None
+    if len(data) < 4 or data[:3] != b"\0\0\x08":  # idx's magic: two zero bytes, then 8 (unsigned bytes)
+        raise _damaged(path, "it does not begin as an idx file of bytes does")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = len(data) - (4 + 4 * ndim)
+    if body != int(np.prod(shape)):
+        raise _damaged(
+            path, f"its header promises {int(np.prod(shape))} values of shape {shape}, it holds {body}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -472,6 +503,11 @@ def _load_idx(name: str, train: bool, root: Path, download: bool) -> ArrayDatase
             f"({_IDX_DATASETS[name][0]}/raw/...), or pass --download to fetch it.{extra}"
         )
     images, labels = (_read_idx(p) for p in found)
+    if len(images) != len(labels) or images.ndim != 3 or labels.ndim != 1:
+        raise DatasetError(
+            f"Dataset '{name}': {found[0]} holds {images.shape} images and {found[1]} {labels.shape} "
+            "labels; they must be N images of H x W and N labels. Fetch the pair again (--download)."
+        )
     y = labels.astype(np.int64)
     if name == "emnist_letters":
         # EMNIST is stored transposed, and letters are labelled 1..26.
@@ -552,14 +588,26 @@ def _load_cifar(name: str, train: bool, root: Path, download: bool) -> ArrayData
         )
     xs, ys, coarse = [], [], []
     for f in files:
-        with open(f, "rb") as fh:
-            batch = _ArraysOnly(fh, encoding="latin1").load()
+        try:
+            with open(f, "rb") as fh:
+                batch = _ArraysOnly(fh, encoding="latin1").load()
+        except DatasetError:
+            raise
+        except _UNREADABLE as exc:
+            raise _damaged(f, f"{type(exc).__name__}: {exc}") from None
         if not isinstance(batch, dict) or "data" not in batch:
             raise DatasetError(f"{f} is not a CIFAR batch (a pickled dict with 'data'); re-download it.")
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64))
-        if "coarse_labels" in batch:
-            coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64))
+        try:
+            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
+            if "coarse_labels" in batch:
+                coarse.append(np.asarray(batch["coarse_labels"], dtype=np.int64))
+        except _UNREADABLE as exc:
+            raise _damaged(f, f"its arrays are not CIFAR's ({type(exc).__name__}: {exc})") from None
+        if y.shape != (len(x),):
+            raise _damaged(f, f"it holds {len(x)} images and {y.size} labels")
+        xs.append(x)
+        ys.append(y)
     return ArrayDataset(np.concatenate(xs), np.concatenate(ys), np.concatenate(coarse) if coarse else None)
 
 
@@ -605,10 +653,13 @@ def _read_letters_mat(path: Path) -> ArrayDataset:
         from scipy.io import loadmat
     except ImportError:
         raise DatasetError(f"Reading {path} needs scipy: pip install scipy.") from None
-    train = loadmat(str(path))["dataset"]["train"][0, 0]
-    images = train["images"][0, 0].reshape(-1, 28, 28, order="F")  # MATLAB's column order
-    labels = np.squeeze(train["labels"][0, 0]).astype(np.int64) - 1
-    writers = np.squeeze(train["writers"][0, 0]).astype(np.int64)
+    try:
+        train = loadmat(str(path))["dataset"]["train"][0, 0]
+        images = train["images"][0, 0].reshape(-1, 28, 28, order="F")  # MATLAB's column order
+        labels = np.squeeze(train["labels"][0, 0]).astype(np.int64) - 1
+        writers = np.squeeze(train["writers"][0, 0]).astype(np.int64)
+    except _UNREADABLE as exc:
+        raise _damaged(path, f"not EMNIST's letters MATLAB file ({type(exc).__name__}: {exc})") from None
     return ArrayDataset(np.ascontiguousarray(images.astype(np.uint8)[:, None]), labels, groups=writers)
 
 
@@ -618,14 +669,22 @@ def _read_leaf(files: list[Path]) -> ArrayDataset:
     xs, ys, writers = [], [], []
     writer_index: dict[str, int] = {}
     for f in files:
-        blob = json.loads(f.read_text())
-        for user in blob["users"]:
-            data = blob["user_data"][user]
-            y = np.asarray(data["y"], dtype=np.int64)
-            keep = y >= 10  # digits are not letters
+        try:
+            blob = json.loads(f.read_text())
+            users = [(user, blob["user_data"][user]) for user in blob["users"]]
+        except (*_UNREADABLE, json.JSONDecodeError) as exc:
+            raise _damaged(f, f"not one of LEAF's FEMNIST json files ({type(exc).__name__}: {exc})") from None
+        for user, data in users:
+            try:
+                y = np.asarray(data["y"], dtype=np.int64)
+                keep = y >= 10  # digits are not letters
+                x = np.asarray(data["x"], dtype=np.float32)[keep].reshape(-1, 28, 28)
+            except _UNREADABLE as exc:
+                raise _damaged(
+                    f, f"writer {user}'s samples are not 28x28 images ({type(exc).__name__}: {exc})"
+                ) from None
             if not keep.any():
                 continue
-            x = np.asarray(data["x"], dtype=np.float32)[keep].reshape(-1, 28, 28)
             # LEAF draws ink dark on white in [0, 1]; MNIST-style is white ink on black.
             xs.append(np.clip((1.0 - x) * 255, 0, 255).astype(np.uint8))
             ys.append((y[keep] - 10) % 26)

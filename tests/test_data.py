@@ -124,3 +124,50 @@ def test_a_cifar_file_that_holds_more_than_arrays_is_not_read(tmp_path):
     with pytest.raises(DatasetError, match="asks to load .*open: it holds more than arrays"):
         load_dataset("cifar100", True, str(tmp_path))
     assert not marker.exists()
+
+
+def test_damaged_dataset_files_are_named_with_the_fix(tmp_path):
+    """An interrupted download or copy: the file, what is wrong with it and how to fix it,
+    not an EOFError or a reshape error from deep inside the reader."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images, labels = raw / "train-images-idx3-ubyte.gz", raw / "train-labels-idx1-ubyte.gz"
+    _write_idx(images, np.zeros((50, 28, 28)))
+    _write_idx(labels, np.zeros(50))
+    whole = images.read_bytes()
+    cases = [
+        (images, whole[: len(whole) // 2], "EOFError: Compressed file ended"),  # a truncated gzip
+        (images, b"garbage", "BadGzipFile: Not a gzipped file"),
+        (
+            images,
+            gzip.compress(gzip.decompress(whole)[:-100]),
+            "its header promises 39200 values of shape (50, 28, 28), it holds 39100",
+        ),
+        (
+            images,
+            gzip.compress(b"\x00\x00\x0d\x01" + bytes(8)),
+            "it does not begin as an idx file of bytes does",
+        ),
+    ]
+    for path, data, why in cases:
+        path.write_bytes(data)
+        with pytest.raises(DatasetError) as info:
+            load_dataset("mnist", train=True, data_dir=tmp_path)
+        assert str(info.value).startswith(f"{path} cannot be read as a dataset file: {why}"), info.value
+        assert str(info.value).endswith("delete it and fetch it again (--download), or copy it anew.")
+    _write_idx(images, np.zeros((50, 28, 28)))
+    _write_idx(labels, np.zeros(49))
+    with pytest.raises(DatasetError, match=r"holds \(50, 28, 28\) images and .* \(49,\) labels"):
+        load_dataset("mnist", train=True, data_dir=tmp_path)
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    batch = pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0, 1, 2, 3]})
+    (folder / "test").write_bytes(batch[:-40])
+    with pytest.raises(
+        DatasetError, match=r"cifar-100-python/test cannot be read as a dataset file: \w+Error"
+    ):
+        load_dataset("cifar100", train=False, data_dir=tmp_path)
+    (folder / "test").write_bytes(pickle.dumps({"data": np.zeros((4, 3000), np.uint8), "fine_labels": [0]}))
+    with pytest.raises(DatasetError, match="its arrays are not CIFAR's"):
+        load_dataset("cifar100", train=False, data_dir=tmp_path)
