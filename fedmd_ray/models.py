@@ -238,10 +238,23 @@ def check_model(
     except Exception as exc:
         raise fail(
             f"it fails on a batch of inputs of shape {tuple(sample.shape)} ({sample.dtype}): "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}{raised_at(exc)}"
         ) from None
     want = (sample.shape[0], num_classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise fail(f"it maps a batch of shape {tuple(sample.shape)} to {got}; it must give {want} scores.")
+    # Each of these would otherwise surface later as a participant failing mid-run, or as
+    # scores refused as "diverged" after a whole transfer learning on NaN losses.
+    if not out.is_floating_point():
+        raise fail(f"its scores are {out.dtype}; they must be floating point (logits).")
+    if not bool(torch.isfinite(out).all()):
+        raise fail(
+            "it gives NaN or infinite scores on two public samples before any training; "
+            "look for a log of 0, a division by 0 or an overflow in its forward."
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise fail(
+            "it has no parameters to train (none requires grad); FedMD trains every participant's model."
+        )
     return model

@@ -46,6 +46,33 @@ def not_a_module(num_classes, image_shape):
 
 def raises(num_classes, image_shape):
     raise RuntimeError("no such layer")
+
+
+def frozen(num_classes, image_shape):
+    model = small(num_classes, image_shape)
+    return model.requires_grad_(False)
+
+
+def nan_scores(num_classes, image_shape):
+    return nn.Sequential(small(num_classes, image_shape), nn.Softmax(1), Log0())
+
+
+class Log0(nn.Module):
+    def forward(self, x):
+        return torch.log(x * 0)
+
+
+def int_scores(num_classes, image_shape):
+    return nn.Sequential(small(num_classes, image_shape), Round())
+
+
+class Round(nn.Module):
+    def forward(self, x):
+        return x.long()
+
+
+def flat_input(num_classes, image_shape):
+    return nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], num_classes)
 """
 
 CONSENSUS = """
@@ -124,6 +151,19 @@ def test_a_user_model_file_runs_and_is_summarised_like_a_builtin(ray_session, us
             r"its factory is called as small\(num_classes=16, image_shape=\(1, 16, 16\), depth=3\) and "
             r"cannot take that \(got an unexpected keyword argument 'depth'\); it has the signature "
             r"small\(num_classes, image_shape, width=8\)",
+        ),
+        # Found at the model check, not mid-run: a frozen model failed in transfer learning,
+        # NaN scores were refused as "diverged" only after a whole transfer learning.
+        ("my_nets.py:frozen", "it has no parameters to train"),
+        (
+            "my_nets.py:nan_scores",
+            "it gives NaN or infinite scores on two public samples before any training",
+        ),
+        ("my_nets.py:int_scores", r"its scores are torch.int64; they must be floating point"),
+        (
+            "my_nets.py:flat_input",
+            r"it fails on a batch of inputs of shape \(2, 1, 16, 16\) \(torch.float32\): RuntimeError: "
+            r"mat1 and mat2 shapes cannot be multiplied",
         ),
         ("my_nets.py:smal", "has no 'smal'. Did you mean 'small'"),
         ("missing.py:small", "file missing.py not found"),
