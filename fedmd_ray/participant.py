@@ -163,12 +163,24 @@ def digest_loss_function(kind: str, temperature: float, code: Code | None = None
         loss = user(out, tgt, **kwargs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(f"digest loss '{kind}' returned {shape}; it must return a scalar tensor")
+            raise BadLoss(kind, f"returned {shape}; it must return a scalar tensor")
         if not torch.isfinite(loss):
-            raise ValueError(f"digest loss '{kind}' returned {float(loss)}; it must be finite")
+            raise BadLoss(kind, f"returned {loss.detach().item()}; it must be finite")
+        if out.requires_grad and loss.grad_fn is None:
+            raise BadLoss(
+                kind, "returned a loss that does not depend on the outputs (no gradient reaches them)"
+            )
         return loss.reshape(())
 
     return checked
+
+
+class BadLoss(ValueError):
+    """A user's digest loss answered what training cannot use."""
+
+    def __init__(self, kind: str, what: str) -> None:
+        super().__init__(f"digest loss '{kind}' {what}")
+        self.what = what
 
 
 def holdout_split(
@@ -421,9 +433,14 @@ class Participant:
         except FedMDError:
             raise
         except Exception as exc:
+            what = (
+                exc.what
+                if isinstance(exc, BadLoss)
+                else f"failed: {type(exc).__name__}: {exc}{raised_at(exc)}"
+            )
             raise ConfigError(
                 f"Digest loss '{cfg.digest_loss}' of participant {s.name}: on made-up scores of shape "
-                f"(2, {num_classes}) it failed: {type(exc).__name__}: {exc}{raised_at(exc)}"
+                f"(2, {num_classes}) it {what}"
             ) from None
         return loss
 

@@ -225,6 +225,11 @@ def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path, capsys):
             ["train.digest_loss=losses.py:per_sample"],
             "losses.py:per_sample' of participant p00-cnn2",  # named by its absolute path
         ),
+        (
+            ["train.digest_loss=losses.py:constant"],
+            "it returned a loss that does not depend on the outputs (no gradient reaches them)",
+        ),
+        (["train.digest_loss=losses.py:not_finite"], "of shape (2, 16) it returned nan; it must be finite"),
     ],
 )
 def test_bad_input_is_refused_before_any_work_in_one_line(tmp_path, monkeypatch, capsys, sets, message):
@@ -238,7 +243,10 @@ def test_bad_input_is_refused_before_any_work_in_one_line(tmp_path, monkeypatch,
         "def not_an_array(scores, weights=None):\n    return 'mean'\n"
     )
     (tmp_path / "losses.py").write_text(
-        "def per_sample(outputs, target):\n    return (outputs - target).abs().mean(dim=1)\n"
+        "import torch\n\n"
+        "def per_sample(outputs, target):\n    return (outputs - target).abs().mean(dim=1)\n\n"
+        "def constant(outputs, target):\n    return torch.tensor(1.0)\n\n"
+        "def not_finite(outputs, target):\n    return (outputs - target).abs().mean() * float('nan')\n"
     )
     argv = ["run", "--backend", "local", "--out", str(tmp_path / "out"), "--set", "train.public_epochs=1"]
     for pair in sets:
