@@ -646,6 +646,7 @@ def _validate_data(d: DataConfig) -> None:
     for key in ("public_classes", "private_classes"):
         if getattr(d, key) == []:
             raise ConfigError(f"'data.{key}' is empty; name the classes to use, or null for all of them.")
+        _check_unique(f"data.{key}", getattr(d, key) or [], "class")
     if d.input_shape is not None and (
         len(d.input_shape) != 3 or any(not isinstance(v, int) or v < 1 for v in d.input_shape)
     ):
@@ -716,6 +717,16 @@ def _validate_sharing(sh: SharingConfig, participants: int) -> None:
     bad = [i for i in sh.adversaries if not 0 <= i < participants]
     if bad:
         raise ConfigError(f"'sharing.adversaries' names {bad}; participants are 0..{participants - 1}.")
+    _check_unique("sharing.adversaries", sh.adversaries, "participant")
+
+
+def _check_unique(key: str, values: list, what: str) -> None:
+    """A list of distinct things named twice is most often a typo (the other one meant)."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(
+            f"'{key}' names {what} {', '.join(map(str, twice))} more than once; name each once."
+        )
 
 
 def _validate_resources(r: ResourcesConfig) -> None:

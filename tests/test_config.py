@@ -61,6 +61,11 @@ def test_unknown_key_suggests_the_closest():
             """'models' is [cnn2,cnn3], which is not a JSON list: write it as one, quoted for the shell, e.g. --set 'models=["cnn2","cnn3"]'""",
         ),
         ("data.private_classes=[0,1,x]", "e.g. --set 'data.private_classes=[0,1]'"),
+        (
+            "data.private_classes=[10,10,11]",
+            "'data.private_classes' names class 10 more than once; name each once",
+        ),
+        ("sharing.adversaries=[1,2,1]", "'sharing.adversaries' names participant 1 more than once"),
     ],
 )
 def test_bad_values_name_their_key(pair, message):
