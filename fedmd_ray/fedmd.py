@@ -8,9 +8,10 @@ Nothing here imports Ray.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class RunResult:
 
 
 def run(
-    config: Config,
+    config: Config | Mapping[str, Any],
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     task: Task | None = None,
@@ -56,7 +57,8 @@ def run(
     resume: bool = False,
     report: Callable[[dict], None] | None = None,
 ) -> RunResult:
-    """Run one FedMD simulation; write results to `out_dir` as it goes (when given). With
+    """Run one FedMD simulation of `config` (a Config, or a dict of config values over the
+    defaults); write results to `out_dir` as it goes (when given). With
     `resume`, continue the run in `out_dir` from its last checkpoint (one that had finished
     is not run again: its results are written anew from its metrics; one stopped before its
     first checkpoint runs again from its start). `progress` takes
@@ -67,6 +69,13 @@ def run(
     refused before any work (bad data, too few resources, a model, consensus or digest loss
     that cannot work) leaves no results folder behind."""
     # Built in Python or read from a file, a config is coerced and checked the same way.
+    if isinstance(config, Mapping):
+        config = from_dict(dict(config))
+    if not isinstance(config, Config):
+        raise ConfigError(
+            f"run() takes a Config or a dict of config values, not {type(config).__name__}: e.g. "
+            'run(from_dict(get_preset("smoke"))) or run({"train": {"rounds": 2}}).'
+        )
     config = with_absolute_paths(from_dict(config.to_dict()))
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")

@@ -93,6 +93,14 @@ def test_the_consensus_changes_the_run():
     assert [r.fedmd_final for r in with_consensus.summary] != [r.fedmd_final for r in alone.summary]
 
 
+def test_run_takes_a_config_or_its_values_and_names_anything_else():
+    config = tiny_config(train={"rounds": 1})
+    as_config, as_values = run(config, progress=None), run(config.to_dict(), progress=None)
+    assert numbers(as_values.metrics.to_pylist()) == numbers(as_config.metrics.to_pylist())
+    with pytest.raises(ConfigError, match=r"run\(\) takes a Config or a dict of config values, not str"):
+        run("smoke", progress=None)
+
+
 def test_the_same_config_gives_the_same_numbers_on_the_defaults(ray_session):
     """Threads, order and timing are not inputs: with the default resources (threads from
     the cores, more participants than cores) the local loop, Ray, and Ray with participants
