@@ -31,6 +31,12 @@ def two_nodes():
     cluster.shutdown()
 
 
+def test_a_live_heads_address_is_let_through(two_nodes):
+    from fedmd_ray.backends.resources import _check_reachable
+
+    _check_reachable(two_nodes.address)  # its GCS answers: joining it is Ray's to do
+
+
 def _wait_until_whole():
     # Killing actors and removing a placement group are asynchronous: a group made while the
     # last test's actors still hold one node's CPU or GPU finds that node half taken, and a

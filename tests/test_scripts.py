@@ -241,3 +241,21 @@ def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, script, args, sa
     proc = _script(script, *args, *(["--out", str(out)] if writes else []), returncode=2)
     assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_an_address_where_nothing_answers_is_said_at_once():
+    """Ray retries a dead GCS address for minutes (C++ warnings every 5 s) and a Ray Client
+    one for 30 s; the run says at once that nothing answers there."""
+    import socket
+
+    from fedmd_ray.backends.resources import _check_reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto", None):
+            _check_reachable(address)  # something answers, or Ray resolves it itself
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):  # closed now
+        with pytest.raises(ResourceError, match=rf"at '{address}': nothing answers at 127.0.0.1:{port} \("):
+            _check_reachable(address)

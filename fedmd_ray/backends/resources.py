@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +41,12 @@ def init_ray(address: str | None = None, runtime_env: dict[str, Any] | None = No
     handler = (
         signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     )
+    _check_reachable(address)
     try:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, **kwargs)
+        with warnings.catch_warnings():
+            # Its Ray Client timeout warning says what the ConnectionError below says again.
+            warnings.filterwarnings("ignore", message="Ray Client connection timed out")
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env, **kwargs)
     except SystemExit as exc:
         # A SIGTERM while Ray started went to Ray's own handler (exit code 15): hand it to
         # the run's, which stops the run cleanly and says so.
@@ -64,6 +70,25 @@ def init_ray(address: str | None = None, runtime_env: dict[str, Any] | None = No
         if callable(handler):
             signal.signal(signal.SIGTERM, handler)
     return True
+
+
+def _check_reachable(address: str | None) -> None:
+    """A HOST:PORT or ray://HOST:PORT where nothing answers is said at once: Ray retries a
+    dead GCS address for minutes, printing C++ warnings, and a Ray Client one for 30 s."""
+    if not address or address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+        return  # RAY_ADDRESS (a Ray job's own), or a form Ray resolves itself
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # Ray's own error names what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ResourceError(
+            f"Could not reach the Ray cluster at '{address}': nothing answers at {host}:{port} "
+            f"({exc.strerror or exc}). Start it with `ray start --head` or `ray up cluster.yaml` "
+            "(a head's GCS listens on 6379, its Ray Client on ray://HOST:10001), or drop --address "
+            "to run locally."
+        ) from None
 
 
 def local_cpus() -> int:
