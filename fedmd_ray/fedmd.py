@@ -84,7 +84,7 @@ def run(
     if resume and not checkpoint.exists(storage) and storage.exists("config.json"):
         # Stopped before its first checkpoint (or run with checkpoint_every=0): nothing to
         # continue from, and running it again from the start gives the same numbers.
-        say(f"no checkpoint in {storage} yet: running the run again from its start")
+        say(f"no checkpoint in {storage} to continue from: the run runs again from its start")
         resume = False
     if storage is not None and not resume:
         storage.check_writable()

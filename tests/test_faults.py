@@ -126,7 +126,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
     assert (out / "config.json").exists() and not (out / "checkpoint" / "latest.json").exists()
     said = []
     resumed = run(tiny_config(**settings), out, progress=said.append, resume=True)
-    assert said[0] == f"no checkpoint in {out} yet: running the run again from its start"
+    assert said[0] == f"no checkpoint in {out} to continue from: the run runs again from its start"
     assert numbers(pq.read_table(out / "metrics.parquet").to_pylist()) == numbers(whole.metrics.to_pylist())
     assert [r.fedmd_final for r in resumed.summary] == [r.fedmd_final for r in whole.summary]
 
