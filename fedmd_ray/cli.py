@@ -157,7 +157,7 @@ def _kept(out: str, earlier: tuple | None, resumable: bool = False) -> str:
         return "nothing was written."
     storage = Storage(out)
     if resumable and not storage.exists("checkpoint", "latest.json"):
-        again = f"; run it again with: fedmd-ray run --resume {out} (no checkpoint yet: from its start)"
+        again = f"; run it again with: fedmd-ray run --resume {out} (with no checkpoint, from its start)"
     else:
         again = f"; continue with: fedmd-ray run --resume {out}" if resumable else ""
     if not storage.exists("metrics.parquet"):  # stopped before transfer learning ended
