@@ -50,6 +50,18 @@ class ParticipantError(FedMDError, RuntimeError):
         text = super().__str__()
         return f"{text} (its traceback: {self.trace_file})" if self.trace_file else text
 
+    def __reduce__(self) -> tuple:
+        # Pickled as it is (a Tune trial's error, an error crossing processes): the default
+        # would call __init__ with the finished message alone, and fail.
+        return _unpickled, (self.args[0], self.__dict__)
+
+
+def _unpickled(text: str, state: dict) -> ParticipantError:
+    error = ParticipantError.__new__(ParticipantError)
+    Exception.__init__(error, text)
+    error.__dict__.update(state)
+    return error
+
 
 class ResourceError(FedMDError, RuntimeError):
     """A request for more CPUs or GPUs than the Ray cluster has."""

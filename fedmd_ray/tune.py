@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -249,7 +250,7 @@ def search(
         row = {
             **{f"param:{k}": json.dumps(v) for k, v in params.items()},
             **{k: last.get(k) for k in REPORTED},
-            "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:300],
+            "error": None if result.error is None else trial_error(result.error, result.path),
             "path": result.path,
         }
         rows.append(row)
@@ -260,6 +261,17 @@ def search(
     progress(table)
     progress(f"results in {out}/ (results.parquet, results.md, trials/)")
     return rows
+
+
+def trial_error(error: BaseException, trial_path: str) -> str:
+    """A failed trial's error in one line: the error's own words, without the module path
+    Ray prefixes, and with its traceback file where the trial's folder was stored (the run
+    named the working copy Ray deletes when it ends)."""
+    text = str(error).strip().splitlines()[-1]
+    text = re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=[A-Za-z_]\w*: )", "", text)
+    kept = Path(trial_path) / "fedmd" / "error.txt"
+    text = re.sub(r" \(its traceback: [^()]*\)$", f" (its traceback: {kept})" if kept.is_file() else "", text)
+    return text[:500]
 
 
 def _show(value: Any) -> str:

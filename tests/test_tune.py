@@ -59,6 +59,44 @@ def test_a_tiny_search_runs_each_trial_in_its_placement_group(ray_session, tmp_p
     assert "| models | rounds | mean accuracy | mean gain | error |" in report
 
 
+@pytest.mark.slow
+def test_a_failed_trial_says_why_and_where_its_traceback_is_kept(ray_session, tmp_path):
+    """A participant's failure crosses from the trial to the driver pickled: it used to arrive
+    as 'TypeError: ParticipantError.__init__() missing 2 required positional arguments', and
+    named a traceback in Ray's working copy of the trial, deleted when Ray stops."""
+    spec = tiny_search()
+    spec["search"] = {"faults": {"grid": [["1:digest:1"]]}}
+    spec["set"] = {"train.rounds": 1}
+    [row] = search(spec, tmp_path / "tune", verbose=0, progress=lambda _m: None)
+    kept = tmp_path / "tune" / "trials" / row["path"].rsplit("/", 1)[-1] / "fedmd" / "error.txt"
+    assert row["error"] == (
+        "ParticipantError: Participant 'p01-cnn3' failed during digest: RuntimeError: simulated fault "
+        f"in digest of round 1 (its traceback: {kept})"
+    )
+    assert "simulated fault in digest of round 1" in kept.read_text()
+
+
+def test_a_participants_error_survives_pickling_whole():
+    import pickle
+
+    from ray import cloudpickle
+
+    from fedmd_ray.errors import ParticipantError
+
+    error = ParticipantError("p01-cnn3", "digest", "RuntimeError: boom", trace="Traceback ...")
+    error.trace_file = "/runs/x/error.txt"
+    for codec in (pickle, cloudpickle):
+        back = codec.loads(codec.dumps(error))
+        assert (type(back), str(back), back.participant, back.phase, back.trace, back.trace_file) == (
+            ParticipantError,
+            str(error),
+            "p01-cnn3",
+            "digest",
+            "Traceback ...",
+            "/runs/x/error.txt",
+        )
+
+
 def test_trial_resources_reserve_the_whole_simulation():
     _, _, config = load_search(tiny_search())
     bundles = trial_resources(config).bundles
