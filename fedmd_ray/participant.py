@@ -180,7 +180,10 @@ class BadLoss(ValueError):
 
     def __init__(self, kind: str, what: str) -> None:
         super().__init__(f"digest loss '{kind}' {what}")
-        self.what = what
+        self.kind, self.what = kind, what
+
+    def __reduce__(self) -> tuple:
+        return BadLoss, (self.kind, self.what)
 
 
 def holdout_split(
