@@ -69,8 +69,6 @@ def _resumed_config(args: argparse.Namespace) -> tuple[config_lib.Config, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedmd_ray.fedmd import run
-
     if args.log:
         args.set = [*args.set, f"log={args.log}"]
 
@@ -87,9 +85,45 @@ def _run(args: argparse.Namespace) -> int:
             args.address,
             args.scale,
         )
-        out = args.out or str(Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        had_runs = Path("runs").is_dir()
+        out = args.out or _claim_default_out(config.name)
         if not args.overwrite:
             _keep_earlier_results(out)
+    try:
+        return _run_into(args, config, out)
+    finally:
+        if not args.out and not args.resume:
+            _release_if_empty(Path(out))
+            if not had_runs:
+                _release_if_empty(Path("runs"))
+
+
+def _claim_default_out(name: str) -> str:
+    """runs/NAME-TIMESTAMP, made here so that runs started in the same second (a shell loop
+    of `fedmd-ray run ... &`) each get a folder of their own (-2, -3, ...) rather than one
+    folder that mixes them."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        path = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return str(path)
+    raise config_lib.ConfigError(f"{base} and 998 more like it exist already; give --out.")
+
+
+def _release_if_empty(path: Path) -> None:
+    """A folder the command made for a run refused before writing anything goes again."""
+    try:
+        path.rmdir()  # only an empty folder
+    except OSError:
+        pass
+
+
+def _run_into(args: argparse.Namespace, config: config_lib.Config, out: str) -> int:
+    from fedmd_ray.fedmd import run
     from fedmd_ray.progress import Progress
 
     _stop_on_sigterm()

@@ -198,13 +198,33 @@ def test_bad_config_files_get_one_line_for_run_and_tune(tmp_path, capsys, conten
     assert not (tmp_path / "o").exists()
 
 
-def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path, capsys):
+def test_a_run_refused_before_any_work_leaves_no_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "refused"
     argv = ["run", "--backend", "local", "--out", str(out), "--set", "sharing.topk=99"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "'sharing.topk' is 99; this task has 16 classes" in err
     assert "results written so far" not in err and not out.exists()
+    # Nor with the default --out, which the command makes as it starts.
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--backend", "local", "--set", "sharing.topk=99"]) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """`for s in 1 2 3; do fedmd-ray run --set seed=$s & done`: one folder each, not one
+    folder mixing three runs' rounds."""
+    from fedmd_ray import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda _fmt: "20261203-120000")
+    folders = [cli._claim_default_out("smoke") for _ in range(3)]
+    assert folders == [
+        "runs/smoke-20261203-120000",
+        "runs/smoke-20261203-120000-2",
+        "runs/smoke-20261203-120000-3",
+    ]
+    assert all((tmp_path / f).is_dir() for f in folders)
 
 
 @pytest.mark.parametrize(
