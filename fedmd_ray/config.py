@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import typing
 from dataclasses import dataclass, field
@@ -370,9 +371,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return int(as_float)
     if tp is float:
         try:
-            return float(value)
+            if isinstance(value, bool):
+                raise TypeError
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"'{key}' must be a number, got {value!r}.") from None
+        if not math.isfinite(number):  # a NaN learning rate trains to NaN scores, rounds later
+            raise ConfigError(f"'{key}' is {value!r}; it must be a finite number.")
+        return number
     if tp is str:
         return str(value)
     return value

@@ -66,6 +66,9 @@ def test_unknown_key_suggests_the_closest():
             "'data.private_classes' names class 10 more than once; name each once",
         ),
         ("sharing.adversaries=[1,2,1]", "'sharing.adversaries' names participant 1 more than once"),
+        ("train.lr=nan", "'train.lr' is 'nan'; it must be a finite number"),  # trained to NaN scores
+        ("train.temperature=1e400", "'train.temperature' is inf; it must be a finite number"),
+        ("train.lr=true", "'train.lr' must be a number, got True"),
     ],
 )
 def test_bad_values_name_their_key(pair, message):
