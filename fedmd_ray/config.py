@@ -621,6 +621,12 @@ def validate(config: Config) -> None:
             f"{unused} would never run. Drop them from 'models', or set participants to "
             f"{len(config.models)} or more (models are then used in turn), or leave it unset."
         )
+    if not config.name.strip() or any(c in config.name for c in "/\\\0"):
+        # It names the default results folder (runs/NAME-TIMESTAMP) and the trackers' runs.
+        raise ConfigError(
+            f"'name' is {config.name!r}; it must be a non-empty name without / or \\ "
+            "(it names the results folder), e.g. name=fashion-lr3."
+        )
     if not 0 <= config.seed < 2**63:
         raise ConfigError(f"'seed' is {config.seed}; it must be a whole number from 0 to 2**63 - 1.")
     _check_positive("checkpoint_every", config.checkpoint_every, allow_zero=True)

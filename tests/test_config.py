@@ -69,6 +69,10 @@ def test_unknown_key_suggests_the_closest():
         ("train.lr=nan", "'train.lr' is 'nan'; it must be a finite number"),  # trained to NaN scores
         ("train.temperature=1e400", "'train.temperature' is inf; it must be a finite number"),
         ("train.lr=true", "'train.lr' must be a number, got True"),
+        (
+            "name=a/b",
+            "'name' is 'a/b'; it must be a non-empty name without / or \\ (it names the results folder)",
+        ),
     ],
 )
 def test_bad_values_name_their_key(pair, message):
