@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmd_ray import checks
+from fedmd_ray import checks, running
 from fedmd_ray import config as config_lib
 from fedmd_ray.errors import CheckpointError, FedMDError
 from fedmd_ray.presets import PRESETS, get_preset, scale
@@ -87,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         had_runs = Path("runs").is_dir()
         out = args.out or _claim_default_out(config.name)
+        running.check_free(Storage(out))  # a live run there is not an earlier one to keep or replace
         if not args.overwrite:
             _keep_earlier_results(out)
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmd_ray import checkpoint, privacy
+from fedmd_ray import checkpoint, privacy, running
 from fedmd_ray.backends import make_backend
 from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.checks import from_dict, with_absolute_paths
@@ -120,12 +120,18 @@ def run(
         if saved.round == t.rounds:
             return _finished(config, storage, task, saved, plans, say)
     saving = storage is not None and config.checkpoint_every > 0
+    if storage is not None:
+        running.check_free(storage)
     say(f"starting {len(specs)} participants on the '{config.resources.backend}' backend ...")
     _warn_oversubscribed(config, say)
     backend = make_backend(config, task, specs, report)
     recorder: Recorder | None = None
+    marked = False
     try:
         described = backend.describe()
+        # Marked as the backend is up, before the first write: a run that started meanwhile
+        # into the same folder is refused here, before it replaces anything of this one's.
+        marked = storage is not None and running.mark(storage)
         recorder = Recorder(storage, config, task, say, replace=saved is None)
         recorder.participants(described, backend.placement)
         say(
@@ -192,6 +198,8 @@ def run(
         raise
     finally:
         backend.shutdown()
+        if marked:
+            running.unmark(storage)
     return RunResult(str(storage) if storage else None, recorder.summary(), recorder.table())
 
 

@@ -288,3 +288,35 @@ def test_a_resume_interrupted_while_it_trims_the_metrics_keeps_every_earlier_rou
     left = pq.read_table(out / "metrics.parquet").to_pylist()
     assert numbers([r for r in left if r["round"] <= 1]) == numbers([r for r in whole if r["round"] <= 1])
     assert any(r["round"] > 1 for r in whole)
+
+
+def test_a_folder_another_live_run_writes_to_is_refused_and_left_alone(tmp_path):
+    """Two runs given the same --out at once: the second is refused before any participant
+    starts, and touches nothing of the first's; once the first's process is gone its mark is
+    stale, and a run goes ahead. A finished run leaves no mark."""
+    import json as json_
+    import socket
+    import subprocess
+    import sys
+
+    from fedmd_ray import running
+    from fedmd_ray.errors import ConfigError
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # the first run's, as it starts
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mark = {"pid": other.pid, "host": socket.gethostname(), "since": "2026-12-03 12:00:00"}
+        (out / running.MARK).write_text(json_.dumps(mark))
+        with pytest.raises(
+            ConfigError,
+            match=rf"Another run \(process {other.pid}, since 2026-12-03 12:00:00\) is writing to {out} now",
+        ):
+            run(tiny_config(train={"rounds": 1}), out, progress=None)
+        assert (out / "config.json").read_text() == "{}" and not (out / "metrics.parquet").exists()
+    finally:
+        other.kill()
+        other.wait()
+    result = run(tiny_config(train={"rounds": 1}), out, progress=None)  # the mark is stale now
+    assert result.summary and not (out / running.MARK).exists()
