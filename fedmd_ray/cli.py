@@ -72,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.log:
         args.set = [*args.set, f"log={args.log}"]
 
+    had_runs = Path("runs").is_dir()
     if args.resume:
         config, out = _resumed_config(args)
     else:
@@ -85,7 +86,6 @@ def _run(args: argparse.Namespace) -> int:
             args.address,
             args.scale,
         )
-        had_runs = Path("runs").is_dir()
         out = args.out or _claim_default_out(config.name)
         running.check_free(Storage(out))  # a live run there is not an earlier one to keep or replace
         if not args.overwrite:
