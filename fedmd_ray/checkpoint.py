@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fedmd_ray.config import Config, flatten, model_share
+from fedmd_ray.config import Config, flatten, gpu_share
 from fedmd_ray.errors import CheckpointError
 from fedmd_ray.plugins import code_digests
 from fedmd_ray.storage import Storage
@@ -63,10 +63,7 @@ def identity(config: Config, threads: int) -> dict[str, Any]:
     # Whether participants compute on a GPU decides numbers; how much of one each gets does not.
     kept["resources.num_gpus"] = "some" if config.resources.num_gpus > 0 else "none"
     if config.resources.per_model:
-        kept["on a GPU"] = [
-            model_share(config, m).get("num_gpus", config.resources.num_gpus) > 0
-            for m in config.participant_models()
-        ]
+        kept["on a GPU"] = [gpu_share(config, m) > 0 for m in config.participant_models()]
     kept["threads per participant"] = threads
     if config.resources.group:  # which participants compute together follows the pool's size
         kept["resources.actors"] = config.resources.actors

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmd_ray import checks, running
+from fedmd_ray import checkpoint, checks, running
 from fedmd_ray import config as config_lib
 from fedmd_ray.errors import CheckpointError, FedMDError
 from fedmd_ray.presets import PRESETS, get_preset, scale
@@ -157,7 +157,7 @@ def _keep_earlier_results(out: str) -> None:
     first round) holds nothing to lose."""
     storage = Storage(out)
     try:
-        held = storage.exists("metrics.parquet") or storage.exists("checkpoint", "latest.json")
+        held = storage.exists("metrics.parquet") or checkpoint.exists(storage)
     except OSError:
         return  # an unreachable place is check_writable's to explain
     if not held:
@@ -191,7 +191,7 @@ def _kept(out: str, earlier: tuple | None, resumable: bool = False) -> str:
     if _results_in(out) is None:
         return "nothing was written."
     storage = Storage(out)
-    if resumable and not storage.exists("checkpoint", "latest.json"):
+    if resumable and not checkpoint.exists(storage):
         again = f"; run it again with: fedmd-ray run --resume {out} (with no checkpoint, from its start)"
     else:
         again = f"; continue with: fedmd-ray run --resume {out}" if resumable else ""

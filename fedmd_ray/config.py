@@ -514,15 +514,18 @@ def model_share(config: Config, model: str) -> dict[str, float]:
     return per_model.get(model, per_model.get(model.split(":", 1)[0], {}))
 
 
+def gpu_share(config: Config, model: str) -> float:
+    """The GPUs a participant of `model` gets: its per_model entry, else resources.num_gpus."""
+    return float(model_share(config, model).get("num_gpus", config.resources.num_gpus))
+
+
 def _check_cuda(config: Config) -> None:
     """On Ray, a participant on CUDA must have a GPU share: Ray would place it as if it used
     none, beside others on a GPU it does not account for."""
     r = config.resources
     if r.backend != "ray" or r.device != "cuda":
         return
-    without = sorted(
-        {m for m in config.participant_models() if not model_share(config, m).get("num_gpus", r.num_gpus) > 0}
-    )
+    without = sorted({m for m in config.participant_models() if not gpu_share(config, m) > 0})
     if without:
         raise ConfigError(
             f"'resources.device' is 'cuda' but {', '.join(without)} ha{'s' if len(without) == 1 else 've'} "

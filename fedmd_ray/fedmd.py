@@ -19,7 +19,7 @@ from fedmd_ray import checkpoint, privacy, running
 from fedmd_ray.backends import make_backend
 from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.checks import from_dict, with_absolute_paths
-from fedmd_ray.config import Config, ConfigError, model_share
+from fedmd_ray.config import Config, ConfigError, gpu_share
 from fedmd_ray.consensus import AGGREGATORS, check_consensus
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.phases import Phase
@@ -69,14 +69,13 @@ def run(
     refused before any work (bad data, too few resources, a model, consensus or digest loss
     that cannot work) leaves no results folder behind."""
     # Built in Python or read from a file, a config is coerced and checked the same way.
-    if isinstance(config, Mapping):
-        config = from_dict(dict(config))
-    if not isinstance(config, Config):
+    if not isinstance(config, Config | Mapping):
         raise ConfigError(
             f"run() takes a Config or a dict of config values, not {type(config).__name__}: e.g. "
             'run(from_dict(get_preset("smoke"))) or run({"train": {"rounds": 2}}).'
         )
-    config = with_absolute_paths(from_dict(config.to_dict()))
+    values = config.to_dict() if isinstance(config, Config) else dict(config)
+    config = with_absolute_paths(from_dict(values))
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
     storage = Storage(out_dir) if out_dir is not None else None
@@ -339,7 +338,7 @@ def participant_device(config: Config, model: str) -> str:
     run with num_gpus=0 on a GPU machine put every participant on GPU 0, unaccounted, and
     computed other numbers than the CPU run its config and checkpoint describe."""
     device = config.resources.device
-    if device == "auto" and not model_share(config, model).get("num_gpus", config.resources.num_gpus) > 0:
+    if device == "auto" and not gpu_share(config, model) > 0:
         return "cpu"
     return device
 

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from fedmd_ray.config import Config, model_share
+from fedmd_ray.config import Config, gpu_share, model_share
 from fedmd_ray.errors import ResourceError
 
 PLACEMENT_TIMEOUT_SECONDS = 60
@@ -129,9 +129,7 @@ def shares(config: Config, cpus: float) -> list[tuple[float, float]]:
     out = []
     for model in config.participant_models():
         share = model_share(config, model)
-        out.append(
-            (float(share.get("num_cpus", cpus)), float(share.get("num_gpus", config.resources.num_gpus)))
-        )
+        out.append((float(share.get("num_cpus", cpus)), gpu_share(config, model)))
     return out
 
 
