@@ -63,6 +63,18 @@ def _unpickled(text: str, state: dict) -> ParticipantError:
     return error
 
 
+class StateLost(FedMDError, RuntimeError):
+    """A participant's state, or its scores, went with the node that held them in its object
+    store (a worker node lost): a run with a checkpoint continues from it (fedmd.run)."""
+
+    def __init__(self, participant: str, what: str):
+        self.participant, self.what = participant, what
+        super().__init__(f"Participant '{participant}' lost {what} with the node that held it")
+
+    def __reduce__(self) -> tuple:
+        return StateLost, (self.participant, self.what)
+
+
 class ResourceError(FedMDError, RuntimeError):
     """A request for more CPUs or GPUs than the Ray cluster has."""
 

@@ -21,6 +21,7 @@ from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.checks import from_dict, with_absolute_paths
 from fedmd_ray.config import Config, ConfigError, gpu_share
 from fedmd_ray.consensus import AGGREGATORS, check_consensus
+from fedmd_ray.errors import StateLost
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.phases import Phase
 from fedmd_ray.plans import RoundPlans
@@ -74,12 +75,51 @@ def run(
             f"run() takes a Config or a dict of config values, not {type(config).__name__}: e.g. "
             'run(from_dict(get_preset("smoke"))) or run({"train": {"rounds": 2}}).'
         )
+    for what, fn in (("progress", progress), ("report", report), ("on_round", on_round)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(
+                f"run()'s {what} must be a function (e.g. progress=print) or None, not {type(fn).__name__}."
+            )
     values = config.to_dict() if isinstance(config, Config) else dict(config)
     config = with_absolute_paths(from_dict(values))
     if resume and out_dir is None:
         raise ConfigError("Resuming needs the run's output directory (--resume DIR).")
     storage = Storage(out_dir) if out_dir is not None else None
     say = progress or (lambda _line: None)
+    losses = 0
+    while True:
+        try:
+            return _run(config, storage, say, task, on_round, resume, report)
+        except StateLost as exc:
+            # A node went, and state only it held with it: every call is seeded, so the
+            # rounds since the last checkpoint (never on a node's own disk) compute again
+            # exactly. Counted like actor restarts.
+            losses += 1
+            if storage is None or not checkpoint.exists(storage):
+                raise StateLost(
+                    exc.participant,
+                    f"{exc.what}; a run without a results folder (or with checkpoint_every=0) has no "
+                    "checkpoint to continue from: give it one to survive a lost node",
+                ) from None
+            if losses > config.resources.max_restarts:
+                raise StateLost(
+                    exc.participant,
+                    f"{exc.what} (nodes lost {losses} times; resources.max_restarts="
+                    f"{config.resources.max_restarts}); continue with --resume {storage}",
+                ) from None
+            say(f"{exc}: continuing from the last checkpoint in {storage}")
+            resume = True
+
+
+def _run(
+    config: Config,
+    storage: Storage | None,
+    say: Callable[[str], None],
+    task: Task | None,
+    on_round: Callable[[int, list[SummaryRow]], None] | None,
+    resume: bool,
+    report: Callable[[dict], None] | None,
+) -> RunResult:
     if resume and not checkpoint.exists(storage) and storage.exists("config.json"):
         # Stopped before its first checkpoint (or run with checkpoint_every=0): nothing to
         # continue from, and running it again from the start gives the same numbers.

@@ -88,6 +88,8 @@ class AggregatorStatus:
     bytes: int = 0
     error: str | None = None
     participant: str | None = None
+    lost: bool = False
+    """The participant's scores went with its node (actors.lost)."""
 
 
 class Backend(Protocol):

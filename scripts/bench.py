@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from fedmd_ray.benchmarking import MODEL_SETS, Measured, at_least_one, measure, share, synthetic_config
 from fedmd_ray.checks import from_dict
+from fedmd_ray.config import BACKENDS
 from fedmd_ray.errors import FedMDError
 from fedmd_ray.phases import ROUND_PHASES, Phase
 from fedmd_ray.results import phase_walls
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in mixes:
         if m not in MODEL_SETS:
             p.error(f"--models: unknown set '{m}' (choose from {', '.join(MODEL_SETS)})")
-    unknown = [b for b in args.backends.split(",") if b not in ("local", "ray")]
+    unknown = [b for b in args.backends.split(",") if b not in BACKENDS]
     if unknown:
-        p.error(f"--backends: unknown backend(s) {', '.join(unknown)} (choose from local, ray)")
+        p.error(f"--backends: unknown backend(s) {', '.join(unknown)} (choose from {', '.join(BACKENDS)})")
     try:
         if len(mixes) > 1 or args.repeat > 1:
             return _medians(args, mixes)

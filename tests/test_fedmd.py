@@ -99,6 +99,12 @@ def test_run_takes_a_config_or_its_values_and_names_anything_else():
     assert numbers(as_values.metrics.to_pylist()) == numbers(as_config.metrics.to_pylist())
     with pytest.raises(ConfigError, match=r"run\(\) takes a Config or a dict of config values, not str"):
         run("smoke", progress=None)
+    with pytest.raises(
+        ConfigError, match=r"run\(\)'s progress must be a function \(e.g. progress=print\) or None, not str"
+    ):
+        run(config, progress="plain")
+    with pytest.raises(ConfigError, match=r"run\(\)'s on_round must be a function .* not int"):
+        run(config, progress=None, on_round=3)
 
 
 def test_the_same_config_gives_the_same_numbers_on_the_defaults(ray_session):

@@ -211,7 +211,7 @@ def test_reproduce_stopped_before_any_work_says_only_what_is_wrong(tmp_path, cap
             ["--participants", "0"],
             "argument --participants: '0' is not a whole number of at least 1",
         ),
-        ("bench.py", ["--backends", "local,rya"], "unknown backend(s) rya (choose from local, ray)"),
+        ("bench.py", ["--backends", "local,rya"], "unknown backend(s) rya (choose from ray, local)"),
         (
             "bench_participants.py",
             ["--participation", "1.5"],
@@ -259,3 +259,26 @@ def test_an_address_where_nothing_answers_is_said_at_once():
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):  # closed now
         with pytest.raises(ResourceError, match=rf"at '{address}': nothing answers at 127.0.0.1:{port} \("):
             _check_reachable(address)
+
+
+@pytest.mark.slow
+def test_a_ray_client_that_answers_but_lets_no_one_in_is_said_with_the_token_fix(monkeypatch):
+    """A port that takes the connection but never speaks Ray Client, as a cluster with token
+    authentication treats a client that sends no token: Ray says only 'connection timeout'."""
+    import socket
+
+    import ray
+
+    from fedmd_ray.backends.resources import init_ray
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"ray://127.0.0.1:{listening.getsockname()[1]}"
+        with pytest.raises(
+            ResourceError, match=r"answered but did not let this run in .* RAY_AUTH_MODE=token"
+        ):
+            init_ray(address)

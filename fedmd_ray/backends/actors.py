@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from fedmd_ray.consensus import form_consensus
-from fedmd_ray.errors import ConsensusError, Failed, FedMDError, ParticipantError
+from fedmd_ray.errors import ConsensusError, Failed, FedMDError, ParticipantError, StateLost
 from fedmd_ray.heap import give_back_freed_memory
 from fedmd_ray.phases import Phase
 from fedmd_ray.procfs import private_memory
@@ -238,13 +238,18 @@ class PoolWorker:
             self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
         spec, private = self.inputs[index]
         state = None
-        if isinstance(state_ref, tuple):  # packed with its bundle's: (ref, position)
-            ref, position = state_ref
-            if ref not in fetched:
-                fetched[ref] = ray.get(ref)
-            state = fetched[ref][position]
-        elif state_ref is not None:
-            state = ray.get(state_ref)
+        try:
+            if isinstance(state_ref, tuple):  # packed with its bundle's: (ref, position)
+                ref, position = state_ref
+                if ref not in fetched:
+                    fetched[ref] = ray.get(ref)
+                state = fetched[ref][position]
+            elif state_ref is not None:
+                state = ray.get(state_ref)
+        except Exception as exc:
+            if lost(exc):
+                raise StateLost(spec.name, "its state") from None
+            raise
         participant = build_participant(spec, *self.shared, private, self.test)
         participant.report = self.report
         if isinstance(state, dict):
@@ -284,7 +289,7 @@ class Aggregator:
             try:
                 scores.append(ray.get(ref))
             except Exception as exc:  # the participant's own failure, re-raised by Ray
-                return AggregatorStatus(error=describe_ray_error(exc), participant=name), None
+                return AggregatorStatus(error=describe_ray_error(exc), participant=name, lost=lost(exc)), None
         try:
             consensus = form_consensus(scores, names, plan)
         except ConsensusError as exc:
@@ -320,6 +325,15 @@ def metrics_only(value: Any, name: str, phase: str) -> Any:
                 "metrics (numbers and strings) may reach the driver",
             )
     return value
+
+
+def lost(exc: BaseException) -> bool:
+    """Whether `exc` says an object was lost (its node died, and Ray cannot compute it again:
+    actor calls are never rerun by Ray), raised as it is or as the cause of a call that
+    needed it."""
+    from ray.exceptions import ObjectLostError
+
+    return isinstance(exc, ObjectLostError) or isinstance(getattr(exc, "cause", None), ObjectLostError)
 
 
 def describe_ray_error(exc: Exception) -> str:

@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmd_ray.backends.actors import describe_ray_error, metrics_only
+from fedmd_ray.backends.actors import describe_ray_error, lost, metrics_only
 from fedmd_ray.backends.slots import Call
-from fedmd_ray.errors import ConfigError, Failed, FedMDError, ParticipantError
+from fedmd_ray.errors import ConfigError, Failed, FedMDError, ParticipantError, StateLost
 from fedmd_ray.heap import give_back_freed_memory
 from fedmd_ray.phases import Phase
 from fedmd_ray.protocol import Event
@@ -238,6 +238,8 @@ class Dispatcher:
             return False
         except Exception as exc:  # RayTaskError wraps the participant's own exception
             self._read_quietly(call)
+            if lost(exc):
+                raise StateLost(name, f"the answer of its {call.phase} call") from None
             raise self._failure(call, exc) from None
         if isinstance(call.metrics, Failed):  # one member of a pool's bundle
             raise self._failure(call, call.metrics)

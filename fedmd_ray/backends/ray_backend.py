@@ -16,12 +16,12 @@ import numpy as np
 from fedmd_ray.backends import mps
 from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error
 from fedmd_ray.backends.dispatch import Dispatcher, Outcome, Step
-from fedmd_ray.backends.resources import concurrency_window, init_ray, place, shares_gpus
+from fedmd_ray.backends.resources import beside_driver, concurrency_window, init_ray, place, shares_gpus
 from fedmd_ray.backends.shipping import upload, user_code
 from fedmd_ray.backends.slots import ActorPool, DedicatedActors, Shared
 from fedmd_ray.backends.warm import KEPT, key
 from fedmd_ray.config import Config
-from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError
+from fedmd_ray.errors import ConsensusError, FedMDError, ParticipantError, StateLost
 from fedmd_ray.phases import Phase
 from fedmd_ray.plans import RoundPlan
 from fedmd_ray.progress import phase_event
@@ -105,6 +105,10 @@ class RayBackend:
             helper["runtime_env"] = plan.runtime_env
         if plan.in_trial:
             helper["scheduling_strategy"] = plan.strategy(-1)
+        else:
+            # Beside the driver: a worker node lost takes participants with it (restarted
+            # elsewhere), never the consensus of the round or the progress display.
+            helper["scheduling_strategy"] = beside_driver(ray)
         self.helper = helper
         if self.reuse:
             KEPT.release(
@@ -210,6 +214,8 @@ class RayBackend:
         except Exception as exc:  # the aggregator actor itself failed
             raise ParticipantError("consensus", Phase.AGGREGATE, describe_ray_error(exc)) from None
         if status.error is not None:
+            if status.lost:
+                raise StateLost(status.participant, f"its scores for round {scores.plan.round}")
             if status.participant is None:
                 raise ConsensusError(status.error)
             raise ParticipantError(status.participant, Phase.COMMUNICATE, status.error)

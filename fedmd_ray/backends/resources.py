@@ -54,6 +54,17 @@ def init_ray(address: str | None = None, runtime_env: dict[str, Any] | None = No
             handler(signal.SIGTERM, None)
         raise
     except ConnectionError as exc:
+        if str(address).startswith("ray://") and os.environ.get("RAY_AUTH_MODE") != "token":
+            # Its port answered (_check_reachable), its handshake did not: a cluster with token
+            # authentication (Ray's default for one `ray start` made, since 2.59) ignores a
+            # client that sends no token, and the client only says it timed out.
+            raise ResourceError(
+                f"The Ray Client at '{address}' answered but did not let this run in "
+                f"({str(exc).rstrip('.')}). If the cluster uses token authentication, set "
+                "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file "
+                "~/.ray/auth_token: `ray get-auth-token` on the head prints it); otherwise "
+                "check that its Ray version is this one's."
+            ) from None
         raise ResourceError(
             f"Could not reach the Ray cluster at '{address}': {str(exc).rstrip('.')}. Start it with "
             "`ray start --head` or `ray up cluster.yaml`, or drop --address to run "
@@ -257,6 +268,15 @@ class Placement:
 
             remove_placement_group(self.group)
         self.group = None
+
+
+def beside_driver(ray: Any) -> Any:
+    """The scheduling strategy of an actor that needs no resources and must live as long as
+    the driver: on the driver's node (through Ray Client, the client server's). Not `soft`:
+    Ray takes a node whose CPUs are all held as one without room, even for no CPU."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def shares_gpus(plan: Placement) -> bool:

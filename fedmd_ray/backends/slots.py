@@ -17,10 +17,11 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from fedmd_ray.backends.actors import ParticipantActor, PoolWorker, held_budget
+from fedmd_ray.backends.actors import ParticipantActor, PoolWorker, describe_ray_error, held_budget, lost
 from fedmd_ray.backends.resources import Placement
 from fedmd_ray.backends.restarts import RestartJournal
 from fedmd_ray.backends.warm import KEPT
+from fedmd_ray.errors import ParticipantError, ResourceError, StateLost
 from fedmd_ray.phases import Phase
 from fedmd_ray.spec import ParticipantSpec
 
@@ -30,6 +31,10 @@ in index order. Fixed by the participants alone, never by timing, so that groupe
 computation (resources.group) sees the same groups in every run. A Ray call costs the driver
 and the actor about a millisecond and ~40-60 KiB of bookkeeping while it is out: at 10 000
 participants, one per participant and phase was most of a tiny model's round."""
+
+RESTART_WAIT_S = 300.0
+"""How long an actor restarted after its process or node died may wait for a node with room
+for it (an autoscaler adding one) before the run stops, its last checkpoint kept."""
 
 POOL_DEPTH = 2
 """Bundles queued at once per pool actor: one computing, one waiting, so the actor never
@@ -150,9 +155,18 @@ class DedicatedActors:
         (call,) = calls
         i = call.index
         actor = self.actors[i] = self.start(i, generation)
+        name = self.specs[i].name
+        started(self.ray, actor, name, call.phase, self.placement.actor_options(i))
         saved, earlier = self.journal.replay(i, call)
         if saved is not None:
-            actor.set_state.remote(saved, trusted=True)
+            # Waited for: a state that went with its node must not leave the actor as new,
+            # computing other numbers from there on.
+            try:
+                self.ray.get(actor.set_state.remote(saved, trusted=True))
+            except Exception as exc:
+                if lost(exc):
+                    raise StateLost(name, "its last state") from None
+                raise ParticipantError(name, call.phase, describe_ray_error(exc)) from None
         for c in earlier:
             c.remote(actor, 2)
         return self.send(calls, replay=True)
@@ -250,7 +264,10 @@ class ActorPool:
 
     def bring_back(self, calls: Sequence[Call], generation: int) -> list[tuple[Any, Any]]:
         slot = self.slot(calls[0].index)
-        self.actors[slot] = self.start(slot, generation)
+        actor = self.actors[slot] = self.start(slot, generation)
+        name = self.specs[calls[0].index].name
+        options = self.placement.actor_options(slot)
+        started(self.ray, actor, name, calls[0].phase, options, f"pool actor {slot}")
         return self.send(calls, replay=True)  # each call carries the state it started from
 
     def snapshot(self, who: Sequence[int]) -> None:
@@ -259,6 +276,32 @@ class ActorPool:
     def stop(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
+
+
+def started(
+    ray: Any, actor: Any, name: str, phase: Phase, options: dict[str, Any], what: str = "actor"
+) -> None:
+    """Wait for a restarted actor to be up. One that finds no room (its node gone, and with
+    it the resources it held) stops the run after RESTART_WAIT_S, saying so, rather than
+    waiting for ever."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=RESTART_WAIT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(actor, no_restart=True)
+        need = " and ".join(
+            f"{options[k]:g} {unit}"
+            for k, unit in (("num_cpus", "CPU"), ("num_gpus", "GPU"))
+            if options.get(k)
+        )
+        free = ray.available_resources()
+        raise ResourceError(
+            f"{name}'s {what} could not be restarted: no node had room for it ({need or 'no CPU'}) for "
+            f"{RESTART_WAIT_S:.0f} s (free now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} "
+            "GPU); a node it ran on may be gone. Add a node, then continue the run with "
+            "--resume: its last checkpoint is kept."
+        ) from None
+    except Exception as exc:  # its __init__ failed
+        raise ParticipantError(name, phase, describe_ray_error(exc)) from None
 
 
 def bundles(specs: Sequence[ParticipantSpec], actors: int, size: int = BUNDLE) -> list[int]:
