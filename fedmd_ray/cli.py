@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedmd_ray import checkpoint, checks, running
 from fedmd_ray import config as config_lib
-from fedmd_ray.errors import CheckpointError, FedMDError
+from fedmd_ray.errors import CheckpointError, FedMDError, StorageError
 from fedmd_ray.presets import PRESETS, get_preset, scale
 from fedmd_ray.storage import Storage
 
@@ -143,7 +143,8 @@ def _run_into(args: argparse.Namespace, config: config_lib.Config, out: str) -> 
         display.close()
         print(f"error: {exc}", file=sys.stderr)
         if _results_in(out) not in (None, earlier):
-            print(_kept(out, earlier), file=sys.stderr)
+            # Once the place can be written again, nothing is lost: it continues from there.
+            print(_kept(out, earlier, resumable=isinstance(exc, StorageError)), file=sys.stderr)
         return 1
     display.close()
     if not args.quiet:

@@ -75,6 +75,11 @@ class StateLost(FedMDError, RuntimeError):
         return StateLost, (self.participant, self.what)
 
 
+class StorageError(FedMDError, OSError):
+    """Results or a checkpoint that could not be written (a full disk, a place that became
+    read-only or unreachable): what was written before stays whole."""
+
+
 class ResourceError(FedMDError, RuntimeError):
     """A request for more CPUs or GPUs than the Ray cluster has."""
 

@@ -4,6 +4,8 @@ that raises, whose process dies, or that is late.
     "INDEX:PHASE:ROUND"          participant INDEX raises in PHASE of round ROUND
     "INDEX:PHASE:ROUND:exit"     its process dies there (as if killed)
     "INDEX:PHASE:ROUND:sleepS"   it is S seconds late there (a straggler)
+    "INDEX:PHASE:ROUND:memoryG"  it takes G more GiB there and holds them for a minute (for
+                                 Ray's memory monitor to end it, as it would a model too big)
 
 A participant restored after a crash does not fail again: a crash is a one-off.
 """
@@ -26,7 +28,7 @@ class Fault:
     phase: str
     round: int
     mode: str = "raise"
-    """'raise', 'exit' or 'sleepSECONDS'."""
+    """'raise', 'exit', 'sleepSECONDS' or 'memoryGIB'."""
 
 
 def parse_fault(text: str, participants: int) -> Fault:
@@ -37,17 +39,17 @@ def parse_fault(text: str, participants: int) -> Fault:
         mode = parts[3] if len(parts) > 3 else "raise"
     except (IndexError, ValueError):
         raise ConfigError(
-            f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit|:sleepSECONDS], e.g. 1:digest:2."
+            f"Fault '{text}' must look like INDEX:PHASE:ROUND[:exit|:sleepSECONDS|:memoryGIB], e.g. 1:digest:2."
         ) from None
     if (
         not 0 <= index < participants
         or phase not in FAULT_PHASES
-        or not (mode in ("raise", "exit") or re.fullmatch(r"sleep\d+(\.\d+)?", mode))
+        or not (mode in ("raise", "exit") or re.fullmatch(r"(sleep|memory)\d+(\.\d+)?", mode))
         or len(parts) > 4
     ):
         raise ConfigError(
             f"Fault '{text}': index must be 0..{participants - 1}, phase one of "
-            f"{', '.join(FAULT_PHASES)}, and the mode 'raise', 'exit' or 'sleepSECONDS'."
+            f"{', '.join(FAULT_PHASES)}, and the mode 'raise', 'exit', 'sleepSECONDS' or 'memoryGIB'."
         )
     return Fault(index, phase, round_, mode)
 
@@ -70,4 +72,16 @@ def fire(faults: tuple[Fault, ...], phase: str, round_: int = 0) -> None:
         if fault.mode.startswith("sleep"):
             time.sleep(float(fault.mode[len("sleep") :]))  # a straggler
             continue
+        if fault.mode.startswith("memory"):
+            _hold_memory(float(fault.mode[len("memory") :]))
+            continue
         raise RuntimeError(f"simulated fault in {phase} of round {round_}")
+
+
+def _hold_memory(gib: float, seconds: float = 60.0) -> None:
+    """Take `gib` GiB (written, so the pages are really held) for up to `seconds`."""
+    held = bytearray(int(gib * 2**30))
+    for start in range(0, len(held), 4096):
+        held[start] = 1
+    time.sleep(seconds)
+    del held

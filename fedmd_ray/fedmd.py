@@ -21,7 +21,7 @@ from fedmd_ray.backends.resources import local_cpus, participant_threads
 from fedmd_ray.checks import from_dict, with_absolute_paths
 from fedmd_ray.config import Config, ConfigError, gpu_share
 from fedmd_ray.consensus import AGGREGATORS, check_consensus
-from fedmd_ray.errors import StateLost
+from fedmd_ray.errors import StateLost, StorageError
 from fedmd_ray.faults import parse_fault
 from fedmd_ray.phases import Phase
 from fedmd_ray.plans import RoundPlans
@@ -232,8 +232,11 @@ def _run(
         recorder.finish(complete=True)
     except BaseException as exc:
         if recorder is not None:
-            recorder.failed(exc)
-            recorder.finish(complete=False)
+            try:
+                recorder.failed(exc)
+                recorder.finish(complete=False)
+            except StorageError:
+                pass  # the place is full or gone: what it holds stays; the run's error is said
         raise
     finally:
         backend.shutdown()

@@ -12,5 +12,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     readers see the old file or the new one, never a part. The temporary name starts with a
     dot, which dataset readers (pyarrow, Spark) skip inside a dataset folder."""
     tmp = path.with_name("." + path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no part-file behind either
+        raise

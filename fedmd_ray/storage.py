@@ -9,13 +9,14 @@ need the same wherever they run (an instance role, or resources.runtime_env's en
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
 from pathlib import Path
 from typing import Any
 
-from fedmd_ray.errors import ConfigError
+from fedmd_ray.errors import ConfigError, StorageError
 from fedmd_ray.files import atomic_write
 
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
@@ -111,17 +112,34 @@ class Storage:
     # ------------------------------------------------------------ writing
 
     def makedirs(self, *parts: str) -> None:
-        self.fs.create_dir(self.path(*parts), recursive=True)
+        try:
+            self.fs.create_dir(self.path(*parts), recursive=True)
+        except OSError as exc:
+            raise self._unwritable(posixpath.join(*parts), exc) from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write `data` to `name` (a path inside this folder) whole."""
-        if self.local:
-            target = Path(self.path(name))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, lambda p: p.write_bytes(data))
-            return
-        with self.fs.open_output_stream(self.path(name)) as f:
-            f.write(data)
+        try:
+            if self.local:
+                target = Path(self.path(name))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, lambda p: p.write_bytes(data))
+                return
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(data)
+        except OSError as exc:
+            raise self._unwritable(name, exc) from None
+
+    def _unwritable(self, name: str, exc: OSError) -> StorageError:
+        why = {
+            errno.ENOSPC: "the disk is full: free space there",
+            errno.EDQUOT: "the disk quota is used up: free space there",
+            errno.EROFS: "the filesystem became read-only",
+            errno.EACCES: "permission denied",
+        }.get(exc.errno, str(exc.strerror or exc))
+        return StorageError(
+            f"Could not write {self.location(name)} ({why}); what was written there before stays whole."
+        )
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))

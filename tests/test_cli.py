@@ -129,6 +129,40 @@ def test_a_crash_fault_on_the_local_backend_says_so_and_leaves_a_checkpoint(tmp_
     assert (out / "summary.md").exists()
 
 
+def test_a_place_that_can_hold_no_more_is_one_line_and_loses_nothing(tmp_path):
+    """A full disk (here: the process may write no file over 100 KiB, RLIMIT_FSIZE, so the
+    first participant state of the checkpoint fails as a full disk would) stops the run with
+    what could not be written, not a traceback; the files written before stay whole, no
+    part-file is left, and once there is room --resume continues."""
+    import resource
+
+    out = tmp_path / "r"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100 * 1024, 100 * 1024))
+
+    argv = [sys.executable, "-m", "fedmd_ray.cli", "run", "--backend", "local", "--quiet", "--out", str(out)]
+    argv += ["--set", "train.rounds=1", *QUICK]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    error, kept = proc.stderr.strip().splitlines()[-2:]
+    assert (
+        error.startswith(f"error: Could not write {out}/checkpoint/round-0000/p0")
+        and "File too large" in error
+    )
+    assert (
+        kept
+        == f"results written so far are in {out}/; run it again with: fedmd-ray run --resume {out} "
+        + ("(with no checkpoint, from its start)")
+    )
+    assert not [p for p in out.rglob(".*.tmp")]  # no half-written file left behind
+    assert json.loads((out / "config.json").read_text())["train"]["rounds"] == 1
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
+
+
 def test_resume_continues_a_run_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "r"
     quick = [*QUICK, "--backend", "local", "--quiet"]

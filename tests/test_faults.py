@@ -73,6 +73,35 @@ def test_ray_kill_from_outside_during_a_round(ray_session, undisturbed):
     assert [(r["round"], r["participant"]) for r in restarted] == [(2, "p01-cnn3")]
 
 
+@pytest.mark.slow
+def test_an_actor_ended_by_rays_memory_monitor_is_restarted_and_the_run_ends_the_same(undisturbed):
+    """Ray's memory monitor ends a worker when its node runs low on RAM: here a Ray whose
+    threshold sits 2.5 GiB above what the machine uses now, and p01 taking 3 GiB more in
+    round 2's digest (faults: ':memory3'). The run used to stop there."""
+    import ray
+
+    meminfo = dict((line.split(":")[0], int(line.split()[1]) * 1024) for line in open("/proc/meminfo"))
+    threshold = (meminfo["MemTotal"] - meminfo["MemAvailable"] + 2.5 * 2**30) / meminfo["MemTotal"]
+    ray.shutdown()
+    ray.init(
+        **LOCAL_RAY, _system_config={"memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100}
+    )
+    try:
+        ended = run(
+            tiny_config(resources=DEFAULTS, train={"rounds": 3}, faults=["1:digest:2:memory3"]),
+            progress=None,
+        )
+    finally:
+        ray.shutdown()  # the next test's Ray has the default threshold
+    notes = [(r["round"], r["participant"], r["note"]) for r in ended.metrics.to_pylist() if r["note"]]
+    assert (
+        2,
+        "p01-cnn3",
+        "restarted (actor ended by Ray's memory monitor: the node ran low on RAM)",
+    ) in notes
+    assert numbers(ended.metrics.to_pylist()) == numbers(undisturbed.metrics.to_pylist())
+
+
 def _kill(ray, suffix: str) -> None:
     """Kill the participant actor whose name ends in `suffix`, and wait until it is dead."""
     name = next(n for n in ray.util.list_named_actors() if n.endswith(suffix))

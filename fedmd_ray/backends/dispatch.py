@@ -228,13 +228,17 @@ class Dispatcher:
             raise ConfigError(
                 f"Participant '{name}' could not set up its runtime_env: {_first_line(exc)}"
             ) from None
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as exc:
+            # Ray's memory monitor ends the actor's process as a kill would: restarted, with
+            # the others' calls freeing memory meanwhile (max_restarts bounds a model that
+            # never fits).
             if _env_failed(exc):
                 raise ConfigError(
                     f"Participant '{name}' could not set up its runtime_env: {_first_line(exc)}"
                 ) from None
             calls = call.bundle.calls
-            self._sent(calls, self._restart(call, calls, describe_ray_error(exc)), pending)
+            memory = isinstance(exc, ray.exceptions.OutOfMemoryError)
+            self._sent(calls, self._restart(call, calls, describe_ray_error(exc), memory), pending)
             return False
         except Exception as exc:  # RayTaskError wraps the participant's own exception
             self._read_quietly(call)
@@ -289,7 +293,7 @@ class Dispatcher:
                 call = out.pop(ref)
                 try:
                     metrics = self.ray.get(ref)
-                except self.ray.exceptions.RayActorError:
+                except (self.ray.exceptions.RayActorError, self.ray.exceptions.OutOfMemoryError):
                     self._read_quietly(call)
                     continue
                 except Exception as exc:
@@ -331,7 +335,9 @@ class Dispatcher:
             except Exception:
                 pass
 
-    def _restart(self, call: Call, calls: list[Call], error: str) -> list[tuple[Any, Any]]:
+    def _restart(
+        self, call: Call, calls: list[Call], error: str, memory: bool = False
+    ) -> list[tuple[Any, Any]]:
         """The actor under `call` died: start a new one, bring it back to where the dead one
         was, and resend `calls` (`call`'s bundle; restarts.py says how that stays exact)."""
         slot = self.slots.slot(call.index)
@@ -348,7 +354,8 @@ class Dispatcher:
             )
         self.restarts[slot] = count + 1
         whose = f"pool actor {slot} (serving {name})" if len(self.slots.actors) < len(self.names) else "actor"
-        self.events.append(Event(name, call.phase, f"restarted ({whose} died)"))
+        why = "ended by Ray's memory monitor: the node ran low on RAM" if memory else "died"
+        self.events.append(Event(name, call.phase, f"restarted ({whose} {why})"))
         return self.slots.bring_back(calls, count + 1)
 
     def _wait(self, pending: list, timeout: float | None) -> list:
