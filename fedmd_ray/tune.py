@@ -183,9 +183,38 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
         raise ConfigError("The search file has no 'search' section: name at least one key to vary.")
     space, sample = {}, {}
     for key, domain in spec["search"].items():
-        space[key], sample[key] = _domain(key, _absolute_domain(key, domain))
-    config = from_dict(merge(base, _nest(sample)))  # unknown or invalid keys fail here, named
+        domain = _absolute_domain(key, domain)
+        space[key], sample[key] = _domain(key, domain)
+    try:
+        config = from_dict(merge(base, _nest(sample)))  # unknown or invalid keys fail here, named
+    except ConfigError as exc:
+        listed = [key for key, domain in spec["search"].items() if isinstance(domain, list)]
+        if not listed:
+            raise
+        raise ConfigError(
+            f"{exc} A search key's list is one fixed value; to draw from it, write "
+            f'{{"choice": [...]}} or {{"grid": [...]}} (search keys given a list: {", ".join(listed)}).'
+        ) from None
+    # Every value a trial may draw, not only the first: a bad one would otherwise fail its
+    # trial minutes into the search.
+    for key, domain in spec["search"].items():
+        for value in _extremes(_absolute_domain(key, domain)):
+            try:
+                from_dict(merge(base, _nest({**sample, key: value})))
+            except ConfigError as exc:
+                raise ConfigError(f"Search key '{key}', value {value!r}: {exc}") from None
     return base, space, config
+
+
+def _extremes(domain: Any) -> list[Any]:
+    """The values of a domain that stand for all it may draw: each of a choice or grid, both
+    ends of a range (randint's high is excluded)."""
+    if not isinstance(domain, dict):
+        return [domain]
+    kind, args = next(iter(domain.items()))
+    if kind in ("choice", "grid"):
+        return list(args)
+    return [args[0], args[1] - 1] if kind == "randint" else list(args)
 
 
 def search(

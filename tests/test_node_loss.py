@@ -87,3 +87,21 @@ def test_a_cluster_without_room_for_a_lost_participant_says_so(cluster, tmp_path
     # checkpoint found the cluster too small: both say what is missing.
     assert "could not be restarted" in message or "the Ray cluster has" in message, message
     assert (tmp_path / "run" / "checkpoint").is_dir()  # what --resume continues from
+
+
+def test_the_errors_a_node_loss_raises_cross_processes_whole():
+    """A pool actor answers StateLost inside Failed; a participant's write raises
+    StorageError: both are pickled back to the driver, and must arrive as themselves."""
+    import pickle
+
+    from fedmd_ray.errors import Failed, StateLost, StorageError
+
+    failed = pickle.loads(pickle.dumps(Failed(StateLost("p01-cnn3", "its state"))))
+    assert isinstance(failed.error, StateLost)
+    assert (failed.error.participant, failed.error.what) == ("p01-cnn3", "its state")
+    assert str(failed.error) == "Participant 'p01-cnn3' lost its state with the node that held it"
+    full = pickle.loads(pickle.dumps(StorageError("Could not write x (the disk is full: free space there)")))
+    assert (
+        isinstance(full, StorageError)
+        and str(full) == "Could not write x (the disk is full: free space there)"
+    )

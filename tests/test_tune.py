@@ -155,6 +155,13 @@ def test_bad_search_files_fail_before_any_trial():
         load_search(tiny_search(num_samples="2"))
     with pytest.raises(ConfigError, match="'max_concurrent_trials' is -1"):
         load_search(tiny_search(max_concurrent_trials=-1))
+    # Every value a trial may draw is checked, not only the first one.
+    with pytest.raises(ConfigError, match=r"Search key 'train.rounds', value -2: 'train.rounds' is -2"):
+        load_search(tiny_search(search={"train.rounds": {"grid": [1, -2]}}))
+    with pytest.raises(ConfigError, match=r"value 2.0: 'train.trim_fraction' is 2.0"):
+        load_search(tiny_search(search={"train.trim_fraction": {"uniform": [0.1, 2.0]}}))
+    with pytest.raises(ConfigError, match=r'to draw from it, write \{"choice": \[...\]\}.*: train.rounds\)'):
+        load_search(tiny_search(search={"train.rounds": [1, 2]}))
 
 
 def test_a_trial_larger_than_the_cluster_is_refused_before_tune_waits_forever(ray_session, tmp_path):
