@@ -107,6 +107,19 @@ def build_task(config: Config) -> Task:
     public_classes = _classes_of(pub_train, d.public_classes, "data.public_classes", d.public)
     coarse = d.private_label == "coarse"
     private_classes = _classes_of(priv_train, d.private_classes, "data.private_classes", d.private, coarse)
+    for key, name, classes, chosen in (
+        ("data.public_classes", d.public, public_classes, d.public_classes),
+        ("data.private_classes", d.private, private_classes, d.private_classes),
+    ):
+        if len(classes) < 2:
+            # One class is no task: every model is right by always naming it (a private task
+            # of one class gave every lower bound and final 100 %, warned as 'no better than
+            # guessing among its 1 classes').
+            which = f"{key} leaves one class of '{name}'" if chosen else f"'{name}' holds one class"
+            raise ConfigError(
+                f"{which} ({list(classes)}); a task to learn needs at least 2"
+                + (f": name more in {key}." if chosen else ".")
+            )
     if same and set(public_classes) & set(private_classes):
         example = (
             ' (as the smoke preset does: --set "data.public_classes=[0,1,2,3,4,5,6,7,8,9]" --set '

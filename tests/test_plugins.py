@@ -336,6 +336,16 @@ def test_missing_data_and_missing_classes_are_refused(tmp_path):
             tiny_config(data={"private": spec, "private_classes": [0, 1, 2]}), tmp_path / "out", progress=None
         )
     assert not (tmp_path / "out").exists()
+    # One class is no task to learn: every model would score 100 % by always naming it.
+    with pytest.raises(
+        ConfigError, match=r"data.private_classes leaves one class of 'npz:.*four.npz' \(\[2\]\)"
+    ):
+        run(tiny_config(data={"private": _npz(tmp_path / "four.npz", x, y, x, y), "private_classes": [2]}))
+    one = _npz(tmp_path / "one.npz", x, np.zeros_like(y), x, np.zeros_like(y))
+    with pytest.raises(
+        ConfigError, match=r"'npz:.*one.npz' holds one class \(\[0\]\); a task to learn needs at least 2\.$"
+    ):
+        run(tiny_config(data={"public": one, "public_classes": None}), progress=None)
 
 
 def test_an_image_folder_and_its_empty_class(tmp_path):
