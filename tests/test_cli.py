@@ -337,7 +337,12 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, when):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
     else:
-        time.sleep(1.5)  # the interpreter is up, Ray is starting
+        # Ray starts as the run says so (a fixed sleep, on a loaded machine, fired before the
+        # interpreter was up, and SIGTERM's default action killed it).
+        for line in proc.stdout:
+            assert time.monotonic() < deadline
+            if line.startswith("starting ") and "on the 'ray' backend" in line:
+                break
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
