@@ -282,3 +282,7 @@ def test_a_ray_client_that_answers_but_lets_no_one_in_is_said_with_the_token_fix
             ResourceError, match=r"answered but did not let this run in .* RAY_AUTH_MODE=token"
         ):
             init_ray(address)
+    # ... and leaves this process able to start a Ray of its own (it was left in client mode,
+    # where every later ray.init failed an assertion).
+    assert init_ray(None, num_cpus=1, _node_ip_address="127.0.0.1") is True
+    ray.shutdown()

@@ -54,6 +54,12 @@ def init_ray(address: str | None = None, runtime_env: dict[str, Any] | None = No
             handler(signal.SIGTERM, None)
         raise
     except ConnectionError as exc:
+        # A failed Ray Client connection leaves this process in client mode, where every later
+        # ray.init (a local run from the same notebook or test session) fails an assertion.
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - nothing to undo; the connection's error is the news
+            pass
         if str(address).startswith("ray://") and os.environ.get("RAY_AUTH_MODE") != "token":
             # Its port answered (_check_reachable), its handshake did not: a cluster with token
             # authentication (Ray's default for one `ray start` made, since 2.59) ignores a
