@@ -67,12 +67,15 @@ class StateLost(FedMDError, RuntimeError):
     """A participant's state, or its scores, went with the node that held them in its object
     store (a worker node lost): a run with a checkpoint continues from it (fedmd.run)."""
 
-    def __init__(self, participant: str, what: str):
-        self.participant, self.what = participant, what
-        super().__init__(f"Participant '{participant}' lost {what} with the node that held it")
+    def __init__(self, participant: str, what: str, then: str = ""):
+        self.participant, self.what, self.then = participant, what, then
+        super().__init__(
+            f"Participant '{participant}' lost {what} with the node that held it"
+            + (f"; {then}" if then else "")
+        )
 
     def __reduce__(self) -> tuple:
-        return StateLost, (self.participant, self.what)
+        return StateLost, (self.participant, self.what, self.then)
 
 
 class StorageError(FedMDError, OSError):

@@ -98,14 +98,16 @@ def run(
             if storage is None or not checkpoint.exists(storage):
                 raise StateLost(
                     exc.participant,
-                    f"{exc.what}; a run without a results folder (or with checkpoint_every=0) has no "
-                    "checkpoint to continue from: give it one to survive a lost node",
+                    exc.what,
+                    "a run without a results folder (or with checkpoint_every=0) has no checkpoint "
+                    "to continue from: give it one to survive a lost node",
                 ) from None
             if losses > config.resources.max_restarts:
                 raise StateLost(
                     exc.participant,
-                    f"{exc.what} (nodes lost {losses} times; resources.max_restarts="
-                    f"{config.resources.max_restarts}); continue with --resume {storage}",
+                    exc.what,
+                    f"nodes lost {losses} times (resources.max_restarts={config.resources.max_restarts}); "
+                    f"continue with --resume {storage}",
                 ) from None
             say(f"{exc}: continuing from the last checkpoint in {storage}")
             resume = True

@@ -100,6 +100,11 @@ def test_the_errors_a_node_loss_raises_cross_processes_whole():
     assert isinstance(failed.error, StateLost)
     assert (failed.error.participant, failed.error.what) == ("p01-cnn3", "its state")
     assert str(failed.error) == "Participant 'p01-cnn3' lost its state with the node that held it"
+    told = pickle.loads(pickle.dumps(StateLost("p01-cnn3", "its state", "continue with --resume x")))
+    assert (
+        str(told)
+        == "Participant 'p01-cnn3' lost its state with the node that held it; continue with --resume x"
+    )
     full = pickle.loads(pickle.dumps(StorageError("Could not write x (the disk is full: free space there)")))
     assert (
         isinstance(full, StorageError)
