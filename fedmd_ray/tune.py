@@ -181,14 +181,14 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
     base.setdefault("data", {})["data_dir"] = str(Path(data_dir).expanduser().resolve())
     if not spec.get("search"):
         raise ConfigError("The search file has no 'search' section: name at least one key to vary.")
+    domains = {key: _absolute_domain(key, domain) for key, domain in spec["search"].items()}
     space, sample = {}, {}
-    for key, domain in spec["search"].items():
-        domain = _absolute_domain(key, domain)
+    for key, domain in domains.items():
         space[key], sample[key] = _domain(key, domain)
     try:
         config = from_dict(merge(base, _nest(sample)))  # unknown or invalid keys fail here, named
     except ConfigError as exc:
-        listed = [key for key, domain in spec["search"].items() if isinstance(domain, list)]
+        listed = [key for key, domain in domains.items() if isinstance(domain, list)]
         if not listed:
             raise
         raise ConfigError(
@@ -197,8 +197,8 @@ def load_search(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], C
         ) from None
     # Every value a trial may draw, not only the first: a bad one would otherwise fail its
     # trial minutes into the search.
-    for key, domain in spec["search"].items():
-        for value in _extremes(_absolute_domain(key, domain)):
+    for key, domain in domains.items():
+        for value in _extremes(domain):
             try:
                 from_dict(merge(base, _nest({**sample, key: value})))
             except ConfigError as exc:

@@ -238,18 +238,13 @@ class PoolWorker:
             self.inputs[index] = (ray.get(spec_ref), ray.get(private_ref))
         spec, private = self.inputs[index]
         state = None
-        try:
-            if isinstance(state_ref, tuple):  # packed with its bundle's: (ref, position)
-                ref, position = state_ref
-                if ref not in fetched:
-                    fetched[ref] = ray.get(ref)
-                state = fetched[ref][position]
-            elif state_ref is not None:
-                state = ray.get(state_ref)
-        except Exception as exc:
-            if lost(exc):
-                raise StateLost(spec.name, "its state") from None
-            raise
+        if isinstance(state_ref, tuple):  # packed with its bundle's: (ref, position)
+            ref, position = state_ref
+            if ref not in fetched:
+                fetched[ref] = fetch(ray, ref, spec.name, "its state")
+            state = fetched[ref][position]
+        elif state_ref is not None:
+            state = fetch(ray, state_ref, spec.name, "its state")
         participant = build_participant(spec, *self.shared, private, self.test)
         participant.report = self.report
         if isinstance(state, dict):
@@ -334,6 +329,17 @@ def lost(exc: BaseException) -> bool:
     from ray.exceptions import ObjectLostError
 
     return isinstance(exc, ObjectLostError) or isinstance(getattr(exc, "cause", None), ObjectLostError)
+
+
+def fetch(ray: Any, ref: Any, participant: str, what: str) -> Any:
+    """ray.get(ref), where an object that went with its node is StateLost: `participant`
+    lost `what`."""
+    try:
+        return ray.get(ref)
+    except Exception as exc:
+        if lost(exc):
+            raise StateLost(participant, what) from None
+        raise
 
 
 def describe_ray_error(exc: Exception) -> str:

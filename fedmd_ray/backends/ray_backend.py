@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedmd_ray.backends import mps
-from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error, lost
+from fedmd_ray.backends.actors import Aggregator, ProgressSink, describe_ray_error, fetch
 from fedmd_ray.backends.dispatch import Dispatcher, Outcome, Step
 from fedmd_ray.backends.resources import beside_driver, concurrency_window, init_ray, place, shares_gpus
 from fedmd_ray.backends.shipping import upload, user_code
@@ -279,12 +279,7 @@ class RayBackend:
         done = self.dispatch.run([step]).done[0]
         if not actors_write:
             for i in who:  # one state in this process at a time
-                try:
-                    state = self.ray.get(done[i].payload)
-                except Exception as exc:
-                    if lost(exc):
-                        raise StateLost(self.names[i], f"its state for checkpoint {folder}") from None
-                    raise
+                state = fetch(self.ray, done[i].payload, self.names[i], f"its state for checkpoint {folder}")
                 storage.write_bytes(f"{folder}/{files[i]}", state)
         return {
             self.names[i]: {
